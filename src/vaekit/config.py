@@ -1,0 +1,310 @@
+"""The training configuration: one dataclass that is the CLI, `config.json` and the docs.
+
+Each field is documented once, in its metadata; `vaekit train --help` is generated from it and
+`config.json` stores it. This module must not import torch: `vaekit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+CONFIG_FORMAT = "vaekit-config/1"
+
+# Fields a resumed run may change: they alter how long or where it runs, never what it computes.
+RESUMABLE_OVERRIDES = (
+    "epochs", "time_limit", "device", "checkpoint_every_steps", "checkpoint_every_minutes",
+    "keep_checkpoints", "progress",
+)
+
+# Per-dataset defaults for fields left unset; the chosen values are written to config.json.
+# digits has 1,438 training images, so it needs many short epochs and small batches to see
+# enough gradient steps in under a minute; MNIST-sized sets need few epochs of batch 128.
+DATASET_PRESETS = {
+    "digits": {"epochs": 150, "batch_size": 64},
+    "mnist": {"epochs": 10, "batch_size": 128},
+    "fashion-mnist": {"epochs": 10, "batch_size": 128},
+}
+GENERIC_PRESET = {"epochs": 20, "batch_size": 128}
+
+
+def _opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+         exclusive_minimum: bool = False, maximum: float | None = None, metavar: str | None = None,
+         group: str = "training") -> Any:
+    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum":
+            exclusive_minimum, "maximum": maximum, "metavar": metavar, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data: str = _opt("digits", "dataset: digits (built in, offline), mnist, fashion-mnist, or a "
+                     "path to an image folder (class sub-folders become labels) or a .npy/.npz/.csv "
+                     "array file", metavar="NAME_OR_PATH", group="data")
+    data_dir: Optional[str] = _opt(None, "folder holding the IDX files of mnist/fashion-mnist "
+                                   "(searched before the cache and system folders)", group="data")
+    image_size: Optional[int] = _opt(None, "resize images of an image folder to N x N (needed when "
+                                     "their sizes differ)", minimum=1, group="data")
+    channels: Optional[int] = _opt(None, "convert images of an image folder to 1 (grey) or 3 (RGB) "
+                                   "channels (needed when their modes differ)", choices=(1, 3),
+                                   group="data")
+    test_fraction: float = _opt(0.2, "share of the data held out for testing when the dataset has "
+                                "no test split of its own", minimum=0.0, exclusive_minimum=True,
+                                maximum=0.9, group="data")
+    split_seed: int = _opt(0, "seed of the train/test split and of the fixed binarisation of the "
+                           "test set; independent of --seed so runs compare on the same test data",
+                           group="data")
+    binarize: str = _opt("dynamic", "with the Bernoulli likelihood on grey levels: draw a new "
+                         "binarisation of each training batch (dynamic, the standard setting) or "
+                         "use one fixed seeded binarisation (fixed)", choices=("dynamic", "fixed"),
+                         group="data")
+    # --- model ---
+    net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (square images)",
+                    choices=("mlp", "conv"), group="model")
+    hidden: list = _opt([400], "hidden layer sizes, comma separated (MLP layers; for conv, the dense "
+                        "layers after the convolutions); 'none' for a linear map", metavar="N[,N...]",
+                        group="model")
+    conv_channels: Optional[list] = _opt(None, "channels of each stride-2 convolution, comma "
+                                         "separated; default: 32, doubling, until the feature map "
+                                         "is at most 8 x 8", metavar="C[,C...]", group="model")
+    activation: str = _opt("relu", "nonlinearity of the networks",
+                           choices=("relu", "elu", "gelu", "silu", "tanh", "softplus"),
+                           group="model")
+    latent_dim: int = _opt(20, "dimensions of z (20 as in Kingma & Welling's MNIST runs; unused "
+                           "dimensions collapse to the prior and cost nothing)", minimum=1,
+                           group="model")
+    prior: str = _opt("normal", "p(z): normal (standard Gaussian) or uniform (on the unit cube; the "
+                      "posterior is then a sigmoid-transformed Gaussian and the KL is estimated by "
+                      "Monte Carlo)", choices=("normal", "uniform"), group="model")
+    likelihood: str = _opt("auto", "p(x|z): bernoulli (binary data; grey levels are binarised), "
+                           "continuous-bernoulli (grey levels in [0, 1]), gaussian (real values; "
+                           "8-bit images are dequantised); auto: bernoulli for images and data in "
+                           "[0, 1], gaussian otherwise",
+                           choices=("auto", "bernoulli", "continuous-bernoulli", "gaussian"),
+                           group="model")
+    gaussian_scale: Optional[float] = _opt(None, "fixed standard deviation of the Gaussian "
+                                           "likelihood; default: learned, one per data dimension",
+                                           minimum=0.0, exclusive_minimum=True, group="model")
+    # --- training ---
+    epochs: Optional[int] = _opt(None, "passes over the training set (default: the dataset's "
+                                 "preset: digits 150, mnist/fashion-mnist 10, others 20)", minimum=1)
+    batch_size: Optional[int] = _opt(None, "examples per update, over all processes (default: "
+                                     "digits 64, others 128)", minimum=1)
+    lr: float = _opt(1e-3, "Adam learning rate", minimum=0.0, exclusive_minimum=True)
+    beta: float = _opt(1.0, "weight of the KL term (1 is the ELBO; other values train a beta-VAE "
+                       "and the ELBO is still reported)", minimum=0.0)
+    grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value",
+                                      minimum=0.0, exclusive_minimum=True)
+    seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", metavar="DEVICE")
+    time_limit: Optional[float] = _opt(None, "stop training after this many seconds (checked "
+                                       "after every step; the run is saved and can be resumed)",
+                                       minimum=0.0, exclusive_minimum=True, metavar="SECONDS")
+    checkpoint_every_steps: Optional[int] = _opt(None, "also checkpoint every N steps inside an "
+                                                 "epoch", minimum=1, group="checkpoints")
+    checkpoint_every_minutes: Optional[float] = _opt(10.0, "also checkpoint when this many minutes "
+                                                     "have passed since the last one",
+                                                     minimum=0.0, exclusive_minimum=True,
+                                                     group="checkpoints")
+    keep_checkpoints: int = _opt(2, "complete checkpoints kept in RUN_DIR/checkpoints", minimum=1,
+                                 group="checkpoints")
+    num_samples: int = _opt(64, "images in samples.png and reconstructions.png", minimum=1)
+    progress: bool = _opt(True, "show a progress bar")
+    out: Optional[str] = _opt(None, "run folder to create (default: runs/DATA-NET-TIME)",
+                              metavar="RUN_DIR")
+
+    # ----------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check ranges and choices of every field; raise ConfigError naming the first bad one."""
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise ConfigError(f"--device {self.device!r} is not a device: use auto, cpu, cuda or "
+                              "cuda:N")
+        if self.hidden and any(h < 1 for h in self.hidden):
+            raise ConfigError("--hidden sizes must be positive integers, for example --hidden "
+                              "400,400 (or 'none')")
+        if self.conv_channels is not None and (not self.conv_channels
+                                               or any(c < 1 for c in self.conv_channels)):
+            raise ConfigError("--conv-channels must be positive integers, for example "
+                              "--conv-channels 32,64")
+        return self
+
+    def with_presets(self) -> "TrainConfig":
+        """Fill fields left unset from the dataset's preset."""
+        preset = DATASET_PRESETS.get(self.data, GENERIC_PRESET)
+        return dataclasses.replace(self, **{k: v for k, v in preset.items()
+                                            if getattr(self, k) is None})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict, *, where: str = "config") -> "TrainConfig":
+        """Strict inverse of `to_dict`: unknown, missing or mistyped keys are errors."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a JSON object of options")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"{where} has unknown key {unknown[0]!r}: valid keys are "
+                              f"{', '.join(names)}")
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ConfigError(f"{where} lacks key {missing[0]!r}: it was written by another "
+                              "vaekit version or edited by hand; restore it or retrain")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            kwargs[f.name] = _coerce_json(f, values[f.name], where)
+        return cls(**kwargs).validate()
+
+
+def _is_cuda_index(device: str) -> bool:
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(base type, optional?) of a field annotation such as Optional[int]."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Optional": Optional, "list": list}, {})  # noqa: S307 (own annotations)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    flag = _flag(f.name)
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not a valid choice: use one of "
+                          f"{', '.join(map(str, choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        lo, hi = meta.get("minimum"), meta.get("maximum")
+        if lo is not None and (value < lo or (meta.get("exclusive_minimum") and value == lo)):
+            bound = f"greater than {lo:g}" if meta.get("exclusive_minimum") else f"at least {lo:g}"
+            raise ConfigError(f"{flag} must be {bound}, got {value:g}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{flag} must be at most {hi:g}, got {value:g}")
+
+
+def parse_int_list(text: str, flag: str) -> list:
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers such as 400,400, got "
+                          f"{text!r}") from None
+
+
+def _coerce_json(f: dataclasses.Field, value: Any, where: str) -> Any:
+    base, optional = _base_type(f.type)
+    what = f"{where}: {f.name!r}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{what} must not be null")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{what} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} must be a string, got {value!r}")
+        return value
+    if base is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ConfigError(f"{what} must be a list of integers, got {value!r}")
+        return list(value)
+    raise AssertionError(f"unhandled field type {f.type}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI face of the dataclass.
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """One option per field; unset options stay out of the namespace so overrides are visible."""
+    defaults = cls()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        group_name = meta.get("group", "training")
+        group = groups.get(group_name) or groups.setdefault(
+            group_name, parser.add_argument_group(f"{group_name} options"))
+        base, _ = _base_type(f.type)
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = meta["help"] + ("" if default is None else f" (default: {shown})")
+        help_text = help_text.replace("%", "%%")
+        if base is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        group.add_argument(_flag(f.name), dest=f.name, type=_cli_parser(f.name, base),
+                           default=argparse.SUPPRESS, help=help_text,
+                           metavar=meta.get("metavar") or _metavar(base, meta.get("choices")))
+
+
+def _metavar(base: type, choices: tuple | None) -> str:
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    return {int: "N", float: "X", str: "TEXT", list: "N[,N...]"}[base]
+
+
+def _cli_parser(name: str, base: type):
+    flag = _flag(name)
+
+    def parse(text: str):
+        if base is list:
+            return parse_int_list(text, flag)
+        if base is str:
+            return text
+        try:
+            return base(text)
+        except ValueError:
+            kind = "an integer" if base is int else "a number"
+            raise argparse.ArgumentTypeError(f"{flag} takes {kind}, got {text!r}") from None
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def config_overrides(namespace: argparse.Namespace, cls: type = TrainConfig) -> dict:
+    """The config fields the user gave on the command line."""
+    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+            if hasattr(namespace, f.name)}
+
+
+def dumps(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=False)

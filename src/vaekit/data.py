@@ -1,0 +1,651 @@
+"""Datasets, held in memory as compact tensors, and the pipeline that turns them into model inputs.
+
+Raw data come in two kinds:
+
+    image8   uint8 images (N, C, H, W), values 0..255          digits, mnist, fashion-mnist, folders
+    real     float32 arrays (N, *shape)                          .npy / .npz / .csv
+
+A `Pipeline` maps a raw batch to what the likelihood scores, and says what that is:
+
+    binarize     x = 1[u < v]  with v = raw / 255 (or raw in [0, 1]), u ~ U[0, 1)   (Bernoulli)
+    scale        x = raw / 255                                       (continuous Bernoulli)
+    dequantize   x = (raw + u) / 256                                 (Gaussian on 8-bit images)
+    standardize  x = (raw - mean) / std, train-set statistics        (Gaussian on real arrays)
+    identity     x = raw
+
+Training draws u afresh for every batch; evaluation uses one fixed, seeded u per test example,
+so every run of a dataset is scored on the same test data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import math
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+from .randomness import derive_seed, fixed_uniform, seeded_generator
+
+BUILTIN = ("digits", "mnist", "fashion-mnist")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
+
+
+@dataclass
+class Dataset:
+    """A train/test split held in memory; x raw (see module doc), y int64 labels or None."""
+
+    name: str
+    kind: str  # "image8" | "real"
+    train_x: Tensor  # (N_train, *shape)
+    test_x: Tensor  # (N_test, *shape)
+    train_y: Tensor | None = None  # (N_train,)
+    test_y: Tensor | None = None  # (N_test,)
+    label_names: list[str] | None = None
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the raw data, so a run can tell when its dataset has changed."""
+        digest = hashlib.sha256()
+        for tensor in (self.train_x, self.test_x, self.train_y, self.test_y):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def info(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
+                "n_train": len(self.train_x), "n_test": len(self.test_x),
+                "label_names": self.label_names, "source": self.source,
+                "fingerprint": self.fingerprint()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | None = None,
+                 channels: int | None = None, test_fraction: float = 0.2,
+                 split_seed: int = 0, download: bool = True) -> Dataset:
+    """Load a built-in dataset by name, or a folder of images / an array file by path."""
+    if name == "digits":
+        return load_digits(test_fraction, split_seed)
+    if name in ("mnist", "fashion-mnist"):
+        return load_idx_dataset(name, data_dir, download=download)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, or the path "
+                        "of an image folder or a .npy/.npz/.csv file")
+    if path.is_dir():
+        x, y, label_names = read_image_folder(path, image_size, channels)
+        return _split(str(path), "image8", x, y, label_names, test_fraction, split_seed,
+                      source=str(path.resolve()))
+    suffix = path.suffix.lower()
+    if suffix not in ARRAY_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
+                        "images or a .npy, .npz or .csv file")
+    return load_array_file(path, test_fraction, split_seed)
+
+
+def _split(name: str, kind: str, x: Tensor, y: Tensor | None, label_names: list[str] | None,
+           test_fraction: float, split_seed: int, source: str) -> Dataset:
+    """A seeded random train/test split for data without a split of their own."""
+    n = len(x)
+    n_test = max(1, round(n * test_fraction))
+    if n - n_test < 1:
+        raise DataError(f"{name}: {n} example(s) are too few to hold out a test set; add data "
+                        "(at least 2 examples) or lower --test-fraction")
+    order = torch.randperm(n, generator=seeded_generator(derive_seed(split_seed, "split")))
+    test_idx, train_idx = order[:n_test].sort().values, order[n_test:].sort().values
+    pick = (lambda t, idx: None if t is None else t[idx].contiguous())
+    return Dataset(name, kind, pick(x, train_idx), pick(x, test_idx), pick(y, train_idx),
+                   pick(y, test_idx), label_names, source)
+
+
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits (UCI, Alpaydin & Kaynak), shipped with vaekit; 1,797 images.
+
+    Pixels count ink in 4x4 blocks (0..16); they are rescaled to 0..255 so that every image
+    likelihood reads them as ordinary 8-bit grey levels.
+    """
+    with resources.files("vaekit").joinpath("_data/digits.csv.gz").open("rb") as raw:
+        table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.float64)  # (1797, 65)
+    pixels = np.rint(table[:, :64] * 255.0 / 16.0).astype(np.uint8).reshape(-1, 1, 8, 8)
+    labels = table[:, 64].astype(np.int64)
+    return _split("digits", "image8", torch.from_numpy(pixels), torch.from_numpy(labels),
+                  [str(d) for d in range(10)], test_fraction, split_seed,
+                  source="vaekit/_data/digits.csv.gz (UCI optical digits, as in scikit-learn)")
+
+
+# --- IDX (MNIST, Fashion-MNIST) -----------------------------------------------------------------
+
+IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+IDX_SOURCES = {
+    "mnist": {
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        "md5": {"train_x": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train_y": "d53e105ee54ea40749a09fcbcd1e9432",
+                "test_x": "9fb629c4189551a2d022fa330f9573f3",
+                "test_y": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "system_dirs": ["/usr/share/datasets/mnist", "/usr/share/mnist"],
+        "labels": [str(d) for d in range(10)],
+    },
+    "fashion-mnist": {
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                    "https://ossci-datasets.s3.amazonaws.com/fashion-mnist/"],
+        "md5": {"train_x": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train_y": "25c81989df183df01b3e8a0aad5dffbe",
+                "test_x": "bef4ecab320f06d8554ea6380940ec79",
+                "test_y": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "system_dirs": ["/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist"],
+        "labels": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"],
+    },
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads go: $VAEKIT_CACHE, else $XDG_CACHE_HOME/vaekit, else ~/.cache/vaekit."""
+    if os.environ.get("VAEKIT_CACHE"):
+        return Path(os.environ["VAEKIT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vaekit"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (raw or .gz) of unsigned bytes, checking its header against its length."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); replace the file with a fresh copy") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (wrong magic number); replace it with the "
+                        "original file")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned bytes (0x08); "
+                        "give the original MNIST-format file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header; replace the file with a fresh copy")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(dims)
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: IDX header promises {expected} bytes of data but the file holds "
+                        f"{len(raw) - header}; the file is truncated or corrupt, replace it")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    # Some mirrors name files t10k-images.idx3-ubyte; accept both spellings.
+    for name in (stem, stem.replace("-idx", ".idx")):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def locate_idx_files(name: str, data_dir: str | None, download: bool = True) -> dict[str, Path]:
+    """The four IDX files of `name`: from data_dir, the cache, system folders, or a download."""
+    spec = IDX_SOURCES[name]
+    folders = ([Path(data_dir).expanduser()] if data_dir else []) + [cache_dir() / name] + \
+        [Path(d) for d in spec["system_dirs"]]
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such folder; give the folder holding the "
+                        f"{name} IDX files")
+    for folder in folders:
+        found = {key: _find_idx(folder, stem) for key, stem in IDX_FILES.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+        if data_dir and folder == folders[0] and any(found.values()):
+            missing = [IDX_FILES[k] for k, v in found.items() if v is None]
+            raise DataError(f"{folder}: {name} is incomplete, {missing[0]} is missing; add it "
+                            "(raw or .gz)")
+    if not download:
+        raise DataError(_idx_missing_message(name))
+    return download_idx(name)
+
+
+def _idx_missing_message(name: str) -> str:
+    hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+    return (f"{name} files not found and could not be downloaded: put the four IDX files "
+            f"(train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir FOLDER, or copy "
+            f"them to {cache_dir() / name}{hint}")
+
+
+def download_idx(name: str) -> dict[str, Path]:
+    """Fetch the four files from the first mirror that answers, verifying each MD5 checksum."""
+    from tqdm import tqdm
+
+    spec = IDX_SOURCES[name]
+    target = cache_dir() / name
+    found: dict[str, Path] = {}
+    for key, stem in IDX_FILES.items():
+        filename = stem + ".gz"
+        destination = target / filename
+        errors = []
+        for mirror in spec["mirrors"]:
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                with urllib.request.urlopen(mirror + filename, timeout=30) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    buffer = io.BytesIO()
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=filename,
+                              leave=False) as bar:
+                        while chunk := response.read(1 << 16):
+                            buffer.write(chunk)
+                            bar.update(len(chunk))
+                data = buffer.getvalue()
+                digest = hashlib.md5(data).hexdigest()  # noqa: S324 (checksum, not security)
+                if digest != spec["md5"][key]:
+                    errors.append(f"{mirror}: checksum {digest} != {spec['md5'][key]}")
+                    continue
+                with tempfile.NamedTemporaryFile(dir=target, delete=False) as tmp:
+                    tmp.write(data)
+                os.replace(tmp.name, destination)
+                found[key] = destination
+                break
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                errors.append(f"{mirror}: {exc}")
+        if key not in found:
+            raise DataError(_idx_missing_message(name))
+    return found
+
+
+def load_idx_dataset(name: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+    paths = locate_idx_files(name, data_dir, download)
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{paths[split + '_x']}: expected images (N, H, W) and N labels, got "
+                            f"{images.shape} and {labels.shape}; check the files are {name}'s")
+    as_images = (lambda a: torch.from_numpy(a.copy()).unsqueeze(1))  # (N, 1, H, W) uint8
+    as_labels = (lambda a: torch.from_numpy(a.astype(np.int64)))
+    return Dataset(name, "image8", as_images(arrays["train_x"]), as_images(arrays["test_x"]),
+                   as_labels(arrays["train_y"]), as_labels(arrays["test_y"]),
+                   IDX_SOURCES[name]["labels"], source=str(paths["train_x"].parent))
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def read_image_folder(folder: Path, image_size: int | None, channels: int | None
+                      ) -> tuple[Tensor, Tensor | None, list[str] | None]:
+    """Images of a folder as uint8 (N, C, S, S); sub-folders name the classes. """
+    from PIL import Image, UnidentifiedImageError
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if subfolders and loose:
+        raise DataError(f"{folder}: holds both images and class sub-folders; move the loose images "
+                        f"(such as {loose[0].name}) into a sub-folder")
+    if subfolders:
+        files = [(path, label) for label, sub in enumerate(subfolders)
+                 for path in sorted(sub.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
+        label_names = [sub.name for sub in subfolders]
+    else:
+        files, label_names = [(path, -1) for path in loose], None
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of images")
+
+    images = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = "empty file" if path.stat().st_size == 0 else str(exc).split("\n")[0]
+            raise DataError(f"{path}: not a readable image ({reason}); remove or replace it") \
+                from None
+    if channels is None:
+        grey = {image.mode in GREY_MODES for image in images}
+        if len(grey) > 1:
+            odd = next(p for (p, _), im in zip(files, images) if (im.mode in GREY_MODES)
+                       != (images[0].mode in GREY_MODES))
+            raise DataError(f"{folder}: mixes greyscale and colour images ({files[0][0].name} is "
+                            f"{images[0].mode}, {odd.name} is not); pass --channels 1 or "
+                            "--channels 3")
+        channels = 1 if grey == {True} else 3
+    if image_size is None:
+        sizes = {image.size for image in images}
+        if len(sizes) > 1:
+            (w1, h1), (w2, h2) = sorted(sizes)[:2]
+            raise DataError(f"{folder}: images differ in size ({w1}x{h1} and {w2}x{h2}); pass "
+                            "--image-size N to resize them all to N x N")
+    arrays = [_image_to_array(image, channels, image_size) for image in images]
+    x = torch.from_numpy(np.stack(arrays))  # (N, C, H, W) uint8
+    y = torch.tensor([label for _, label in files], dtype=torch.int64) if label_names else None
+    return x, y, label_names
+
+
+def _image_to_array(image, channels: int, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+    image = image.convert("L" if channels == 1 else "RGB")
+    if size is not None and image.size != (size, size):
+        width, height = image.size
+        side = min(width, height)  # centre square crop keeps the aspect ratio of the content
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize(
+            (size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
+
+
+# --- numeric arrays -----------------------------------------------------------------------------
+
+
+def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Dataset:
+    """.npy (one array), .npz (x[, y][, x_test[, y_test]]) or .csv (numbers; a 'label' column)."""
+    suffix = path.suffix.lower()
+    test_x = test_y = y = None
+    label_names = None
+    if suffix == ".npy":
+        x = _load_numpy(path)
+    elif suffix == ".npz":
+        x, y, test_x, test_y = _load_npz(path)
+    else:
+        x, y, label_names = _load_csv(path)
+    name = str(path)
+    x, kind = _array_to_tensor(x, path)
+    y = _labels_to_tensor(y, len(x), path, "y")
+    if test_x is not None:
+        test_x, test_kind = _array_to_tensor(test_x, path, key="x_test")
+        if test_kind != kind or test_x.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: x_test {tuple(test_x.shape[1:])} {test_kind} does not match "
+                            f"x {tuple(x.shape[1:])} {kind}; save both with the same shape and dtype")
+        test_y = _labels_to_tensor(test_y, len(test_x), path, "y_test")
+        if (y is None) != (test_y is None):
+            raise DataError(f"{path}: give labels for both splits (y and y_test) or for neither")
+        return Dataset(name, kind, x, test_x, y, test_y, None, source=str(path.resolve()))
+    if y is not None and label_names is None:
+        label_names = [str(v) for v in range(int(y.max()) + 1)]
+    return _split(name, kind, x, y, label_names, test_fraction, split_seed,
+                  source=str(path.resolve()))
+
+
+def _load_numpy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds Python objects, which vaekit never unpickles; save a "
+                            "numeric array (np.save with a numeric dtype)") from None
+        raise DataError(f"{path}: not a readable .npy file ({exc}); save it with np.save") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc}); save it with np.save") from None
+
+
+def _load_npz(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds Python objects, which vaekit never unpickles; save "
+                            "numeric arrays (np.savez with numeric dtypes)") from None
+        raise DataError(f"{path}: not a readable .npz file ({exc}); save it with np.savez") \
+            from None
+    except (OSError, EOFError, Exception) as exc:  # zipfile raises BadZipFile and others
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}); save it with "
+                        "np.savez") from None
+    if "x" not in arrays:
+        if len(arrays) == 1:
+            return next(iter(arrays.values())), None, None, None
+        raise DataError(f"{path}: no array named 'x' (found {', '.join(arrays) or 'none'}); save "
+                        "the data as np.savez(file, x=data[, y=labels, x_test=..., y_test=...])")
+    return arrays["x"], arrays.get("y"), arrays.get("x_test"), arrays.get("y_test")
+
+
+LABEL_COLUMNS = ("label", "labels", "y", "class", "target")
+
+
+def _load_csv(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({exc}); save it as a CSV file") \
+            from None
+    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+    if not rows:
+        raise DataError(f"{path}: empty CSV file; give one row of numbers per example")
+    header = None
+    if any(not _is_number(cell) for cell in rows[0]):
+        header, rows = [cell.strip() for cell in rows[0]], rows[1:]
+    if not rows:
+        raise DataError(f"{path}: CSV has a header but no rows of data")
+    width = len(header) if header else len(rows[0])
+    values = np.empty((len(rows), width), dtype=np.float64)
+    for i, row in enumerate(rows):
+        line = i + (2 if header else 1)
+        if len(row) != width:
+            raise DataError(f"{path}: line {line} has {len(row)} columns, expected {width}; give "
+                            "every row the same number of values")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: line {line}, column {j + 1} is {cell.strip()!r}, not a "
+                                "number; CSV data must be numeric (a header line is allowed)") \
+                    from None
+    label_column = None
+    if header:
+        label_column = next((j for j, h in enumerate(header) if h.lower() in LABEL_COLUMNS), None)
+    if label_column is None:
+        return values, None, None
+    labels = values[:, label_column]
+    features = np.delete(values, label_column, axis=1)
+    if features.shape[1] == 0:
+        raise DataError(f"{path}: only a label column; add feature columns")
+    return features, labels, None
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+def _array_to_tensor(array: np.ndarray, path: Path, key: str = "x") -> tuple[Tensor, str]:
+    """uint8 images (N, H, W) / (N, C, H, W) / (N, H, W, C) -> image8; other numbers -> real."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: {key} has dtype {array.dtype}, not numbers; save a numeric array")
+    if array.ndim < 2 or array.shape[0] < 1 or math.prod(array.shape[1:]) == 0:
+        raise DataError(f"{path}: {key} has shape {array.shape}; expected (examples, features...) "
+                        "with at least one example and one feature")
+    if array.dtype == np.uint8 and array.ndim in (3, 4):
+        if array.ndim == 3:
+            array = array[:, None]
+        elif array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3):
+            array = array.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        elif array.shape[1] not in (1, 3):
+            raise DataError(f"{path}: {key} images have shape {array.shape[1:]}; expected 1 or 3 "
+                            "channels, as (N, C, H, W) or (N, H, W, C)")
+        return torch.from_numpy(np.ascontiguousarray(array)), "image8"
+    array = array.astype(np.float64)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        index = np.argwhere(bad)[0]
+        raise DataError(f"{path}: {key} has a non-finite value ({array[tuple(index)]}) at index "
+                        f"{tuple(int(i) for i in index)}; remove or fill missing values")
+    return torch.from_numpy(array.astype(np.float32)), "real"
+
+
+def _labels_to_tensor(labels, n: int, path: Path, key: str) -> Tensor | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise DataError(f"{path}: {key} has shape {labels.shape}, expected ({n},), one label per "
+                        "example")
+    if labels.dtype.kind not in "biuf" or not np.all(np.isfinite(labels)) or \
+            np.any(labels != np.round(labels)) or np.any(labels < 0):
+        raise DataError(f"{path}: {key} must hold class numbers 0, 1, 2, ...; convert the labels "
+                        "to non-negative integers")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline from raw data to what the likelihood scores
+
+
+LIKELIHOODS_FOR_KIND = {"image8": ("bernoulli", "continuous-bernoulli", "gaussian"),
+                        "real": ("bernoulli", "continuous-bernoulli", "gaussian")}
+
+
+def resolve_likelihood(requested: str, dataset: Dataset) -> str:
+    """'auto' -> bernoulli for images and data in [0, 1], gaussian otherwise."""
+    if requested != "auto":
+        return requested
+    if dataset.kind == "image8":
+        return "bernoulli"
+    x = dataset.train_x
+    return "bernoulli" if bool(((x >= 0) & (x <= 1)).all()) else "gaussian"
+
+
+@dataclass
+class Pipeline:
+    """Raw batch -> likelihood input. See the module docstring for the modes."""
+
+    mode: str  # binarize | scale | dequantize | standardize | identity
+    kind: str  # image8 | real
+    split_seed: int
+    mean: Tensor | None = None  # (1, *shape) standardize only
+    std: Tensor | None = None
+    description: str = ""
+    log_jacobian: float = 0.0  # added to densities of x to give densities of the data's own units
+    noisy: bool = field(init=False)
+
+    def __post_init__(self):
+        self.noisy = self.mode in ("binarize", "dequantize")
+
+    @staticmethod
+    def build(dataset: Dataset, likelihood: str, binarize: str, split_seed: int) -> "Pipeline":
+        kind, shape = dataset.kind, dataset.shape
+        dims = math.prod(shape)
+        train_x = dataset.train_x
+        if likelihood not in LIKELIHOODS_FOR_KIND[kind]:
+            raise DataError(f"likelihood {likelihood!r} cannot score {kind} data: use one of "
+                            f"{', '.join(LIKELIHOODS_FOR_KIND[kind])}")
+        if kind == "image8":
+            if likelihood == "bernoulli":
+                how = "dynamically binarised" if binarize == "dynamic" else "binarised (fixed)"
+                return Pipeline("binarize", kind, split_seed,
+                                description=f"{how} pixels (test set: one fixed seeded "
+                                "binarisation), Bernoulli: log-probability of the binary images")
+            if likelihood == "continuous-bernoulli":
+                return Pipeline("scale", kind, split_seed,
+                                description="grey levels scaled to [0, 1], continuous Bernoulli: "
+                                "a density on [0, 1]^D, not a probability of 8-bit values")
+            return Pipeline("dequantize", kind, split_seed, log_jacobian=-dims * math.log(256.0),
+                            description="8-bit pixels with uniform dequantisation noise, Gaussian: "
+                            "a lower bound on the log-probability of the 8-bit images")
+        # real-valued arrays
+        lo, hi = float(train_x.min()), float(train_x.max())
+        binary = bool(((train_x == 0) | (train_x == 1)).all())
+        if likelihood in ("bernoulli", "continuous-bernoulli") and (lo < 0 or hi > 1):
+            raise DataError(f"{dataset.name}: values range over [{lo:g}, {hi:g}] but the "
+                            f"{likelihood} likelihood scores values in [0, 1]; rescale the data "
+                            "or pass --likelihood gaussian")
+        if likelihood == "bernoulli":
+            if binary:
+                return Pipeline("identity", kind, split_seed,
+                                description="binary values, Bernoulli: log-probability")
+            return Pipeline("binarize", kind, split_seed,
+                            description="values in [0, 1] binarised as probabilities, Bernoulli: "
+                            "log-probability of the binary draws")
+        if likelihood == "continuous-bernoulli":
+            return Pipeline("identity", kind, split_seed,
+                            description="values in [0, 1], continuous Bernoulli density")
+        mean = train_x.mean(0, keepdim=True)  # (1, *shape)
+        std = train_x.std(0, keepdim=True).clamp_min(1e-6 * max(1.0, float(train_x.abs().max())))
+        return Pipeline("standardize", kind, split_seed, mean=mean, std=std,
+                        log_jacobian=-float(std.log().sum()),
+                        description="real values (standardised with training mean and standard "
+                        "deviation), Gaussian: log-density of the original values")
+
+    def info(self) -> dict:
+        return {"mode": self.mode, "kind": self.kind, "split_seed": self.split_seed,
+                "description": self.description, "log_jacobian": self.log_jacobian}
+
+    def statistics(self) -> dict[str, Tensor]:
+        """Tensors the pipeline needs besides info() (saved as pipeline.safetensors)."""
+        return {} if self.mean is None else {"mean": self.mean.cpu(), "std": self.std.cpu()}
+
+    @staticmethod
+    def from_info(info: dict, statistics: dict[str, Tensor]) -> "Pipeline":
+        return Pipeline(info["mode"], info["kind"], info["split_seed"],
+                        mean=statistics.get("mean"), std=statistics.get("std"),
+                        description=info["description"], log_jacobian=info["log_jacobian"])
+
+    def to(self, device: torch.device) -> "Pipeline":
+        if self.mean is not None:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def apply(self, raw: Tensor, u: Tensor | None) -> Tensor:
+        """Raw batch (B, *shape) and noise u (B, *shape) in [0, 1) -> float x (B, *shape)."""
+        if self.mode == "binarize":
+            probability = raw.float() / 255.0 if self.kind == "image8" else raw
+            return (u < probability).float()
+        if self.mode == "dequantize":
+            return (raw.float() + u) / 256.0
+        if self.mode == "scale":
+            return raw.float() / 255.0
+        if self.mode == "standardize":
+            return (raw - self.mean) / self.std
+        return raw.float()
+
+    def display(self, x: Tensor) -> Tensor:
+        """Model-space values (e.g. a likelihood mean) -> the data's units; images in [0, 1]."""
+        if self.kind == "image8":
+            return x.clamp(0, 1)
+        if self.mode == "standardize":
+            return x * self.std + self.mean
+        return x
+
+    def fixed(self, raw: Tensor, start: int, split: str = "test") -> Tensor:
+        """The evaluation version of examples start.. of a split: noise fixed per example index."""
+        if not self.noisy:
+            return self.apply(raw, None)
+        u = fixed_uniform(tuple(raw.shape[1:]), start, start + len(raw),
+                          (self.split_seed, "fixed", split))
+        return self.apply(raw, u.to(raw.device))
+
+
+def batches(n: int, batch_size: int):
+    """(start, stop) pairs covering range(n) in order."""
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+

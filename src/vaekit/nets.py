@@ -1,0 +1,164 @@
+"""Encoder and decoder networks: plain modules from x to parameters and from z to parameters.
+
+They know nothing of distributions: an encoder returns the numbers a posterior family asks for
+(`params_per_example`), a decoder returns a tensor of the likelihood's `params_shape`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
+               "softplus": nn.Softplus}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(in_features: int, hidden: list[int], out_features: int, act: str) -> nn.Sequential:
+    """Linear layers with `act` between them; no activation after the last (it gives parameters)."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), activation(act)]
+        width = size
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x (B, *data_shape) -> flatten -> MLP -> (B, out_features)."""
+
+    def __init__(self, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
+                 act: str = "relu"):
+        super().__init__()
+        self.net = mlp(math.prod(data_shape), hidden, out_features, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))  # (B, out_features)
+
+
+class MLPDecoder(nn.Module):
+    """z (B, D) -> MLP -> (B, *params_shape)."""
+
+    def __init__(self, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
+                 act: str = "relu"):
+        super().__init__()
+        self.params_shape = tuple(params_shape)
+        self.net = mlp(latent_dim, list(reversed(hidden)), math.prod(params_shape), act)
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.net(z)  # (..., P)
+        return out.view(*z.shape[:-1], *self.params_shape)  # (..., *params_shape)
+
+
+def conv_plan(image_hw: tuple[int, int], channels: list[int] | None) -> tuple[list[int], list]:
+    """Channels per stride-2 stage and the feature-map sizes they produce.
+
+    Each 3x3, stride-2, padding-1 convolution maps a side n to ceil(n / 2), so every size works;
+    the default doubles channels from 32 (capped at 256) until the map is at most 8 x 8.
+    sizes[i] is the (H, W) entering stage i; sizes[-1] is the final map.
+    """
+    height, width = image_hw
+    if channels is None:
+        channels = []
+        while max(height, width) > 8 or not channels:
+            channels.append(min(32 * 2 ** len(channels), 256))
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+        height, width = image_hw
+    sizes = [(height, width)]
+    for _ in channels:
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+        sizes.append((height, width))
+    return list(channels), sizes
+
+
+class ConvEncoder(nn.Module):
+    """x (B, C, H, W) -> stride-2 convolutions -> flatten -> MLP -> (B, out_features)."""
+
+    def __init__(self, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
+                 act: str = "relu", channels: list[int] | None = None):
+        super().__init__()
+        if len(data_shape) != 3:
+            raise ValueError(f"conv nets need images shaped (C, H, W), got {tuple(data_shape)}")
+        in_channels, height, width = data_shape
+        channels, sizes = conv_plan((height, width), channels)
+        layers: list[nn.Module] = []
+        for out_channels in channels:
+            layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+                       activation(act)]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        final_h, final_w = sizes[-1]
+        self.head = mlp(in_channels * final_h * final_w, hidden, out_features, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)  # (B, C_last, h, w)
+        return self.head(features.flatten(1))  # (B, out_features)
+
+
+class ConvDecoder(nn.Module):
+    """z (B, D) -> MLP -> (B, C_last, h, w) -> stride-2 transposed convolutions -> params.
+
+    Mirrors ConvEncoder: each transposed convolution doubles a side, with output_padding 0 or 1
+    chosen per stage so the sizes retrace the encoder's exactly (7 -> 14 -> 28, 4 -> 7, ...).
+    The last stage outputs prod(params_shape) / (H * W) channels, reshaped to params_shape.
+    """
+
+    def __init__(self, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
+                 data_shape: tuple[int, ...], act: str = "relu",
+                 channels: list[int] | None = None):
+        super().__init__()
+        _, height, width = data_shape
+        channels, sizes = conv_plan((height, width), channels)
+        self.params_shape = tuple(params_shape)
+        out_channels = math.prod(params_shape) // (height * width)
+        self.start_shape = (channels[-1], *sizes[-1])
+        self.head = mlp(latent_dim, list(reversed(hidden)), math.prod(self.start_shape), act)
+        layers: list[nn.Module] = [activation(act)]
+        stage_outputs = list(reversed(channels[:-1])) + [out_channels]
+        in_channels = channels[-1]
+        for stage, next_channels in enumerate(stage_outputs):
+            (in_h, in_w), (out_h, out_w) = sizes[-1 - stage], sizes[-2 - stage]
+            padding = (out_h - (2 * in_h - 1), out_w - (2 * in_w - 1))  # each 0 or 1
+            layers.append(nn.ConvTranspose2d(in_channels, next_channels, 3, stride=2, padding=1,
+                                             output_padding=padding))
+            if stage < len(stage_outputs) - 1:
+                layers.append(activation(act))
+            in_channels = next_channels
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch_shape = z.shape[:-1]
+        hidden = self.head(z.reshape(-1, z.shape[-1]))  # (N, C_last * h * w)
+        maps = self.features(hidden.view(-1, *self.start_shape))  # (N, P, H, W)
+        return maps.reshape(*batch_shape, *self.params_shape)  # (..., *params_shape)
+
+
+def build_encoder(net: str, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
+                  act: str, conv_channels: list[int] | None = None) -> nn.Module:
+    if net == "mlp":
+        return MLPEncoder(data_shape, hidden, out_features, act)
+    if net == "conv":
+        return ConvEncoder(data_shape, hidden, out_features, act, conv_channels)
+    raise ValueError(f"unknown net {net!r}: choose one of mlp, conv")
+
+
+def build_decoder(net: str, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
+                  data_shape: tuple[int, ...], act: str,
+                  conv_channels: list[int] | None = None) -> nn.Module:
+    if net == "mlp":
+        return MLPDecoder(latent_dim, hidden, params_shape, act)
+    if net == "conv":
+        return ConvDecoder(latent_dim, hidden, params_shape, data_shape, act, conv_channels)
+    raise ValueError(f"unknown net {net!r}: choose one of mlp, conv")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+

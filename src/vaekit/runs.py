@@ -1,0 +1,427 @@
+"""The run folder: atomic files, checkpoints with manifests, a lock, and loading a trained model.
+
+    RUN_DIR/
+      config.json            TrainConfig + dataset facts: all that rebuilds model and data pipeline
+      model.safetensors      the latest weights
+      metrics.jsonl          one JSON object per epoch
+      samples.png, reconstructions.png, curves.png
+      checkpoints/step-000001234/
+          model.safetensors  optimizer.safetensors  state.json  MANIFEST.json (written last)
+
+Every file is written to a temporary name in its folder, flushed, fsynced and renamed, and the
+folder is fsynced; a checkpoint is assembled in a temporary folder and renamed into place once
+its manifest (SHA-256 of every file) is written. Nothing here ever unpickles: weights and
+optimizer tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import CONFIG_FORMAT, TrainConfig
+from .data import Dataset, Pipeline, load_dataset
+from .errors import ConfigError, DataError, RunError
+from .model import VAE, ModelConfig, build_vae
+
+RUN_FORMAT = "vaekit-run/1"
+CHECKPOINT_PREFIX = "step-"
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` holds either its old content or all of the new, never part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe_os_error(exc: OSError, path: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"the disk holding {path} is full"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path} is not writable"
+    return f"cannot write {path} ({exc.strerror or exc})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensors <-> bytes, without pickle
+
+
+def tensors_to_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def tensors_from_file(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(Path(path).read_bytes())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                       "the run folder is damaged, restore the file or retrain") from None
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and the rest (JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                         meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ------------------------------------------------------------------------------------------------
+# Lock
+
+
+class RunLock:
+    """An exclusive lock on a run folder, released by the kernel even if the process is killed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            self.handle = None
+            raise RunError(f"{self.path.parent} is in use by {holder}; wait for it to finish or "
+                           "choose another --out") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"vaekit process {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the flock
+            self.handle = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: int) -> Path:
+    """Write a checkpoint folder whose MANIFEST.json (hashes of the others) is written last.
+
+    The folder is assembled under a temporary name and renamed into place, so a crash leaves
+    either no checkpoint of this step or a complete one; older checkpoints are pruned after.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        manifest = {"format": "vaekit-checkpoint/1", "step": step, "files": {}}
+        for name, data in files.items():
+            atomic_write_bytes(staging / name, data)
+            manifest["files"][name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
+        atomic_write_json(staging / "MANIFEST.json", manifest)
+        final = root / checkpoint_dir_name(step)
+        if final.exists():  # the same step saved twice (e.g. interrupt right after an epoch)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    prune_checkpoints(root, keep)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if every file matches the manifest, else the reason it does not."""
+    try:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable MANIFEST.json"
+    for name, entry in files.items():
+        try:
+            data = (folder / name).read_bytes()
+        except OSError:
+            return f"{name} is missing"
+        if sha256_bytes(data) != entry.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders, newest step first (by the step in their name, not their mtime)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            name = folder.name
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+                found.append((int(name[len(CHECKPOINT_PREFIX):]), folder))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose manifest verifies; damaged ones are reported and skipped."""
+    for _, folder in list_checkpoints(run_dir):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        warn(f"warning: skipping damaged checkpoint {folder.name}: {problem}")
+    return None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    for _, folder in list_checkpoints(root.parent)[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for leftover in root.glob(".staging-*"):  # from a crash during an earlier save
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json and loading a run
+
+
+def model_config_for(config: TrainConfig, data_shape: tuple[int, ...]) -> ModelConfig:
+    return ModelConfig(data_shape=tuple(data_shape), latent_dim=config.latent_dim, net=config.net,
+                       hidden=list(config.hidden), conv_channels=config.conv_channels,
+                       activation=config.activation, prior=config.prior,
+                       likelihood=config.likelihood, gaussian_scale=config.gaussian_scale)
+
+
+def run_document(config: TrainConfig, data_info: dict, pipeline: Pipeline) -> dict:
+    from . import __version__
+
+    return {"format": RUN_FORMAT, "config_format": CONFIG_FORMAT, "vaekit_version": __version__,
+            "config": config.to_dict(), "data": data_info, "pipeline": pipeline.info()}
+
+
+DATA_KEYS = {"name": str, "kind": str, "shape": list, "n_train": int, "n_test": int,
+             "label_names": (list, type(None)), "source": str, "fingerprint": str}
+PIPELINE_KEYS = {"mode": str, "kind": str, "split_seed": int, "description": str,
+                 "log_jacobian": (int, float)}
+PIPELINE_MODES = ("binarize", "scale", "dequantize", "standardize", "identity")
+
+
+def _check_section(section, keys: dict, where: str) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a JSON object")
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key {unknown[0]!r}; restore the run's original "
+                          "config.json")
+    for key, kind in keys.items():
+        if key not in section:
+            raise ConfigError(f"{where} lacks key {key!r}; restore the run's original config.json")
+        value = section[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key!r} has the wrong type ({type(value).__name__}); "
+                              "restore the run's original config.json")
+    return section
+
+
+def read_run_document(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder; give the folder `vaekit train` wrote "
+                       "(it holds config.json and model.safetensors)")
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a vaekit run (no config.json); give the folder `vaekit "
+                       "train` wrote")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); restore the run's original "
+                          "config.json") from None
+    where = str(path)
+    _check_section(document, {"format": str, "config_format": str, "vaekit_version": str,
+                              "config": dict, "data": dict, "pipeline": dict}, where)
+    if document["format"] != RUN_FORMAT:
+        raise ConfigError(f"{path}: format {document['format']!r} is not {RUN_FORMAT!r}; this run "
+                          "was written by an incompatible vaekit")
+    document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+    data = _check_section(document["data"], DATA_KEYS, f"{where} data")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data["shape"]) \
+            or not data["shape"]:
+        raise ConfigError(f"{where} data: 'shape' must be a list of positive integers")
+    if data["kind"] not in ("image8", "real"):
+        raise ConfigError(f"{where} data: 'kind' must be image8 or real")
+    pipeline = _check_section(document["pipeline"], PIPELINE_KEYS, f"{where} pipeline")
+    if pipeline["mode"] not in PIPELINE_MODES or pipeline["kind"] != data["kind"]:
+        raise ConfigError(f"{where} pipeline: unknown mode or kind; restore the run's original "
+                          "config.json")
+    return document
+
+
+@dataclass
+class Run:
+    """A trained run loaded from its folder."""
+
+    path: Path
+    config: TrainConfig
+    data: dict  # facts about the training data (name, shape, sizes, labels, fingerprint)
+    pipeline: Pipeline
+    model: VAE
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return model_config_for(self.config, tuple(self.data["shape"]))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_state(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Load weights, naming the first missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
+        raise RunError(f"{source}: weights do not fit the model in config.json ({what}); the "
+                       "weights and config.json come from different runs")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise RunError(f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)} but "
+                           f"config.json builds {tuple(value.shape)}; the weights and config.json "
+                           "come from different runs")
+        if tensors[key].dtype != value.dtype:
+            raise RunError(f"{source}: weight {key!r} is {tensors[key].dtype}, expected "
+                           f"{value.dtype}; the file was not written by vaekit")
+    model.load_state_dict(tensors)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model from config.json and model.safetensors (no pickle anywhere)."""
+    run_dir = Path(run_dir)
+    document = read_run_document(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise RunError(f"{run_dir}: model.safetensors is missing; the run has not finished an "
+                       "epoch yet, or the file was removed (resume with vaekit train --resume)")
+    config = document["config"]
+    try:
+        model = build_vae(model_config_for(config, tuple(document["data"]["shape"])))
+    except ValueError as exc:
+        raise ConfigError(f"{run_dir / 'config.json'}: {exc}") from None
+    load_state(model, tensors_from_file(weights), weights)
+    model.to(device).eval()
+    statistics = {}
+    if document["pipeline"]["mode"] == "standardize":
+        path = run_dir / "pipeline.safetensors"
+        if not path.is_file():
+            raise RunError(f"{run_dir}: pipeline.safetensors is missing (it holds the data's "
+                           "mean and scale); restore it or retrain")
+        statistics = tensors_from_file(path)
+        shape = (1, *document["data"]["shape"])
+        if set(statistics) != {"mean", "std"} or any(tuple(t.shape) != shape
+                                                    for t in statistics.values()):
+            raise RunError(f"{path}: does not hold the mean and std of shape {shape}; restore it "
+                           "or retrain")
+    pipeline = Pipeline.from_info(document["pipeline"], statistics).to(torch.device(device))
+    return Run(run_dir, config, document["data"], pipeline, model)
+
+
+def load_run_dataset(run: Run) -> Dataset:
+    """The run's dataset, loaded as it was for training; refuses data that have changed."""
+    config = run.config
+    dataset = load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
+                           channels=config.channels, test_fraction=config.test_fraction,
+                           split_seed=config.split_seed)
+    if dataset.fingerprint() != run.data["fingerprint"]:
+        raise DataError(f"{config.data}: the data differ from those {run.path} was trained on "
+                        "(their SHA-256 changed); point the run at the original data")
+    return dataset
+
+
+def model_weights_bytes(model: nn.Module) -> bytes:
+    return tensors_to_bytes(dict(model.state_dict()))
+

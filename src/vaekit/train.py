@@ -1,0 +1,579 @@
+"""The training loop: maximise the ELBO with Adam, checkpoint, resume exactly, scale out.
+
+One step:   raw batch (uint8) --pipeline--> x --encode--> q(z|x) --eps--> z --decode--> p(x|z)
+            loss = -(E_q[log p(x|z)] - beta * KL).mean()      (the only minus sign)
+
+Exact resume: the data order of an epoch is a function of (seed, epoch) and the noise of a step
+of (seed, step) (see randomness.py); a checkpoint stores weights, optimizer state and the
+counters, so a resumed run replays the same batches and noise bit for bit.
+
+Distributed: under torchrun each process takes its rows of every global batch and of that
+batch's noise; DistributedDataParallel averages the gradients of equal-sized shards, which is
+the gradient of the global mean. The run is the same computation for any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import RESUMABLE_OVERRIDES, TrainConfig
+from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
+from .distributed import DistContext
+from .errors import ConfigError, DataError, RunError, TrainingError
+from .estimate import elbo_per_example
+from .model import VAE, build_vae
+from .objectives import elbo_terms
+from .randomness import StepNoise, derive_seed, epoch_permutation
+from .runs import (
+    RunLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    describe_os_error,
+    latest_checkpoint,
+    load_state,
+    model_config_for,
+    model_weights_bytes,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_run_document,
+    run_document,
+    tensors_from_file,
+    tensors_to_bytes,
+    write_checkpoint,
+)
+
+STATE_FORMAT = "vaekit-train-state/1"
+SYNC_EVERY = 20  # steps between cross-process agreements (stop, checkpoint) when distributed
+
+
+class ELBOObjective(nn.Module):
+    """The model's ELBO as a module: DistributedDataParallel synchronises only through forward()."""
+
+    def __init__(self, model: VAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        terms = elbo_terms(self.model, x, eps)
+        return terms.reconstruction, terms.kl  # (B,), (B,)
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint's state.json."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch completed
+    global_step: int = 0
+    train_seconds: float = 0.0  # over all invocations
+    metrics: list = field(default_factory=list)  # one dict per completed epoch
+    inexact_resume: bool = False
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run was saved and can be resumed."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device "
+                              "cpu (or install a CUDA build of PyTorch)")
+        if name == "cuda" and dist is not None and dist.enabled:
+            name = f"cuda:{dist.local_rank}"
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    return torch.device(name)
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    name = Path(config.data).stem if config.data not in ("digits", "mnist", "fashion-mnist") \
+        else config.data
+    return Path("runs") / f"{name}-{config.net}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
+    """Load the dataset, settle the likelihood and build the pipeline for this config."""
+    dataset = load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
+                           channels=config.channels, test_fraction=config.test_fraction,
+                           split_seed=config.split_seed)
+    config = replace(config, likelihood=resolve_likelihood(config.likelihood, dataset))
+    if config.net == "conv" and len(dataset.shape) != 3:
+        raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
+                          f"shape {dataset.shape}; use --net mlp")
+    pipeline = Pipeline.build(dataset, config.likelihood, config.binarize, config.split_seed)
+    return dataset, pipeline, config
+
+
+def build_model(config: TrainConfig, data_shape: tuple[int, ...]) -> VAE:
+    """The run's model with its seeded initialisation (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        return build_vae(model_config_for(config, data_shape))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: Path, dataset: Dataset, pipeline: Pipeline,
+                 model: VAE, device: torch.device, dist: DistContext, log=print):
+        self.config, self.run_dir, self.dataset = config, run_dir, dataset
+        self.pipeline, self.model, self.device, self.dist = pipeline.to(device), model, device, dist
+        self.log = log if dist.is_main else (lambda *a, **k: None)
+        self.batch_size = config.batch_size
+        if self.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by the "
+                              f"{dist.world_size} processes; choose a multiple of "
+                              f"{dist.world_size}")
+        self.local_batch = self.batch_size // dist.world_size
+        self.rows = slice(dist.rank * self.local_batch, (dist.rank + 1) * self.local_batch)
+        n_train = len(dataset.train_x)
+        if n_train < self.batch_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
+                              f"training examples; lower --batch-size")
+        self.steps_per_epoch = n_train // self.batch_size  # full batches only: static shapes
+        self.train_x = dataset.train_x.to(device)
+        if config.binarize == "fixed" and pipeline.mode == "binarize":
+            self.train_x = pipeline.fixed(dataset.train_x, 0, split="train").to(device)
+            self.train_mode = "identity"
+        else:
+            self.train_mode = pipeline.mode
+        self.model.to(device)
+        self.objective = ELBOObjective(self.model)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.progress = Progress()
+        self.step_log: list[Tensor] = []  # (steps, 3) per-step loss, reconstruction, KL
+        self.stop_signal: int | None = None
+
+    # --- state ------------------------------------------------------------------------------
+    def checkpoint_files(self) -> dict[str, bytes]:
+        optimizer_tensors, optimizer_meta = optimizer_to_files(self.optimizer)
+        optimizer_tensors["step_log"] = self.step_history()
+        state = {"format": STATE_FORMAT, "seed": self.config.seed,
+                 "epoch": self.progress.epoch, "step_in_epoch": self.progress.step_in_epoch,
+                 "global_step": self.progress.global_step,
+                 "batch_size": self.batch_size, "world_size": self.dist.world_size,
+                 "data_order": {"seed": self.config.seed, "epoch": self.progress.epoch,
+                                "position": self.progress.step_in_epoch * self.batch_size},
+                 "noise": {"seed": self.config.seed, "next_step": self.progress.global_step},
+                 "train_seconds": self.progress.train_seconds,
+                 "metrics": self.progress.metrics, "optimizer": optimizer_meta,
+                 "inexact_resume": self.progress.inexact_resume}
+        return {"model.safetensors": model_weights_bytes(self.model),
+                "optimizer.safetensors": tensors_to_bytes(optimizer_tensors),
+                "state.json": (json.dumps(state, indent=1) + "\n").encode()}
+
+    def restore(self, folder: Path, inexact: bool) -> None:
+        load_state(self.model, tensors_from_file(folder / "model.safetensors"),
+                   folder / "model.safetensors")
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            optimizer_tensors = tensors_from_file(folder / "optimizer.safetensors")
+            step_log = optimizer_tensors.pop("step_log")
+            optimizer_from_files(self.optimizer, optimizer_tensors, state["optimizer"])
+            progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"],
+                                state["train_seconds"], state["metrics"],
+                                state.get("inexact_resume", False))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise RunError(f"{folder}: training state is unreadable ({exc!r}); resume from an "
+                           "earlier checkpoint or retrain") from None
+        problem = self._check_randomness_state(state, progress)
+        if problem:
+            if not inexact:
+                raise RunError(f"{folder}: {problem}, so the run cannot continue exactly; pass "
+                               "--inexact-resume to continue anyway (recorded in the run)")
+            self.log(f"warning: {problem}; continuing inexactly as asked (--inexact-resume)")
+            progress.inexact_resume = True
+        if state.get("batch_size") != self.batch_size:
+            raise RunError(f"{folder}: saved with batch size {state.get('batch_size')}, now "
+                           f"{self.batch_size}; resume with the run's own config")
+        progress.metrics = [m for m in progress.metrics if m.get("complete", True)]
+        self.progress = progress
+        self.step_log = [step_log.to(torch.float32)]
+
+    def _check_randomness_state(self, state: dict, progress: Progress) -> str | None:
+        order, noise = state.get("data_order"), state.get("noise")
+        if not isinstance(order, dict) or not isinstance(noise, dict):
+            return "the data-order or noise state is missing"
+        expected_position = progress.step_in_epoch * self.batch_size
+        if order.get("seed") != self.config.seed or noise.get("seed") != self.config.seed:
+            return "the saved random seed does not match config.json"
+        if order.get("epoch") != progress.epoch or order.get("position") != expected_position \
+                or noise.get("next_step") != progress.global_step:
+            return "the data-order or noise state is inconsistent with the step counters"
+        return None
+
+    def step_history(self) -> Tensor:
+        return torch.cat(self.step_log).cpu() if self.step_log else torch.zeros(0, 3)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor) -> Tensor:
+        """One update; returns detached (loss, mean reconstruction, mean KL)."""
+        x = self.pipeline.apply(raw, u) if self.train_mode != "identity" else raw.float()
+        reconstruction, kl = self.objective(x, eps)  # (B,), (B,)
+        loss = -(reconstruction - self.config.beta * kl).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean()])
+
+    def fit(self, time_limit: float | None) -> str:
+        """Train until the configured epochs (or the time limit); returns why it stopped."""
+        config = self.config
+        started = time.monotonic()
+        last_checkpoint = time.monotonic()
+        shape = self.dataset.shape
+        n_train = len(self.train_x)
+        while self.progress.epoch < config.epochs:
+            epoch = self.progress.epoch
+            order = epoch_permutation(n_train, config.seed, epoch, self.device)
+            epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch, 3,
+                                    device=self.device)
+            logged = 0
+            bar = self._progress_bar(epoch)
+            epoch_started = shown = time.monotonic()
+            stop_reason = None
+            for b in range(self.progress.step_in_epoch, self.steps_per_epoch):
+                offset = b * self.batch_size
+                index = order[offset + self.rows.start: offset + self.rows.stop]
+                raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
+                                  self.rows, self.device)
+                u = noise.uniform(shape) if self.train_mode in ("binarize", "dequantize") else None
+                eps = noise.normal(self.model.latent_dim)  # (B_local, D)
+                epoch_log[logged] = self.train_step(raw, u, eps)
+                logged += 1
+                self.progress.step_in_epoch += 1
+                self.progress.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.device.type == "cpu" and not self.dist.enabled:
+                    self._check_finite(epoch_log[logged - 1:logged], self.progress.global_step - 1)
+                if self.dist.enabled and self.progress.global_step % SYNC_EVERY:
+                    continue
+                interrupted, out_of_time, due = self.dist.any_of(
+                    [self.stop_signal is not None,
+                     time_limit is not None and time.monotonic() - started >= time_limit,
+                     (config.checkpoint_every_steps is not None
+                      and self.progress.global_step % config.checkpoint_every_steps == 0)
+                     or (time.monotonic() - last_checkpoint) / 60
+                     >= config.checkpoint_every_minutes], self.device)
+                stop_reason = "signal" if interrupted else "time" if out_of_time else None
+                if (due or interrupted) and self.progress.step_in_epoch < self.steps_per_epoch:
+                    self._record_steps(epoch_log[:logged], epoch_started)
+                    epoch_log, logged = epoch_log[logged:], 0
+                    epoch_started = time.monotonic()
+                    self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+                if stop_reason is not None:
+                    break
+                if bar is not None and time.monotonic() - shown > 0.5:
+                    self._show(bar, epoch_log[:logged])
+                    shown = time.monotonic()
+            if bar is not None:
+                bar.close()
+            self._record_steps(epoch_log[:logged], epoch_started)
+            if self.progress.step_in_epoch == self.steps_per_epoch:
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+                self.end_of_epoch(complete=True)
+                last_checkpoint = time.monotonic()
+            elif stop_reason == "time":
+                self.end_of_epoch(complete=False)
+            if stop_reason == "time":
+                return "time"
+            if stop_reason == "signal":
+                raise self._interrupted()
+        return "done"
+
+    def _progress_bar(self, epoch: int):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch,
+                    desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False,
+                    dynamic_ncols=True, mininterval=0.25, file=sys.stderr)
+
+    def _show(self, bar, rows: Tensor) -> None:
+        if len(rows):
+            _, rec, kl = rows[-50:].mean(0).tolist()
+            rec += self.pipeline.log_jacobian
+            bar.set_postfix_str(f"ELBO {rec - kl:.2f}  rec {rec:.2f}  KL {kl:.2f}", refresh=False)
+
+    def _record_steps(self, rows: Tensor, started: float) -> None:
+        """Keep the per-step log and the training time of the steps just taken."""
+        if len(rows):
+            if self.device.type != "cpu" or self.dist.enabled:
+                self._check_finite(rows, self.progress.global_step - len(rows))
+            self.step_log.append(rows.detach().cpu())
+        self.progress.train_seconds += time.monotonic() - started
+
+    def _check_finite(self, rows: Tensor, first_step: int) -> None:
+        finite = torch.isfinite(rows)  # (steps, 3)
+        if bool(finite.all()):
+            return
+        bad = int((~finite.all(1)).nonzero()[0])
+        rec_ok, kl_ok = bool(finite[bad, 1]), bool(finite[bad, 2])
+        term = "the KL term" if rec_ok and not kl_ok else "the reconstruction term" if kl_ok \
+            else "both terms"
+        saved = "the last good checkpoint is kept" if self.progress.global_step > 0 else \
+            "nothing was saved"
+        raise TrainingError(f"training stopped at step {first_step + bad + 1} (epoch "
+                            f"{self.progress.epoch + 1}): {term} became non-finite; {saved}. Try "
+                            f"a lower --lr (now {self.config.lr:g}), --grad-clip 1.0, or a fixed "
+                            "--gaussian-scale")
+
+    def _interrupted(self) -> Interrupted:
+        name = signal.Signals(self.stop_signal).name
+        return Interrupted(f"{name} received: saved the run at step {self.progress.global_step} "
+                           f"(epoch {self.progress.epoch + 1}); continue it with: vaekit train "
+                           f"--resume {self.run_dir}", 128 + self.stop_signal)
+
+    def evaluate(self) -> dict:
+        """Test-set ELBO and its terms (nats per example, in the data's own units)."""
+        self.model.eval()
+        started = time.monotonic()
+        terms = elbo_per_example(self.model, self.dataset.test_x, self.pipeline,
+                                 seed=self.config.split_seed, device=self.device, dist=self.dist)
+        self.model.train()
+        reconstruction = terms[:, 0].mean().item() + self.pipeline.log_jacobian
+        kl = terms[:, 1].mean().item()
+        return {"test_elbo": reconstruction - kl, "test_reconstruction": reconstruction,
+                "test_kl": kl, "eval_seconds": time.monotonic() - started}
+
+    def end_of_epoch(self, complete: bool) -> None:
+        steps = self.step_history()
+        epoch_steps = steps[len(steps) - (self.progress.global_step - self._epoch_first_step()):]
+        record = {"epoch": self.progress.epoch if complete else self.progress.epoch + 1,
+                  "step": self.progress.global_step, "complete": complete}
+        if len(epoch_steps):
+            _, rec, kl = epoch_steps.double().mean(0).tolist()
+            rec += self.pipeline.log_jacobian
+            record.update(train_elbo=rec - kl, train_reconstruction=rec, train_kl=kl)
+        record.update(self.evaluate())
+        seconds = self._epoch_seconds
+        record.update(train_seconds=seconds, images_per_second=(
+            len(epoch_steps) * self.batch_size / seconds if seconds > 0 else None),
+            beta=self.config.beta, lr=self.config.lr)
+        if self.progress.inexact_resume:
+            record["inexact_resume"] = True
+        self.progress.metrics.append(record)
+        self.save_checkpoint()
+        if self.dist.is_main:
+            self.write_outputs()
+            test = f"test ELBO {record['test_elbo']:.2f} (rec {record['test_reconstruction']:.2f}," \
+                   f" KL {record['test_kl']:.2f})"
+            train = f"train ELBO {record['train_elbo']:.2f}  " if "train_elbo" in record else ""
+            speed = f"  {record['images_per_second']:,.0f} img/s" \
+                if record["images_per_second"] else ""
+            label = f"epoch {record['epoch']}/{self.config.epochs}" + ("" if complete else
+                                                                      " (partial)")
+            self.log(f"{label}  {train}{test}{speed}")
+
+    def _epoch_first_step(self) -> int:
+        done = self.progress.step_in_epoch or self.steps_per_epoch
+        return self.progress.global_step - done
+
+    @property
+    def _epoch_seconds(self) -> float:
+        before = sum(m.get("train_seconds") or 0.0 for m in self.progress.metrics)
+        return max(self.progress.train_seconds - before, 0.0)
+
+    def save_checkpoint(self) -> None:
+        for name, parameter in self.model.state_dict().items():
+            if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+                raise TrainingError(f"weight {name} became non-finite at step "
+                                    f"{self.progress.global_step}; the last good checkpoint is "
+                                    f"kept. Try a lower --lr (now {self.config.lr:g}) or "
+                                    "--grad-clip 1.0")
+        if self.dist.is_main:
+            try:
+                write_checkpoint(self.run_dir, self.progress.global_step, self.checkpoint_files(),
+                                 self.config.keep_checkpoints)
+                atomic_write_bytes(self.run_dir / "model.safetensors",
+                                   model_weights_bytes(self.model))
+                atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
+                    json.dumps(m) + "\n" for m in self.progress.metrics))
+            except OSError as exc:
+                raise RunError(f"could not save the checkpoint: {describe_os_error(exc, self.run_dir)}"
+                               "; the previous checkpoint is intact, free space and resume with "
+                               f"vaekit train --resume {self.run_dir}") from None
+        self.dist.barrier()
+
+    def write_outputs(self) -> None:
+        """samples.png, reconstructions.png and curves.png for the current weights."""
+        from .viz import curves_image, examples_image, reconstruction_image, save_png
+
+        n = self.config.num_samples
+        self.model.eval()
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "samples"))
+            z = self.model.prior.sample((n,)).to(self.device)  # (n, D)
+            samples = self.pipeline.display(self.model.decode(z).mean)
+            raw = self.dataset.test_x[:n].to(self.device)
+            x = self.pipeline.fixed(raw, 0)
+            originals = self.pipeline.display(x)  # what the model encodes
+            reconstructions = self.pipeline.display(self.model.reconstruct(x))
+        self.model.train()
+        save_png(examples_image(samples), self.run_dir / "samples.png")
+        save_png(reconstruction_image(originals, reconstructions),
+                 self.run_dir / "reconstructions.png")
+        save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
+
+
+def check_free_space(run_dir: Path, model: nn.Module, keep: int) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints the run will write."""
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    needed = weights * (3 * (keep + 1) + 1) + 20 * 2**20  # weights + Adam moments, + images
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise RunError(f"{run_dir}: {free / 2**20:.0f} MiB free but the run needs about "
+                       f"{needed / 2**20:.0f} MiB for its checkpoints; free some space or "
+                       "choose another --out")
+
+
+def _handle_signals(trainer: Trainer):
+    def handler(signum, frame):
+        trainer.stop_signal = signum
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread: leave signals alone
+            pass
+    return previous
+
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None,
+          overrides: dict | None = None, inexact_resume: bool = False, log=print) -> Path:
+    """Train a new run (config) or continue one (resume=RUN_DIR); returns the run folder."""
+    overrides = overrides or {}
+    if resume is not None:
+        run_dir = Path(resume)
+        document = read_run_document(run_dir)
+        config = document["config"]
+        changed = {k: v for k, v in overrides.items() if getattr(config, k) != v}
+        frozen = sorted(set(changed) - set(RESUMABLE_OVERRIDES))
+        if frozen:
+            raise ConfigError(f"--{frozen[0].replace('_', '-')} cannot change when resuming (it "
+                              f"would change what the run computes); only "
+                              f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)}"
+                              " may")
+        config = replace(config, **changed).validate()
+    else:
+        config = replace(config or TrainConfig(), **overrides).validate().with_presets()
+    device = resolve_device(config.device)
+    dist = DistContext.from_env(device.type)
+    try:
+        device = resolve_device(config.device, dist)
+        return _train(config, resume, dist, device, inexact_resume, log)
+    finally:
+        dist.shutdown()
+
+
+def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
+           inexact_resume: bool, log) -> Path:
+    dataset, pipeline, config = prepare_data(config)
+    if resume is not None:
+        run_dir = Path(resume)
+        document = read_run_document(run_dir)
+        if document["data"]["fingerprint"] != dataset.fingerprint():
+            raise DataError(f"{config.data}: the data differ from those {run_dir} was trained on; "
+                            "resume with the same dataset files")
+    else:
+        run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
+                                                 else default_run_dir(config))))
+        config = replace(config, out=str(run_dir))
+    model = build_model(config, dataset.shape)
+    trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
+    lock = RunLock(run_dir) if dist.is_main else None
+    if resume is None and dist.is_main:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunError(f"{run_dir} already exists and is not empty; continue it with "
+                           f"vaekit train --resume {run_dir}, or choose another --out")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
+                           "choose another --out") from None
+    dist.barrier()
+    if lock is not None:
+        lock.__enter__()
+    try:
+        if resume is not None:
+            folder = latest_checkpoint(run_dir, warn=trainer.log)
+            if folder is None:
+                raise RunError(f"{run_dir}: no complete checkpoint to resume from; start a new "
+                               "run instead")
+            trainer.restore(folder, inexact_resume)
+            if trainer.progress.epoch >= config.epochs:
+                trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
+                            "--epochs N with a larger N to train longer")
+                return run_dir
+            trainer.log(f"resuming {run_dir} at epoch {trainer.progress.epoch + 1}, step "
+                        f"{trainer.progress.global_step}")
+        if dist.is_main:
+            check_free_space(run_dir, model, config.keep_checkpoints)
+            try:
+                if pipeline.statistics():
+                    atomic_write_bytes(run_dir / "pipeline.safetensors",
+                                       tensors_to_bytes(pipeline.statistics()))
+                atomic_write_json(run_dir / "config.json",
+                                  run_document(config, dataset.info(), pipeline))
+            except OSError as exc:
+                raise RunError(f"cannot write the run folder: {describe_os_error(exc, run_dir)};"
+                               " choose another --out") from None
+        trainer.log(_summary(config, dataset, pipeline, model, device, dist, run_dir))
+        previous = _handle_signals(trainer)
+        try:
+            outcome = trainer.fit(config.time_limit)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if outcome == "time":
+            trainer.log(f"time limit of {config.time_limit:g} s reached; saved. Continue with: "
+                        f"vaekit train --resume {run_dir}")
+        trainer.log(f"run saved in {run_dir}; next: vaekit sample {run_dir}")
+        return run_dir
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: VAE,
+             device: torch.device, dist: DistContext, run_dir: Path) -> str:
+    from .nets import count_parameters
+
+    procs = f" x {dist.world_size} processes" if dist.enabled else ""
+    return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
+            f"shape {'x'.join(map(str, dataset.shape))}) | {config.net} VAE, z in R^"
+            f"{config.latent_dim}, prior {config.prior}, likelihood {config.likelihood}, "
+            f"{count_parameters(model):,} parameters | {config.epochs} epochs, batch "
+            f"{config.batch_size}, {device}{procs}\n  scoring: {pipeline.description}\n"
+            f"  run folder: {run_dir}")
+
