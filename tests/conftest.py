@@ -1,0 +1,80 @@
+"""Shared fixtures: small trained runs and a way to call the real `vaekit` command."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests share two CPU cores: one thread per process keeps parallel subprocesses from thrashing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_vaekit(*args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m vaekit ARGS` as a user would; returns the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vaekit", *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def vaekit_cli():
+    return run_vaekit
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Write a uint8 array as an IDX file (the MNIST format), optionally gzipped."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_fake_mnist(folder: Path, n_train: int = 64, n_test: int = 16, gz: bool = True,
+                     seed: int = 0) -> Path:
+    """Four small IDX files in MNIST's layout: random strokes on 28x28, labels 0..9."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = (rng.random((n, 28, 28)) < 0.2).astype(np.uint8) * 255
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels, gz)
+    return folder
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    return write_fake_mnist(tmp_path / "mnist")
+
+
+TINY = dict(epochs=3, batch_size=64, hidden=[64], latent_dim=4, progress=False,
+            checkpoint_every_minutes=60.0)
+
+
+def train_tiny(out: Path, **overrides) -> Path:
+    from vaekit.config import TrainConfig
+    from vaekit.train import train
+
+    config = TrainConfig(**{**TINY, **overrides, "out": str(out)})
+    return train(config, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A digits MLP run of 3 short epochs (read-only: copy it before changing it)."""
+    return train_tiny(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_conv_run(tmp_path_factory) -> Path:
+    """A digits conv run of 2 short epochs (read-only)."""
+    return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-conv", net="conv", epochs=2)
