@@ -69,6 +69,49 @@ def build_parser() -> Parser:
     recon.add_argument("--out", metavar="FILE.png", help="image to write (default: "
                        "RUN_DIR/reconstructions-SPLIT.png)")
     recon.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="estimate log p(x) of a run's data (importance sampling), with the ELBO, "
+        "the naive estimator and more", description="Importance-sampled log p(x) with the "
+        "encoder as proposal (the IWAE bound, Burda et al. 2016), the naive prior-sampling "
+        "estimate at the same k, the ELBO and its two terms, the ELBO gap, bits per dimension, "
+        "active units and the KL per latent dimension, each with its sample count and Monte "
+        "Carlo standard error. Writes RUN_DIR/evaluation.json. Runs under torchrun too.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--split", choices=("test", "train"), default="test")
+    evaluate.add_argument("--k", type=positive_int, default=5000, help="samples per example "
+                          "for each estimator (default: 5000)")
+    evaluate.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
+                          "examples of the split")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise "
+                          "(default: 0); the data's binarisation is the run's own")
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation.json "
+                          "object alone on stdout")
+    evaluate.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive "
+                          "estimator (halves the time)")
+    evaluate.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per "
+                          "chunk (default: as many as fit about 64 MiB of decoder outputs)")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false",
+                          help="no progress bar")
+
+    explain = commands.add_parser(
+        "explain", help="write an HTML report of the note's demonstrations on a run",
+        description="Computes, on the run's own model and data: a shifted vs a damaged image "
+        "(pixel distance vs log p(x)); naive vs importance-sampled log p(x) against k; the ELBO "
+        "gap per example; the training curves of both ELBO terms; the gradient variance of the "
+        "reparameterisation trick vs the score function. Writes RUN_DIR/explain.html (figures "
+        "embedded, opens from disk) and RUN_DIR/explain-*.png.")
+    explain.add_argument("run_dir", metavar="RUN_DIR")
+    explain.add_argument("--examples", type=positive_int, default=100, help="test examples for "
+                         "the estimator comparison and the ELBO gap (default: 100)")
+    explain.add_argument("--k", type=positive_int, default=5000, help="largest number of "
+                         "samples per example (default: 5000)")
+    explain.add_argument("--gradient-repeats", type=positive_int, default=100,
+                         help="independent gradient estimates per estimator and sample count "
+                         "(default: 100)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of all the noise (default: 0)")
+    explain.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     return parser
 
 
@@ -157,6 +200,76 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .distributed import DistContext
+    from .errors import RunError
+    from .estimate import evaluate_run
+    from .report import evaluation_table
+    from .runs import atomic_write_json, describe_os_error, load_run, load_run_dataset
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    dist = DistContext.from_env(device.type)
+    try:
+        device = resolve_device(args.device, dist)
+        run = load_run(args.run_dir, device)
+        dataset = load_run_dataset(run)
+        total = len(dataset.test_x if args.split == "test" else dataset.train_x)
+        total = min(total, args.limit or total)
+        bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
+        try:
+            result = evaluate_run(run, dataset, split=args.split, k=args.k, limit=args.limit,
+                                  seed=args.seed, batch_size=args.batch_size, naive=args.naive,
+                                  dist=dist, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not dist.is_main:
+            return 0
+        target = run.path / "evaluation.json"
+        try:
+            atomic_write_json(target, result)
+        except OSError as exc:
+            raise RunError(f"cannot write the evaluation: {describe_os_error(exc, target)}; make "
+                           "the run folder writable") from None
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(evaluation_table(result))
+            print(f"wrote {target}")
+        return 0
+    finally:
+        dist.shutdown()
+
+
+def cmd_explain(args) -> int:
+    from .report import explain
+    from .runs import load_run_dataset
+
+    if args.k < 2 or args.examples < 2:
+        raise VaekitError("--k and --examples must be at least 2 (an error bar needs two samples)")
+    run = _load(args.run_dir, args.device)
+    dataset = load_run_dataset(run)
+    page = explain(run, dataset, seed=args.seed, examples=args.examples, k=args.k,
+                   gradient_repeats=args.gradient_repeats,
+                   log=lambda message: print(message, file=sys.stderr))
+    print(f"wrote {page} (open it in a browser; figures also saved as "
+          f"{run.path / 'explain-*.png'})")
+    return 0
+
+
+def _progress_bar(total: int, what: str, enabled: bool):
+    """A tqdm bar on stderr counting examples, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="example", leave=False, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)
+
+
 def _check_output(path: Path, suffix: str) -> None:
     if path.suffix.lower() != suffix:
         raise VaekitError(f"{path}: output must end in {suffix}")
@@ -166,7 +279,8 @@ def _check_output(path: Path, suffix: str) -> None:
         raise VaekitError(f"{path} is a folder; give a file name ending in {suffix}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct,
+            "evaluate": cmd_evaluate, "explain": cmd_explain}
 
 
 if __name__ == "__main__":

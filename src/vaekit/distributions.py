@@ -146,6 +146,30 @@ def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
     return z
 
 
+def draw_from_noise(p: Distribution, eps: Tensor) -> Tensor:
+    """A draw from p made of standard normal noise eps (*sample_shape, D) the caller owns.
+
+    (Transformed) Normals use the reparameterisation, loc + scale * eps; other distributions
+    (the uniform prior) use the inverse CDF, p.icdf(Phi(eps)). Either way z ~ p exactly, and an
+    estimator can fix its noise per example (see randomness.per_example_normal).
+    """
+    base = p.base_dist if isinstance(p, Independent) else p
+    if isinstance(p, TransformedDistribution) or isinstance(base, Normal):
+        return reparameterize(p, eps)
+    return base.icdf(Normal(0.0, 1.0).cdf(eps))  # (*sample_shape, D)
+
+
+def per_dimension(p: Distribution) -> Distribution:
+    """The same distribution with its latent dimension as a batch dimension: log_prob gives one
+    number per dimension (an Independent over one dim, possibly inside elementwise transforms)."""
+    if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
+        return p.base_dist
+    if isinstance(p, TransformedDistribution):
+        return TransformedDistribution(per_dimension(p.base_dist), p.transforms,
+                                       validate_args=False)
+    raise TypeError(f"per_dimension needs an Independent distribution over one dim, got {p}")
+
+
 def posterior_mean_code(q: Distribution) -> Tensor:
     """A point code for x: the posterior mean for Gaussians, the squashed mean in the cube."""
     if isinstance(q, TransformedDistribution):
