@@ -101,11 +101,11 @@ def exact_elbo(model: VAE, x: Tensor) -> ELBOTerms:
     """The ELBO of the model's own encoder in closed form, both terms, float64 (B,) each.
 
     E_q[log p(x|z)] = log N(x; W mu + b, S) - tr(W diag(s^2) W^T S^-1) / 2 for q = N(mu, s^2).
+    Differentiable in the encoder's parameters: the exact gradient the ELBO estimators target.
     """
     parts = linear_parts(model)
     flat = x.detach().double().reshape(len(x), -1)
-    with torch.no_grad():
-        q = model.encode(x)
+    q = model.encode(x)
     loc, scale = q.base_dist.loc.double(), q.base_dist.scale.double()  # (B, D) each
     mean_x = loc @ parts.weight.T + parts.bias  # (B, D_x)
     gaussian = Independent(Normal(mean_x, parts.variance.sqrt()), 1)
@@ -132,7 +132,8 @@ def set_exact_posterior(model: VAE) -> VAE:
     encoder = _linear_layer(model.encoder, "encoder")
     gram = parts.weight.T @ (parts.weight / parts.variance[:, None])  # (D, D)
     off_diagonal = gram - torch.diag(torch.diagonal(gram))
-    if float(off_diagonal.abs().max()) > 1e-9 * max(1.0, float(gram.abs().max())):
+    # float32 weights leave off-diagonal rounding of ~1e-7 relative: that is diagonal already
+    if float(off_diagonal.abs().max()) > 1e-5 * max(1.0, float(gram.abs().max())):
         _, rotation = torch.linalg.eigh(gram)
         parts.weight = parts.weight @ rotation
         with torch.no_grad():
