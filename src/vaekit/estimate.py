@@ -518,12 +518,8 @@ class GradientVariance:
     samples: int
     repeats: int
     variance: float  # trace of the covariance: sum over parameters of Var(g_p)
-    mean_norm: float  # |mean of the estimates|: the size of the gradient itself
+    mean_norm: float  # |mean of the estimates|: the gradient, plus noise of variance / repeats
     parameters: int
-
-    @property
-    def signal_to_noise(self) -> float:
-        return self.mean_norm / math.sqrt(self.variance) if self.variance > 0 else math.inf
 
 
 def elbo_gradient(model: VAE, x: Tensor, eps: Tensor, estimator: str) -> list[Tensor]:

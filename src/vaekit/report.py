@@ -349,7 +349,7 @@ def section_estimators(run, sweep: Sweep) -> Section:
     else:
         finding += f"The naive estimator's effective sample size is {naive_final[2]:,.1f}. "
     finding += (f"Importance sampling's is {is_final[2]:,.1f}; its estimate rises with k towards "
-                f"log p(x), from the ELBO's level ({_pm(*sweep.elbo)}) at k = 1.")
+                f"log p(x), from the ELBO's level ({_pm(*sweep.elbo, digits=3)}) at k = 1.")
     section.paragraphs.append(finding)
     ks = sweep.ks
     both = Chart(title=f"log p(x) estimates on {sweep.n} test examples",
@@ -408,16 +408,15 @@ def section_gap(run, sweep: Sweep) -> Section:
     lo, hi = float(log_px.min()), float(log_px.max())
     scatter.add([lo, hi], [lo, hi], label="ELBO = log p(x)", color="#7f7f7f")
     scatter.add(log_px.tolist(), elbo.tolist(), label="test examples", style="points")
-    ordered = gap.sort().values
-    sorted_gap = Chart(title="the gap per example, sorted",
-                       xlabel="test examples, sorted by gap",
-                       ylabel="log p(x) - ELBO, nats")
-    sorted_gap.add(list(range(1, len(ordered) + 1)), ordered.tolist(),
-                   label="KL(q(z|x) || p(z|x)) estimate", style="line+points")
-    section.figures.append(Figure("gap", stack_vertically([scatter.render(),
-                                                           sorted_gap.render()]),
-                                  "Top: every point lies under the diagonal by its ELBO gap. "
-                                  "Bottom: the gaps, sorted."))
+    against = Chart(title="the gap against log p(x)",
+                    xlabel=f"log p(x), nats (importance sampled, k = {k:,})",
+                    ylabel="log p(x) - ELBO, nats")
+    against.add(log_px.tolist(), gap.tolist(), label="KL(q(z|x) || p(z|x)) estimate",
+                style="points")
+    section.figures.append(Figure("gap", stack_vertically([scatter.render(), against.render()]),
+                                  "Top: each test example's ELBO against its log p(x); the grey "
+                                  "diagonal is ELBO = log p(x). Bottom: each example's gap, "
+                                  "log p(x) - ELBO, against its log p(x)."))
     return section
 
 
@@ -502,7 +501,7 @@ def section_gradients(run, raw: Tensor, *, samples: tuple[int, ...], repeats: in
     for result in results:
         by_count.setdefault(result.samples, {})[result.estimator] = result
     table = [["S (samples per example)", "estimator", "gradient variance (sum over parameters)",
-              "|mean gradient|", "signal / noise", "variance ratio score / reparam"]]
+              f"|mean of the {repeats} estimates|", "variance ratio score / reparam"]]
     ratios = []
     for count, pair in by_count.items():
         rep, score = pair["reparameterisation"], pair["score-function"]
@@ -510,13 +509,13 @@ def section_gradients(run, raw: Tensor, *, samples: tuple[int, ...], repeats: in
         ratios.append(ratio)
         for result in (rep, score):
             table.append([str(count), result.estimator, f"{result.variance:.4g}",
-                          f"{result.mean_norm:.4g}", f"{result.signal_to_noise:.3g}",
+                          f"{result.mean_norm:.4g}",
                           f"{ratio:,.0f}" if result is score else ""])
     section.table = table
     counts = list(by_count)
     chart = Chart(title="variance of the ELBO gradient (encoder parameters)",
                   xlabel="S, samples of z per example (log scale)",
-                  ylabel="log10 of the gradient variance", logx=True)
+                  ylabel="log10 variance", logx=True)
     for estimator in ("reparameterisation", "score-function"):
         chart.add(counts, [math.log10(max(by_count[c][estimator].variance, 1e-300))
                            for c in counts], label=estimator, style="line+points")
