@@ -104,6 +104,7 @@ def test_elbo_equals_log_px_with_the_exact_posterior():
     assert float(per["log_px_var"].max()) < 1e-8
     assert torch.allclose(per["log_px_ess"], torch.full_like(exact, 500.0), rtol=1e-4)
     summary = evaluation.summary()
+    assert summary["log_px_low_ess"] == 0 and summary["log_px_ess_min"] > 499
     assert abs(summary["elbo"] - float(exact.mean())) < 4 * summary["elbo_se"] + 1e-4
     assert abs(summary["elbo_gap"]) < 4 * summary["elbo_gap_se"] + 1e-4
 
@@ -343,3 +344,16 @@ def test_evaluate_command_errors_are_one_line(vaekit_cli, tmp_path):
     assert "Traceback" not in result.stderr
     result = vaekit_cli("evaluate", tmp_path, "--k", "0")
     assert result.returncode == 2 and "positive integer" in result.stderr
+
+
+def test_a_proposal_that_misses_the_posterior_is_flagged_by_its_effective_sample_size():
+    model = linear_gaussian_vae(20, 4, 0.3, seed=1, column_scales=[2.0, 3.0, 4.0, 5.0])
+    with torch.no_grad():  # q(z|x) narrow and 0.5 away from the true posterior mean
+        model.encoder.net[0].bias[:4] += 0.5
+        model.encoder.net[0].bias[4:] -= 1.0
+    x = sample_data(model, 50, seed=2)
+    summary = evaluate(model, x, ORACLE, k=1000, naive=False).summary()
+    assert summary["log_px_low_ess"] > 25
+    assert summary["log_px_ess_min"] < 10
+    # ... and rightly so: the estimate is too low by far more than its error bar says
+    assert float(exact_log_px(model, x).mean()) - summary["log_px"] > 5 * summary["log_px_se"]

@@ -129,7 +129,8 @@ def test_explain_on_non_image_data_skips_only_the_image_demonstration(tmp_path):
 def test_evaluation_table_names_every_figure_and_its_samples():
     result = {"run": "runs/x", "split": "test", "n": 10, "k": 7, "seed": 0, "seconds": 1.0,
               "device": "cpu", "processes": 1, "likelihood_of": "binary pixels, Bernoulli",
-              "log_px": -90.0, "log_px_se": 0.1, "log_px_ess": 3.0, "log_px_naive": -120.0,
+              "log_px": -90.0, "log_px_se": 0.1, "log_px_ess": 30.0, "log_px_ess_min": 2.5,
+              "log_px_low_ess": 2, "log_px_naive": -120.0,
               "log_px_naive_se": 0.5, "log_px_naive_ess": 1.0, "elbo": -95.0, "elbo_se": 0.2,
               "reconstruction": -80.0, "reconstruction_se": 0.2, "kl": 15.0, "kl_se": 0.0,
               "kl_exact": True, "elbo_gap": 5.0, "elbo_gap_se": 0.2, "bits_per_dim": 0.3,
@@ -140,6 +141,9 @@ def test_evaluation_table_names_every_figure_and_its_samples():
     assert "binary pixels, Bernoulli" in table
     assert "3 of 4" in table
     assert "effective sample size is 1.0 of 7" in table  # the naive error bar is flagged
+    assert "2 of 10 examples have importance weights" not in table  # k = 7: too few to judge
+    result["k"] = 100
+    assert "2 of 10 examples have importance weights" in evaluation_table(result)
 
 
 def test_explain_command(vaekit_cli, tiny_run, tmp_path):

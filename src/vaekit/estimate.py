@@ -41,6 +41,9 @@ from .randomness import SAMPLE_BLOCK, fixed_normal, per_example_normal
 
 CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk of decoded samples may hold (~64 MiB each)
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E_q[z_d]) > 0.01
+# Examples whose importance weights have an effective sample size below this are flagged: a
+# few draws carry the estimate, which is then likely too low and its error bar too small.
+LOW_ESS = 10.0
 
 
 def map_examples(fn: Callable[[Tensor, int, int], Tensor], raw: Tensor, pipeline: Pipeline,
@@ -430,6 +433,8 @@ class Evaluation:
             "log_px": log_px, "log_px_se": log_px_se,
             "log_px_sd": float(self.data_units("log_px").std()) if n > 1 else 0.0,
             "log_px_ess": float(per["log_px_ess"].mean()),
+            "log_px_ess_min": float(per["log_px_ess"].min()),
+            "log_px_low_ess": int((per["log_px_ess"] < LOW_ESS).sum()),
             "elbo": mean("elbo"), "elbo_se": se("elbo_var"),
             "reconstruction": mean("reconstruction"),
             "reconstruction_se": se("reconstruction_var"),
@@ -455,6 +460,8 @@ class Evaluation:
                 else "not computed",
                 "elbo": f"the same k = {k} samples per example; KL "
                 + ("in closed form" if self.kl_exact else "estimated from them"),
+                "log_px_ess": "effective sample size (sum w)^2 / sum w^2 of the importance "
+                "weights: mean, minimum over examples, examples below 10",
                 "active_units": f"{n} examples (covariance over data of E_q[z])",
             })
         return result

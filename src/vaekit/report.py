@@ -56,10 +56,11 @@ def evaluation_table(result: dict) -> str:
         lines.append(f"{label:44}{_fmt(value, digits):>14}{se_text:>9}   {samples}".rstrip())
 
     row("log p(x)  importance sampled (IWAE bound)", result["log_px"], result["log_px_se"],
-        f"k = {k} from q(z|x), ESS {result['log_px_ess']:,.1f}")
+        f"k = {k} from q(z|x), mean ESS {result['log_px_ess']:,.1f}")
     if "log_px_naive" in result:
         row("log p(x)  naive, z from the prior", result["log_px_naive"],
-            result["log_px_naive_se"], f"k = {k} from p(z), ESS {result['log_px_naive_ess']:,.1f}")
+            result["log_px_naive_se"],
+            f"k = {k} from p(z), mean ESS {result['log_px_naive_ess']:,.1f}")
     row("ELBO", result["elbo"], result["elbo_se"], f"the same k = {k} from q(z|x)")
     row("  reconstruction  E_q[log p(x|z)]", result["reconstruction"],
         result["reconstruction_se"], f"k = {k}")
@@ -84,10 +85,12 @@ def evaluation_table(result: dict) -> str:
             lines.append(f"note: the naive estimator's effective sample size is "
                          f"{result['log_px_naive_ess']:.1f} of {k}: one prior draw carries nearly "
                          "all the weight, so its standard error understates its real error")
-    if result["log_px_ess"] < 10 and k >= 10:
-        lines.append(f"note: the importance weights' effective sample size is only "
-                     f"{result['log_px_ess']:.1f}: the log p(x) error bar may be too small; raise "
-                     "--k")
+    low = result.get("log_px_low_ess", 0)
+    if low and k >= 20:
+        lines.append(f"note: {low:,} of {n:,} examples have importance weights with an effective "
+                     f"sample size below 10 (lowest {result['log_px_ess_min']:.1f}): q(z|x) misses "
+                     "their posterior, so their log p(x) is likely too low and the error bar too "
+                     "small; a larger --k helps only slowly")
     return "\n".join(lines)
 
 
