@@ -165,7 +165,8 @@ def test_results_do_not_depend_on_batch_size_or_sample_chunks(oracle, monkeypatc
     second = evaluate(model, x, ORACLE, k=700, batch_size=4).per_example
     import vaekit.estimate as estimate
 
-    monkeypatch.setattr(estimate, "CHUNK_ELEMENTS", 20 * 80)  # forces blocks of 20 samples
+    monkeypatch.setattr(estimate, "CHUNK_ELEMENTS", 37 * 80)  # blocks of 37 samples
+    assert estimate.sample_block(model, 700) == 37
     third = evaluate(model, x, ORACLE, k=700, batch_size=3).per_example
     for name in ("log_px", "log_px_var", "elbo", "log_px_naive", "kl_per_dim"):
         assert torch.allclose(first[name], second[name], atol=1e-5, rtol=1e-6), name

@@ -216,6 +216,17 @@ class ImportanceBlock:
     kl_per_dim: Tensor  # (S, B, D) log q(z_j,d | x) - log p(z_j,d): the KL's one-sample estimate
 
 
+def noise_chunks(model: VAE, start: int, examples: int, k: int, key: tuple, block: int,
+                 device: torch.device) -> Iterator[Tensor]:
+    """N(0, I) noise for samples 0..k-1 of examples start.., in chunks of at most `block`
+    samples: (S, B, D) each. Each block of randomness.SAMPLE_BLOCK samples is drawn once."""
+    for first in range(0, k, SAMPLE_BLOCK):
+        last = min(k, first + SAMPLE_BLOCK)
+        eps = per_example_normal((model.latent_dim,), start, start + examples, first, last,
+                                 key).to(device)  # (S_block, B, D)
+        yield from eps.split(block)
+
+
 def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
                       block: int) -> Iterator[ImportanceBlock]:
     """k samples z_j ~ q(z|x) per example of x (B, *shape), in blocks of `block` samples.
@@ -225,10 +236,8 @@ def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, s
     q = model.encode(x)  # batch (B,), event (D,)
     prior = model.prior
     q_dims, prior_dims = per_dimension(q), per_dimension(prior)
-    for first in range(0, k, block):
-        last = min(k, first + block)
-        eps = per_example_normal((model.latent_dim,), start, start + len(x), first, last,
-                                 (seed, "importance", split)).to(x.device)  # (S, B, D)
+    for eps in noise_chunks(model, start, len(x), k, (seed, "importance", split), block,
+                            x.device):
         z = reparameterize(q, eps)  # (S, B, D)
         log_likelihood = model.decode(z).log_prob(x)  # (S, B)
         # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
@@ -241,10 +250,7 @@ def prior_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split:
                  block: int) -> Iterator[Tensor]:
     """log p(x | z_j) with z_j ~ p(z), k per example of x, in blocks: (S, B) each."""
     prior = model.prior
-    for first in range(0, k, block):
-        last = min(k, first + block)
-        eps = per_example_normal((model.latent_dim,), start, start + len(x), first, last,
-                                 (seed, "naive", split)).to(x.device)  # (S, B, D)
+    for eps in noise_chunks(model, start, len(x), k, (seed, "naive", split), block, x.device):
         z = draw_from_noise(prior, eps)  # (S, B, D)
         yield model.decode(z).log_prob(x)  # (S, B)
 
@@ -302,19 +308,17 @@ def decoded_elements_per_sample(model: VAE) -> int:
     return total + 3 * math.prod(model.data_shape)
 
 
-def sample_block(model: VAE, k: int, examples: int = 1, budget: int = CHUNK_ELEMENTS) -> int:
-    """Samples per example to decode at once: a divisor of SAMPLE_BLOCK (so each block of noise
-    is drawn once) or k itself when smaller, within the memory budget for `examples` examples."""
+def sample_block(model: VAE, k: int, examples: int = 1, budget: int | None = None) -> int:
+    """Samples per example to decode at once (at most a block of noise, SAMPLE_BLOCK, and k),
+    within the memory budget (default CHUNK_ELEMENTS) for `examples` examples at a time."""
+    budget = budget or CHUNK_ELEMENTS
     per_sample = decoded_elements_per_sample(model) * max(1, examples)
-    block = min(k, SAMPLE_BLOCK)
-    if block * per_sample <= budget:
-        return block
-    divisors = [d for d in range(SAMPLE_BLOCK, 0, -1) if SAMPLE_BLOCK % d == 0]
-    return next((d for d in divisors if d * per_sample <= budget and d <= k), 1)
+    return max(1, min(k, SAMPLE_BLOCK, budget // per_sample))
 
 
-def examples_per_chunk(model: VAE, block: int, budget: int = CHUNK_ELEMENTS) -> int:
+def examples_per_chunk(model: VAE, block: int, budget: int | None = None) -> int:
     """Examples to process together so that block samples of each fit the memory budget."""
+    budget = budget or CHUNK_ELEMENTS
     return max(1, budget // (block * decoded_elements_per_sample(model)))
 
 
