@@ -88,7 +88,7 @@ def main() -> None:
         f"{result['log_px_naive_se']:.3f} |",
         f"| ELBO | {result['elbo']:.3f} | {result['elbo_se']:.3f} |",
         f"| ELBO gap | {result['elbo_gap']:.3f} | {result['elbo_gap_se']:.3f} |",
-        f"| bits per dimension | {result['bits_per_dim']:.4f} | {result['bits_per_dim_se']:.4f} |",
+        f"| bits per dimension | {result['bits_per_dim']:.4f} | {result['bits_per_dim_se']:.1e} |",
         "",
         f"Checks: log p(x) above the ELBO: {result['log_px'] > result['elbo']}; the naive "
         f"estimate below log p(x) by {naive_gap:.1f} nats = {naive_gap / naive_se:,.0f} standard "

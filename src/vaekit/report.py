@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .estimate import gradient_variance, log_mean_exp, log_weights
 from .distributions import posterior_mean_code
+from .estimate import gradient_variance, log_mean_exp, log_weights
 from .plot import Chart
 from .viz import (
     curves_image,
@@ -38,6 +38,13 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _fmt_se(value: float | None) -> str:
+    """A standard error to two significant figures."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2g}"
+
+
 def evaluation_table(result: dict) -> str:
     """The evaluation object (estimate.evaluate_run) as a readable table."""
     k, n = result["k"], result["n"]
@@ -52,7 +59,7 @@ def evaluation_table(result: dict) -> str:
     ]
 
     def row(label: str, value, se, samples: str = "", digits: int = 2) -> None:
-        se_text = se if isinstance(se, str) else _fmt(se, digits)
+        se_text = se if isinstance(se, str) else _fmt_se(se)
         lines.append(f"{label:44}{_fmt(value, digits):>14}{se_text:>9}   {samples}".rstrip())
 
     row("log p(x)  importance sampled (IWAE bound)", result["log_px"], result["log_px_se"],
