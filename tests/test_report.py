@@ -176,3 +176,22 @@ def test_report_renders_in_a_browser_from_disk(tiny_run, tmp_path):
     # the page drew its figures: many rows hold dark pixels (text, axes, images)
     assert (image < 128).any(axis=1).mean() > 0.3
     assert re.search(r"Point 16", page.read_text())
+
+
+
+def test_a_run_folder_that_cannot_be_written_is_a_one_line_error(tiny_run, tmp_path,
+                                                                 monkeypatch):
+    import errno
+
+    import vaekit.runs
+    from vaekit.errors import RunError
+
+    def refuse(path, data):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    run_dir = copy_run(tiny_run, tmp_path)
+    run = load_run(run_dir)
+    monkeypatch.setattr(vaekit.runs, "atomic_write_bytes", refuse)
+    with pytest.raises(RunError, match="not writable"):
+        explain(run, load_run_dataset(run), log=lambda *a: None, **SMALL)
+    assert not (run_dir / "explain.html").exists()
