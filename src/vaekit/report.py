@@ -95,9 +95,10 @@ def evaluation_table(result: dict) -> str:
     low = result.get("log_px_low_ess", 0)
     if low and k >= 20:
         lines.append(f"note: {low:,} of {n:,} examples have importance weights with an effective "
-                     f"sample size below 10 (lowest {result['log_px_ess_min']:.1f}): q(z|x) misses "
-                     "their posterior, so their log p(x) is likely too low and the error bar too "
-                     "small; a larger --k helps only slowly")
+                     f"sample size below 10 (lowest {result['log_px_ess_min']:.1f}): a few draws "
+                     "carry their estimate, so their log p(x) may be too low and its error bar too "
+                     "small (q(z|x) is narrower than, or off, their posterior); a larger --k helps "
+                     "only slowly")
     return "\n".join(lines)
 
 
