@@ -31,6 +31,8 @@ import math
 import secrets
 import socket
 import threading
+import time
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -498,6 +500,9 @@ def image_to_raw(data: bytes, shape: tuple[int, ...], invert: bool = False) -> t
     try:
         image = Image.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS))  # reads the header
         size = image.size
+    except Image.DecompressionBombError:  # the header declares far more pixels than allowed
+        raise HTTPException(413, f"the image declares more pixels than the explorer's limit of "
+                            f"{MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}; scale it down") from None
     except Exception:  # Pillow's parsers raise many kinds; all mean "not a readable image"
         raise HTTPException(415, f"the upload is not an image the explorer reads; give a "
                             f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} file") \
@@ -527,7 +532,7 @@ def image_to_raw(data: bytes, shape: tuple[int, ...], invert: bool = False) -> t
     if invert:
         array = 255 - array
     array = array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
-    return torch.from_numpy(np.ascontiguousarray(array))[None]  # (1, C, H, W)
+    return torch.from_numpy(array.copy())[None]  # (1, C, H, W), writable and contiguous
 
 
 # ------------------------------------------------------------------------------------------------
@@ -572,6 +577,25 @@ def make_server(app, log_level: str = "warning"):
     return uvicorn.Server(config)
 
 
+@contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve the app from a background thread while the block runs; yields its base URL."""
+    sock = bind_socket(host, port)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the explorer's server stopped while starting")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 def build(run_dir, allowed_hosts=(), device: str = "cpu"):
     """(run, app) for a run folder: the model, its test set and the explorer over them."""
     from ..runs import load_run
@@ -595,4 +619,8 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(),
             "you mean to share it")
     shown = f"[{host}]" if ":" in host else host
     log(f"vaekit explore: {run.name} on http://{shown}:{bound_port}/  (Ctrl-C to stop)")
-    make_server(app).run(sockets=[sock])
+    try:
+        make_server(app).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
+        pass
+    log("vaekit explore: stopped")
