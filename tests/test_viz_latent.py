@@ -208,7 +208,7 @@ def test_pictures_of_image_data(tiny_run, plane_run):
     cell_h, cell_w = cell_size(space.data_shape)
     picture = interpolation_image(space.interpolation(0, 1, steps=4))
     assert picture.height == 44 + cell_h + 4 and picture.width >= 6 * (cell_w + 2) + 2
-    picture = traversal_image(space.traversal(steps=5), space.latent_dim)
+    picture = traversal_image(space.traversal(steps=5))
     assert picture.height == 44 + 20 + space.latent_dim * (cell_h + 4)
     picture = manifold_image(space_of(plane_run).manifold(grid=3))
     assert picture.height == 26 + 3 * (cell_h + 2) + 2 + 34
@@ -228,7 +228,7 @@ def test_pictures_of_vector_data_use_heat_map_rows():
     interpolation = space.interpolation(0, 1, steps=4)
     assert interpolation_image(interpolation).height == 44 + 6 * 10
     traversal = space.traversal(steps=4)
-    assert traversal_image(traversal, 3).height == 44 + 3 * 4 * 10  # no value header
+    assert traversal_image(traversal).height == 44 + 3 * 4 * 10  # no value header
     assert manifold_image(space.manifold(grid=2)).height == 44 + 4 * 10
     assert embedding_image(space.embeddings()).size == (820, 640)
     row = single_image(torch.tensor([0.0, 1.0, 2.0]), limits=(0.0, 2.0))

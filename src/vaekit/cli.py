@@ -323,7 +323,7 @@ def cmd_traverse(args) -> int:
     out = Path(args.out) if args.out else run.path / "traversal.png"
     _check_output(out, ".png")
     traversal = space.traversal(args.dims, args.steps, args.width, args.base)
-    save_png(traversal_image(traversal, space.latent_dim), out)
+    save_png(traversal_image(traversal), out)
     rows = ", ".join(f"z{d} {kl:.2f}" + (" (unused)" if unused else "")
                      for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(),
                                               traversal.unused))

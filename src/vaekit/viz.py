@@ -157,7 +157,10 @@ def save_png(image: Image.Image, path: Path) -> None:
 # data's units (Pipeline.display). Dimensions are numbered from 0 and ordered by use: the mean
 # over test examples of KL(q(z_d | x) || p(z_d)) (estimate.kl_per_dimension).
 
-UNUSED_KL = 0.01  # nats: below this a dimension's posterior is the prior for (almost) every x
+# nats: below this a dimension's posterior is the prior for (almost) every x. With posterior
+# variances near the prior's, KL_d ~ Var_x(E[z_d | x]) / 2, so this is about the active-unit
+# threshold of Burda et al. (2016), Var_x(E[z_d | x]) < 0.01.
+UNUSED_KL = 0.01
 
 
 def interpolation_path(start: Tensor, end: Tensor, steps: int, mode: str = "linear") -> Tensor:
@@ -201,6 +204,8 @@ class Traversal:
     kl: Tensor  # (K,) mean KL per row's dimension, nats
     unused: list[bool]  # per row: KL below UNUSED_KL
     decoded: Tensor  # (K, S, *shape) data units
+    latent_dim: int
+    unused_in_all: int  # unused dimensions among all latent_dim, shown or not
 
 
 @dataclass
@@ -375,7 +380,8 @@ class LatentSpace:
             codes[row, :, d] = values
         kl = self.kl_per_dimension[dims]
         return Traversal(dims, values, base_code.cpu(), base_name, kl,
-                         [self.unused[d] for d in dims], self.decode(codes).cpu())
+                         [self.unused[d] for d in dims], self.decode(codes).cpu(),
+                         self.latent_dim, sum(self.unused))
 
     def manifold(self, grid: int = 20, base: int | None = None) -> Manifold:
         """Decode a G x G grid of codes laid out by the prior's inverse CDF (Kingma & Welling).
@@ -474,7 +480,7 @@ def interpolation_image(interpolation: Interpolation) -> Image.Image:
                   f"({layout}: input {start}, E[x|z] along the path, input {end})")
 
 
-def traversal_image(traversal: Traversal, latent_dim: int) -> Image.Image:
+def traversal_image(traversal: Traversal) -> Image.Image:
     """One row per dimension, most used first; unused dimensions greyed and marked."""
     rows = joint_rows(traversal.decoded)
     labels, colors = [], []
@@ -488,11 +494,11 @@ def traversal_image(traversal: Traversal, latent_dim: int) -> Image.Image:
         header = [(2 + c * (cell_w + 2) + cell_w / 2, f"{v:.2g}")
                   for c, v in enumerate(traversal.values.tolist())]
     picture = labelled_rows(rows, labels, colors, header)
-    n_unused = sum(traversal.unused)
-    return titled(picture, f"Latent traversals: each row varies one of {latent_dim} dimensions "
-                  f"over the prior's range, the others at {traversal.base_name}\nrows ordered by "
-                  f"mean KL(q(z_d|x) || p(z_d)) on the test set, nats; {n_unused} shown "
-                  f"unused (KL < {UNUSED_KL:g})")
+    return titled(picture, f"Latent traversals: each row varies one of {traversal.latent_dim} "
+                  f"dimensions over the prior's range, the others at {traversal.base_name}\nrows "
+                  f"ordered by mean KL(q(z_d|x) || p(z_d)) over the test set, in nats; "
+                  f"{traversal.unused_in_all or 'none'} of {traversal.latent_dim} unused "
+                  f"(KL < {UNUSED_KL:g})")
 
 
 def manifold_image(manifold: Manifold) -> Image.Image:
