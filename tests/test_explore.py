@@ -209,6 +209,19 @@ def test_interpolate_between_two_codes(explorer, uniform_explorer):
     assert refused.status_code == 422 and "use linear" in refused.json()["detail"]
 
 
+def test_a_conv_run_round_trips(tiny_conv_run):
+    conv = Explorer(tiny_conv_run)
+    z = conv.client.post("/api/encode", json={"index": 2}).json()["z"]
+    np.testing.assert_allclose(z, conv.space.code_of(2).numpy(), rtol=1e-5, atol=1e-6)
+    decoded = conv.client.post("/api/decode", json={"z": z}).json()["image"]
+    assert np.array_equal(pixels(decoded), as_uint8(conv.space.decode(torch.tensor([z]))[0]))
+    response = upload(conv.client, png(Image.new("L", (28, 28), 128)))
+    assert response.status_code == 200 and len(response.json()["z"]) == conv.dims
+    path = conv.client.post("/api/interpolate", json={"start": z, "end": [0.0] * conv.dims,
+                                                      "steps": 3}).json()
+    assert len(path["images"]) == 3
+
+
 def test_gallery_pages_through_the_test_set(explorer):
     gallery = explorer.client.get("/api/gallery", params={"offset": 3, "limit": 4}).json()
     assert gallery["total"] == len(explorer.space.test_x)
@@ -345,6 +358,19 @@ def test_host_header_is_checked(explorer, host, allowed):
     else:
         assert response.status_code == 400
         assert "Host header" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    ("http://127.0.0.1:8000", True), ("HTTP://127.0.0.1:8000", True),
+    ("http://evil.example.com", False), ("http://127.0.0.1:9999", False),
+    ("https://127.0.0.1:8000", False), ("null", False), ("http://localhost:8000", False),
+])
+def test_requests_from_other_sites_pages_are_refused(explorer, origin, allowed):
+    response = explorer.client.post("/api/decode", json={"z": [0.0] * D},
+                                    headers={"origin": origin, "host": "127.0.0.1:8000"})
+    assert response.status_code == (200 if allowed else 403), response.text
+    if not allowed:
+        assert "only the explorer's own page" in response.json()["detail"]
 
 
 def test_allowed_host_names_are_accepted(tiny_run):

@@ -172,3 +172,24 @@ def test_a_bad_request_shows_the_servers_message(page):
     assert "steps" in page.inner_text("#status")
     assert page.problems and all("422" in text for text in page.problems)
     page.problems.clear()
+
+
+def test_the_header_shows_log_px_once_the_run_is_evaluated(browser, tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from vaekit.explore.server import build, running
+
+    run_dir = tmp_path / "evaluated"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    (run_dir / "evaluation.json").write_text(json.dumps(
+        {"elbo": -30.5, "log_px": -28.25, "log_px_se": 0.03, "k": 1000}))
+    with running(build(run_dir)[1]) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        facts = page.inner_text("#facts")
+        context.close()
+    assert "test log p(x) (IS, k = 1000)" in facts and "-28.25 ± 0.03 nats" in facts
+    assert "evaluated ELBO" in facts and "-30.50 nats" in facts

@@ -13,11 +13,11 @@
 Safety. The server listens on loopback unless told otherwise. It answers only requests whose Host
 header names localhost, an IP address or a name given with --allow-host, so a web page on a
 domain its author controls cannot reach the explorer by pointing that domain at 127.0.0.1 (DNS
-rebinding). Request bodies are limited before they are read; uploaded images are checked for
-format and pixel dimensions from their header before any pixel is decoded; every field is
-validated (length, finiteness, range) and a bad one gets a 4xx with one line saying why. Only the
-page's own three files are served, from memory, by name. Nothing a request sends is written to
-disk or unpickled.
+rebinding), and refuses requests that pages of other sites send (the Origin header). Request
+bodies are limited before they are read; uploaded images are checked for format and pixel
+dimensions from their header before any pixel is decoded; every field is validated (length,
+finiteness, range) and a bad one gets a 4xx with one line saying why. Only the page's own three
+files are served, from memory, by name. Nothing a request sends is written to disk or unpickled.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run
 time, and the request models are built per run (their lengths and bounds depend on it).
@@ -108,8 +108,19 @@ def host_allowed(host: str | None, names: frozenset[str]) -> bool:
         return False
 
 
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin header ('http://name:port') names the server of this Host."""
+    scheme, separator, address = origin.strip().lower().partition("://")
+    if not separator or scheme != "http":
+        return False
+    host = host.strip().lower()
+    return address == host or address == host.removesuffix(":80") or \
+        f"{address}:80" == host
+
+
 class Guard:
-    """Rejects foreign Host headers (400) and bodies over max_body bytes (413); adds headers."""
+    """Rejects foreign Host headers (400), requests a page of another site sends (403) and
+    bodies over max_body bytes (413); adds security headers to every response."""
 
     def __init__(self, app, allowed_hosts: frozenset[str], max_body: int):
         self.app, self.allowed_hosts, self.max_body = app, allowed_hosts, max_body
@@ -125,6 +136,13 @@ class Guard:
             return await refuse(scope, receive, send, 400, (
                 f"Host header {host!r} is not accepted: the explorer answers requests addressed "
                 "to localhost, an IP address, or a name given with --allow-host"))
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, host):
+            # Browsers name the page's site in Origin; only the explorer's own page may call it,
+            # so a site the user visits cannot make it decode (and burn CPU) on its behalf.
+            return await refuse(scope, receive, send, 403, (
+                f"requests from {origin!r} are refused: only the explorer's own page may call "
+                "its API"))
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         length = headers.get("content-length")
