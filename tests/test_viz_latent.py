@@ -228,7 +228,7 @@ def test_pictures_of_vector_data_use_heat_map_rows():
     interpolation = space.interpolation(0, 1, steps=4)
     assert interpolation_image(interpolation).height == 44 + 6 * 10
     traversal = space.traversal(steps=4)
-    assert traversal_image(traversal).height == 44 + 3 * 4 * 10  # no value header
+    assert traversal_image(traversal).height == 44 + 3 * (4 * 10 + 4)  # no value header
     assert manifold_image(space.manifold(grid=2)).height == 44 + 4 * 10
     assert embedding_image(space.embeddings()).size == (820, 640)
     row = single_image(torch.tensor([0.0, 1.0, 2.0]), limits=(0.0, 2.0))

@@ -52,6 +52,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"ports go from 0 to 65535, got {value}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -188,7 +195,7 @@ def build_parser() -> Parser:
     explore.add_argument("run_dir", metavar="RUN_DIR")
     explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
                          "127.0.0.1, this computer only)")
-    explore.add_argument("--port", type=non_negative_int, default=8000, help="port (default: "
+    explore.add_argument("--port", type=port_number, default=8000, help="port (default: "
                          "8000; 0 picks a free one)")
     explore.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                          help="also accept requests addressed to this host name (the Host header; "

@@ -1,4 +1,5 @@
-"""Pictures of a VAE: tensors in, PIL images out (grids, reconstructions, training curves)."""
+"""Pictures of a VAE: tensors in, PIL images out (grids, reconstructions, training curves, and
+the latent space: interpolations, traversals, manifold maps, embeddings, via `LatentSpace`)."""
 
 from __future__ import annotations
 
@@ -440,7 +441,14 @@ def joint_rows(blocks: Tensor) -> list[Image.Image]:
     if is_image_shape(tuple(blocks.shape[2:])):
         return [image_grid(block, columns=len(block)) for block in blocks]
     limits = (float(blocks.min()), float(blocks.max()))
-    return [vector_rows(block, limits=limits) for block in blocks]
+    gap = 4  # white pixels under each block, which image_grid's padding gives images
+    rows = []
+    for block in blocks:
+        heat_map = vector_rows(block, limits=limits)
+        row = Image.new("RGB", (heat_map.width, heat_map.height + gap), "white")
+        row.paste(heat_map, (0, 0))
+        rows.append(row)
+    return rows
 
 
 def labelled_rows(rows: list[Image.Image], labels: list[str], colors: list[str] | None = None,

@@ -24,6 +24,7 @@ time, and the request models are built per run (their lengths and bounds depend 
 """
 
 import base64
+import errno
 import io
 import ipaddress
 import json
@@ -581,6 +582,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise VaekitError(f"--host {host}: not an address of this computer; use 127.0.0.1 "
+                              "(or an address this computer has)") from None
         raise VaekitError(f"cannot listen on {host} port {port} ({exc.strerror}); choose another "
                           "--port (0 picks a free one)") from None
     return sock
@@ -628,8 +632,12 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(),
           device: str = "cpu", log=print) -> None:
     """Serve the explorer of a run until interrupted."""
     names = [*allowed_hosts, host] if not is_loopback(host) else list(allowed_hosts)
-    run, app = build(run_dir, names, device)
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port)  # first: a busy port or a wrong address fails at once
+    try:
+        run, app = build(run_dir, names, device)
+    except BaseException:
+        sock.close()
+        raise
     bound_port = sock.getsockname()[1]
     if not is_loopback(host):
         log(f"warning: listening on {host}, not only on this computer: anyone who can reach "
