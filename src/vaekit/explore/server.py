@@ -191,7 +191,8 @@ class Problem(BaseModel):
 
 
 ERRORS = {status: {"model": Problem, "description": text} for status, text in (
-    (400, "malformed request or foreign Host header"), (413, "request or image too large"),
+    (400, "malformed request or foreign Host header"),
+    (403, "sent by a page of another site (Origin header)"), (413, "request or image too large"),
     (415, "upload is not an image the explorer reads"), (422, "a field is missing or invalid"))}
 
 
