@@ -7,7 +7,8 @@ requests over loopback HTTP with a keep-alive client, one at a time as the page 
 a new code spread over the sliders' range, and reports the median and 99th percentile of the
 round trip (goals: median < 10 ms, p99 < 50 ms). It also times the parts in-process: the
 decoder alone, and the decoder plus PNG encoding. The figures go to the `explore_latency`
-section of benchmarks/RESULTS.md (replaced on each run), with the machine, date and versions.
+section of benchmarks/RESULTS.md (replaced on each run), with the machine, date and versions;
+--no-record only prints them.
 
 Without --run it makes its own runs, trained for a few seconds (latency does not depend on what
 the weights have learned): Kingma & Welling's 784-400-20 MLP VAE, and the default conv VAE, on
@@ -18,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, record, today  # noqa: E402
+
 SECTION = "explore_latency"
 
 
@@ -111,48 +112,14 @@ def in_process_latency(run: Path, repeats: int = 2000) -> dict:
     return {"decode_ms": decode_ms, "picture_ms": picture_ms, "threads": torch.get_num_threads()}
 
 
-def machine() -> str:
-    import torch
+def versions() -> str:
+    import fastapi
+    import uvicorn
 
     import vaekit
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = f"Python {platform.python_version()}, torch {torch.__version__}, vaekit " \
-               f"{vaekit.__version__}"
-    try:
-        import fastapi
-        import uvicorn
-
-        versions += f", fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}"
-    except ImportError:
-        pass
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} CPUs{load}; {platform.system()} {platform.release()}; " \
-           f"{versions}"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (create the file if needed)."""
-    header = ("# Benchmark results\n\nOne section per benchmark, written by its script in "
-              "`benchmarks/`, with the machine, date and versions it ran on.\n")
-    current = RESULTS.read_text() if RESULTS.exists() else header
-    lines = current.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == f"## {SECTION}"), None)
-    if start is None:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                    len(lines))
-        updated = "".join(lines[:start]) + text + ("\n" if stop < len(lines) else "") + \
-            "".join(lines[stop:])
-    RESULTS.write_text(updated)
+    return f"vaekit {vaekit.__version__}, fastapi {fastapi.__version__}, uvicorn " \
+           f"{uvicorn.__version__}"
 
 
 def main() -> int:
@@ -160,7 +127,7 @@ def main() -> int:
     parser.add_argument("--run", action="append", type=Path, help="run folder(s) of a 28x28 "
                         "model to measure (default: train an MLP and a conv run briefly)")
     parser.add_argument("--requests", type=int, default=2000, help="timed requests per run")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args()
 
     rows = []
@@ -192,11 +159,10 @@ def main() -> int:
     for r in rows:
         table.append(f"| {r['model']} | {r['n']} | {r['median']:.2f} | {r['p99']:.2f} | "
                      f"{r['max']:.1f} | {r['decode']:.3f} | {r['picture']:.3f} |")
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
     text = "\n".join([
-        f"## {SECTION}",
-        "",
-        f"`python benchmarks/explore_latency.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
-        f"UTC; {machine()}.",
+        f"- machine: {machine()}; {versions()}",
+        f"- date: {today()}; load average at the start {load}",
         "",
         "Round trip of POST /api/decode over loopback HTTP to `vaekit explore` in its own process "
         "(keep-alive client, one request at a time, a new code in the sliders' range each time, "
@@ -210,8 +176,8 @@ def main() -> int:
         "",
     ])
     print(text)
-    if not args.no_write:
-        write_section(text)
+    if not args.no_record:
+        record(SECTION, text)
         print(f"wrote the {SECTION} section of {RESULTS}")
     return 0
 
