@@ -34,6 +34,12 @@ from torch.distributions import (
 class StandardNormalPrior(nn.Module):
     """p(z) = N(0, I): the usual prior; its KL to a Gaussian posterior is exact."""
 
+    description = "standard normal"
+    # Paths between two codes: spherical first (the default). In high dimensions a Gaussian's mass
+    # lies near the sphere of radius sqrt(D); a straight line cuts inside it, through codes the
+    # prior almost never produces (White 2016, "Sampling generative networks").
+    interpolation_modes = ("spherical", "linear")
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
@@ -51,6 +57,9 @@ class StandardNormalPrior(nn.Module):
 class UniformPrior(nn.Module):
     """p(z) = Uniform([0, 1]^D), the note's other easy prior; its KL has no closed form."""
 
+    description = "uniform on the unit cube"
+    interpolation_modes = ("linear",)  # a spherical path would leave the cube, the prior's support
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
@@ -61,7 +70,9 @@ class UniformPrior(nn.Module):
         return Independent(Uniform(self.low, self.high, validate_args=False), 1)
 
     def range(self, width: float = 3.0) -> tuple[float, float]:
-        return 0.0, 1.0
+        """+- width standard deviations (1 / sqrt(12)) around the centre, within [0, 1]."""
+        half = min(0.5, width / math.sqrt(12.0))
+        return 0.5 - half, 0.5 + half
 
 
 PRIORS = {"normal": StandardNormalPrior, "uniform": UniformPrior}
@@ -117,19 +128,35 @@ def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
     noise, so training can replay it exactly (resume) and split it across processes.
     eps: (*sample_shape, B, D) -> z of the same shape.
     """
-    transforms = []
-    base = q
-    if isinstance(base, TransformedDistribution):
-        transforms = base.transforms
-        base = base.base_dist
+    base = base_normal(q)
+    z = base.loc + base.scale * eps  # (..., B, D)
+    for transform in (q.transforms if isinstance(q, TransformedDistribution) else []):
+        z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
+    return z
+
+
+def base_normal(q: Distribution) -> Normal:
+    """The Gaussian inside a (sigmoid-transformed) Gaussian posterior: loc and scale per dim."""
+    base = q.base_dist if isinstance(q, TransformedDistribution) else q
     if isinstance(base, Independent):
         base = base.base_dist
     if not isinstance(base, Normal):
-        raise TypeError(f"reparameterize needs a (transformed) Normal posterior, got {type(q)}")
-    z = base.loc + base.scale * eps  # (..., B, D)
-    for transform in transforms:
-        z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
-    return z
+        raise TypeError(f"expected a (transformed) Normal posterior, got {type(q).__name__}")
+    return base
+
+
+def per_dimension(d: Distribution) -> Distribution:
+    """A factorised distribution over z (D,) seen one coordinate at a time.
+
+    Drops the `Independent` over the last dim (keeping elementwise transforms, and their caches),
+    so `log_prob`, `icdf` and `kl_divergence` give one number per coordinate: (..., D).
+    """
+    if isinstance(d, TransformedDistribution):
+        return TransformedDistribution(per_dimension(d.base_dist), d.transforms,
+                                       validate_args=False)
+    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1:
+        return d.base_dist
+    raise TypeError(f"expected an Independent distribution over the last dim, got {d}")
 
 
 def draw_from_noise(p: Distribution, eps: Tensor) -> Tensor:

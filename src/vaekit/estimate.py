@@ -634,3 +634,35 @@ def evaluate_run(run, dataset, *, split: str = "test", k: int = 5000, limit: int
                   seconds=seconds, device=str(device), processes=dist.world_size,
                   vaekit_version=__version__)
     return result
+
+
+def kl_per_dimension(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
+                     seed: int = 0, samples: int = 16, batch_size: int = 1000,
+                     device: torch.device | None = None,
+                     dist: DistContext | None = None) -> Tensor:
+    """(N, D) float64: KL(q(z_d | x) || p(z_d)) of every example and latent dimension, in nats.
+
+    Posterior and prior factorise over dimensions, so the rows sum to each example's KL. Exact
+    where `kl_divergence` knows the pair (Gaussian posterior, normal prior); otherwise the mean
+    of `samples` reparameterised draws per example, fixed by (seed, example index). Averaged over
+    examples it says how much each dimension is used: near 0, q(z_d | x) is the prior whatever x
+    is, and z_d carries no information (a collapsed, inactive unit).
+    """
+    from torch.distributions import kl_divergence
+
+    from .distributions import per_dimension, reparameterize
+
+    device = device or next(model.parameters()).device
+    prior = per_dimension(model.prior)  # batch (D,)
+    dims = model.latent_dim
+
+    def kl(x: Tensor, start: int, stop: int) -> Tensor:
+        q = per_dimension(model.encode(x))  # batch (b, D)
+        try:
+            return kl_divergence(q, prior)  # (b, D)
+        except NotImplementedError:
+            eps = fixed_normal((samples, dims), start, stop, (seed, "kl-dim-eps", split))
+            z = reparameterize(q, eps.transpose(0, 1).to(device))  # (S, b, D)
+            return (q.log_prob(z) - prior.log_prob(z)).mean(0)  # (b, D)
+
+    return map_examples(kl, raw, pipeline, split, batch_size, device, dist, outputs=dims)
