@@ -140,7 +140,8 @@ def test_each_epoch_is_shared_out_without_repeats(world):
 def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One epoch of digits on two processes, in the default run folder (read-only)."""
     cwd = tmp_path_factory.mktemp("two")
-    result = torchrun("train", "--epochs", "1", "--batch-size", "64", *SMALL, cwd=cwd)
+    result = torchrun("train", "--epochs", "1", "--batch-size", "64", *SMALL,
+                      "--checkpoint-every-steps", "7", "--keep-checkpoints", "9", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
 
@@ -155,6 +156,9 @@ def test_two_processes_train_digits_like_one(two_process_run, tmp_path):
                  "curves.png"):
         assert (two / name).is_file(), name
     assert result.stdout.count("epoch 1/1") == 1  # only rank 0 reports
+    # Step checkpoints come at their steps, not only where the processes agree on stops (20).
+    assert [folder.name for folder in sorted((two / "checkpoints").iterdir())] == \
+        ["step-000000007", "step-000000014", "step-000000021", "step-000000022"]
     assert "x 2 processes (gloo)" in result.stdout
 
     one = train_tiny(tmp_path / "one", epochs=1, batch_size=64, **SMALL_CONFIG)

@@ -62,6 +62,11 @@ def describe(error: BaseException) -> str:
 
 @dataclass
 class DistContext:
+    """Who this process is among how many, and the collectives the library needs.
+
+    Built by `from_env`; a default instance is a single process, where every call is a no-op.
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
