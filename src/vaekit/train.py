@@ -99,6 +99,9 @@ def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
                               "cpu (or install a CUDA build of PyTorch)")
         if name == "cuda" and dist is not None and dist.enabled:
             name = f"cuda:{dist.local_rank}"
+        elif dist is not None and dist.world_size > 1:
+            raise ConfigError(f"--device {name} would put every process on one GPU; pass --device "
+                              "cuda (each process takes the GPU of its LOCAL_RANK)")
         index = torch.device(name).index
         if index is not None and index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
