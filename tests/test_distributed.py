@@ -324,3 +324,33 @@ def test_a_process_blocked_when_another_fails_is_ended_by_its_watchdog(tmp_path)
     assert exit_codes(result.stderr) == {0: 2, 1: 2}, result.stderr[-3000:]  # not killed (-9)
     assert "vaekit: error: rank 1 of 2: injected failure at sync 2" in result.stderr  # rank 0's
     assert elapsed < 120
+
+
+# ------------------------------------------------------------------------------------------------
+# `vaekit evaluate` (importance-sampled log p(x)) under torchrun
+
+
+def _has_evaluate() -> bool:
+    from vaekit.cli import COMMANDS
+
+    return "evaluate" in COMMANDS
+
+
+@pytest.mark.skipif(not _has_evaluate(), reason="this vaekit has no `evaluate` command yet")
+def test_evaluate_under_torchrun_equals_one_process(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    # 120 examples in chunks of 25: five chunks, shared out between the two processes.
+    options = ["evaluate", run, "--k", "64", "--limit", "120", "--batch-size", "25", "--json",
+               "--no-progress"]
+    alone = vaekit(*options)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    together = torchrun(*options)
+    assert together.returncode == 0, together.stderr[-3000:]
+    one, two = json.loads(alone.stdout), json.loads(together.stdout)  # rank 0 alone prints
+    assert (one.pop("processes"), two.pop("processes")) == (1, 2)
+    one.pop("seconds"), two.pop("seconds")
+    assert two == one  # every estimate, standard error and count, exactly
+    assert json.loads((run / "evaluation.json").read_text())["processes"] == 2
