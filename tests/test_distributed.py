@@ -44,11 +44,15 @@ def environment(extra: dict | None = None) -> dict:
 def torchrun(*args, nproc: int = 2, cwd: Path | None = None, env: dict | None = None,
              module: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --nproc-per-node N -m vaekit ARGS` (or a script)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), *(["-m", "vaekit"] if module else []),
-               *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=environment(env), capture_output=True, text=True,
-                          timeout=timeout)
+    for _ in range(3):  # another program may take the free port before torchrun binds it
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "--master-port", str(free_port()), *(["-m", "vaekit"] if module else []),
+                   *map(str, args)]
+        result = subprocess.run(command, cwd=cwd, env=environment(env), capture_output=True,
+                                text=True, timeout=timeout)
+        if "EADDRINUSE" not in result.stderr:
+            break
+    return result
 
 
 def vaekit(*args, cwd: Path | None = None, env: dict | None = None,
