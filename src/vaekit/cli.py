@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import TrainConfig, add_config_arguments, config_overrides
-from .errors import VaekitError
+from .errors import VaekitError, record_for_launcher
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,6 +97,10 @@ def build_parser() -> Parser:
                        "options may change)")
     train.add_argument("--inexact-resume", action="store_true", help="resume even if the saved "
                        "random state is missing or inconsistent (recorded in the run)")
+    train.add_argument("--nproc", type=positive_int, metavar="N", help="train with N processes "
+                       "on this machine (one per GPU, or N CPU processes), launched through "
+                       "torch.distributed.run (torchrun); --batch-size stays the global batch. "
+                       "Several machines: run torchrun yourself (see the README)")
 
     sample = commands.add_parser("sample", help="draw new examples from a trained run's prior",
                                  description="z ~ p(z), then x from p(x|z): new data, the point "
@@ -249,13 +254,18 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return COMMANDS[args.command](args)
     except VaekitError as exc:
-        print(f"vaekit {args.command}: error: {exc}", file=sys.stderr)
+        message = f"vaekit {args.command}: error: {exc}"
+        record_for_launcher(message)
+        # In a distributed run the failing process prints; the ones it stopped stay quiet.
+        if not getattr(exc, "reported_elsewhere", False):
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vaekit {args.command}: interrupted", file=sys.stderr)
@@ -267,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc is not None:
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))  # this command, in N processes
     from .train import Interrupted, train
 
     overrides = config_overrides(args, TrainConfig)
@@ -274,9 +288,24 @@ def cmd_train(args) -> int:
         train(TrainConfig() if args.resume is None else None, resume=args.resume,
               overrides=overrides, inexact_resume=args.inexact_resume)
     except Interrupted as exc:
-        print(f"vaekit train: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stopped; one says so
+            print(f"vaekit train: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less --nproc N (or an abbreviation argparse accepted, such as --npro=N)."""
+    spellings = ("--np", "--npr", "--npro", "--nproc")
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in spellings:
+            skip = True  # its value follows
+        elif token.split("=", 1)[0] not in spellings:
+            kept.append(token)
+    return kept
 
 
 def _load(run_dir: str, device: str):

@@ -58,7 +58,9 @@ def map_examples(fn: Callable[[Tensor, int, int], Tensor], raw: Tensor, pipeline
     """
     dist = dist or DistContext()
     result = torch.zeros(len(raw), outputs, dtype=torch.float64, device=device)
-    with torch.inference_mode():
+    # A failure in one process's share (out of memory, say) stops all, instead of leaving the
+    # others waiting in the sum.
+    with dist.same_outcome("evaluate"), torch.inference_mode():
         for chunk, (start, stop) in enumerate(batches(len(raw), batch_size)):
             if chunk % dist.world_size != dist.rank:
                 continue

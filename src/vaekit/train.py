@@ -99,6 +99,9 @@ def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
                               "cpu (or install a CUDA build of PyTorch)")
         if name == "cuda" and dist is not None and dist.enabled:
             name = f"cuda:{dist.local_rank}"
+        elif dist is not None and dist.world_size > 1:
+            raise ConfigError(f"--device {name} would put every process on one GPU; pass --device "
+                              "cuda (each process takes the GPU of its LOCAL_RANK)")
         index = torch.device(name).index
         if index is not None and index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
@@ -143,7 +146,7 @@ class Trainer:
                               f"{dist.world_size} processes; choose a multiple of "
                               f"{dist.world_size}")
         self.local_batch = self.batch_size // dist.world_size
-        self.rows = slice(dist.rank * self.local_batch, (dist.rank + 1) * self.local_batch)
+        self.rows = dist.rows(self.batch_size)
         n_train = len(dataset.train_x)
         if n_train < self.batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
@@ -274,14 +277,14 @@ class Trainer:
                     bar.update(1)
                 if self.device.type == "cpu" and not self.dist.enabled:
                     self._check_finite(epoch_log[logged - 1:logged], self.progress.global_step - 1)
-                if self.dist.enabled and self.progress.global_step % SYNC_EVERY:
-                    continue
+                step_due = (config.checkpoint_every_steps is not None
+                            and self.progress.global_step % config.checkpoint_every_steps == 0)
+                if self.dist.enabled and self.progress.global_step % SYNC_EVERY and not step_due:
+                    continue  # processes agree on stops every SYNC_EVERY steps, not every step
                 interrupted, out_of_time, due = self.dist.any_of(
                     [self.stop_signal is not None,
                      time_limit is not None and time.monotonic() - started >= time_limit,
-                     (config.checkpoint_every_steps is not None
-                      and self.progress.global_step % config.checkpoint_every_steps == 0)
-                     or (time.monotonic() - last_checkpoint) / 60
+                     step_due or (time.monotonic() - last_checkpoint) / 60
                      >= config.checkpoint_every_minutes], self.device)
                 stop_reason = "signal" if interrupted else "time" if out_of_time else None
                 if (due or interrupted) and self.progress.step_in_epoch < self.steps_per_epoch:
@@ -329,6 +332,7 @@ class Trainer:
     def _record_steps(self, rows: Tensor, started: float) -> None:
         """Keep the per-step log and the training time of the steps just taken."""
         if len(rows):
+            rows = self.dist.mean_over_processes(rows, self.local_batch)  # (steps, 3) global
             if self.device.type != "cpu" or self.dist.enabled:
                 self._check_finite(rows, self.progress.global_step - len(rows))
             self.step_log.append(rows.detach().cpu())
@@ -386,9 +390,11 @@ class Trainer:
         self.progress.metrics.append(record)
         self.save_checkpoint()
         final = not complete or self.progress.epoch >= self.config.epochs
-        if self.dist.is_main and (final or time.monotonic() - self.last_pictures >= PICTURE_EVERY):
-            self.write_outputs()  # rendering costs ~40 ms: on short epochs, not every epoch
-            self.last_pictures = time.monotonic()
+        with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
+            if self.dist.is_main and (final or
+                                      time.monotonic() - self.last_pictures >= PICTURE_EVERY):
+                self.write_outputs()  # rendering costs ~40 ms: on short epochs, not every epoch
+                self.last_pictures = time.monotonic()
         if self.dist.is_main:
             test = f"test ELBO {record['test_elbo']:.2f} (rec {record['test_reconstruction']:.2f}," \
                    f" KL {record['test_kl']:.2f})"
@@ -415,19 +421,20 @@ class Trainer:
                                     f"{self.progress.global_step}; the last good checkpoint is "
                                     f"kept. Try a lower --lr (now {self.config.lr:g}) or "
                                     "--grad-clip 1.0")
-        if self.dist.is_main:
-            try:
-                write_checkpoint(self.run_dir, self.progress.global_step, self.checkpoint_files(),
-                                 self.config.keep_checkpoints)
-                atomic_write_bytes(self.run_dir / "model.safetensors",
-                                   model_weights_bytes(self.model))
-                atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-                    json.dumps(m) + "\n" for m in self.progress.metrics))
-            except OSError as exc:
-                raise RunError(f"could not save the checkpoint: {describe_os_error(exc, self.run_dir)}"
-                               "; the previous checkpoint is intact, free space and resume with "
-                               f"vaekit train --resume {self.run_dir}") from None
-        self.dist.barrier()
+        with self.dist.same_outcome("save"):  # rank 0 writes; the others wait for its outcome
+            if self.dist.is_main:
+                try:
+                    write_checkpoint(self.run_dir, self.progress.global_step,
+                                     self.checkpoint_files(), self.config.keep_checkpoints)
+                    atomic_write_bytes(self.run_dir / "model.safetensors",
+                                       model_weights_bytes(self.model))
+                    atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
+                        json.dumps(m) + "\n" for m in self.progress.metrics))
+                except OSError as exc:
+                    raise RunError("could not save the checkpoint: "
+                                   f"{describe_os_error(exc, self.run_dir)}; the previous "
+                                   "checkpoint is intact, free space and resume with vaekit train "
+                                   f"--resume {self.run_dir}") from None
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
@@ -505,64 +512,72 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     device = resolve_device(config.device)
     dist = DistContext.from_env(device.type)
     try:
-        device = resolve_device(config.device, dist)
-        return _train(config, resume, dist, device, inexact_resume, log)
+        with dist.stop_together(Interrupted):  # one process failing stops all, with its message
+            device = resolve_device(config.device, dist)
+            return _train(config, resume, dist, device, inexact_resume, log)
     finally:
         dist.shutdown()
 
 
 def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
            inexact_resume: bool, log) -> Path:
-    dataset, pipeline, config = prepare_data(config)
-    if resume is not None:
-        run_dir = Path(resume)
-        document = read_run_document(run_dir)
-        if document["data"]["fingerprint"] != dataset.fingerprint():
-            raise DataError(f"{config.data}: the data differ from those {run_dir} was trained on; "
-                            "resume with the same dataset files")
-    else:
+    # Each block below runs without collectives inside; a failure on any process (a missing
+    # file, a folder rank 0 cannot write) stops every process with its message (same_outcome).
+    with dist.same_outcome("setup"):
+        dataset, pipeline, config = prepare_data(config)
+        if resume is not None:
+            run_dir = Path(resume)
+            document = read_run_document(run_dir)
+            if document["data"]["fingerprint"] != dataset.fingerprint():
+                raise DataError(f"{config.data}: the data differ from those {run_dir} was "
+                                "trained on; resume with the same dataset files")
+    if resume is None:
         run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
     model = build_model(config, dataset.shape)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
-    if resume is None and dist.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunError(f"{run_dir} already exists and is not empty; continue it with "
-                           f"vaekit train --resume {run_dir}, or choose another --out")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
-                           "choose another --out") from None
-    dist.barrier()
-    if lock is not None:
-        lock.__enter__()
+    with dist.same_outcome("run folder"):
+        if resume is None and dist.is_main:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise RunError(f"{run_dir} already exists and is not empty; continue it with "
+                               f"vaekit train --resume {run_dir}, or choose another --out")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
+                               "choose another --out") from None
     try:
+        with dist.same_outcome("resume"):
+            if lock is not None:
+                lock.__enter__()
+            if resume is not None:  # every process reads the checkpoint rank 0 wrote
+                folder = latest_checkpoint(run_dir, warn=trainer.log)
+                if folder is None:
+                    raise RunError(f"{run_dir}: no complete checkpoint to resume from; start a "
+                                   "new run instead")
+                trainer.restore(folder, inexact_resume)
         if resume is not None:
-            folder = latest_checkpoint(run_dir, warn=trainer.log)
-            if folder is None:
-                raise RunError(f"{run_dir}: no complete checkpoint to resume from; start a new "
-                               "run instead")
-            trainer.restore(folder, inexact_resume)
             if trainer.progress.epoch >= config.epochs:
                 trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
                             "--epochs N with a larger N to train longer")
                 return run_dir
             trainer.log(f"resuming {run_dir} at epoch {trainer.progress.epoch + 1}, step "
                         f"{trainer.progress.global_step}")
-        if dist.is_main:
-            check_free_space(run_dir, model, config.keep_checkpoints)
-            try:
-                if pipeline.statistics():
-                    atomic_write_bytes(run_dir / "pipeline.safetensors",
-                                       tensors_to_bytes(pipeline.statistics()))
-                atomic_write_json(run_dir / "config.json",
-                                  run_document(config, dataset.info(), pipeline))
-            except OSError as exc:
-                raise RunError(f"cannot write the run folder: {describe_os_error(exc, run_dir)};"
-                               " choose another --out") from None
+        with dist.same_outcome("config"):
+            if dist.is_main:
+                check_free_space(run_dir, model, config.keep_checkpoints)
+                try:
+                    if pipeline.statistics():
+                        atomic_write_bytes(run_dir / "pipeline.safetensors",
+                                           tensors_to_bytes(pipeline.statistics()))
+                    atomic_write_json(run_dir / "config.json",
+                                      run_document(config, dataset.info(), pipeline))
+                except OSError as exc:
+                    raise RunError(f"cannot write the run folder: "
+                                   f"{describe_os_error(exc, run_dir)}; choose another --out"
+                                   ) from None
         trainer.log(_summary(config, dataset, pipeline, model, device, dist, run_dir))
         previous = _handle_signals(trainer)
         try:
@@ -584,7 +599,8 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
              device: torch.device, dist: DistContext, run_dir: Path) -> str:
     from .nets import count_parameters
 
-    procs = f" x {dist.world_size} processes" if dist.enabled else ""
+    procs = f" x {dist.world_size} process{'es' if dist.world_size > 1 else ''} ({dist.backend})" \
+        if dist.enabled else ""
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
             f"shape {'x'.join(map(str, dataset.shape))}) | {config.net} VAE, z in R^"
             f"{config.latent_dim}, prior {config.prior}, likelihood {config.likelihood}, "
