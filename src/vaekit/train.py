@@ -273,7 +273,8 @@ class Trainer:
         return TrainingError(f"training stopped at step {self.progress.global_step + 1} (epoch "
                              f"{self.progress.epoch + 1}): the gradient of {what} became "
                              f"non-finite although the loss was finite; {self._saved_note()}. Try "
-                             f"--grad-clip 1.0 or a lower --lr (now {self.config.lr:g})")
+                             f"--grad-clip 1.0, a lower --lr (now {self.config.lr:g})"
+                             f"{self._scale_advice()}")
 
     def _saved_note(self) -> str:
         if self.saved_step is None:
@@ -378,13 +379,20 @@ class Trainer:
             return
         bad = int((~finite.all(1)).nonzero()[0])
         rec_ok, kl_ok = bool(finite[bad, 1]), bool(finite[bad, 2])
-        term = "the KL term" if rec_ok and not kl_ok else "the reconstruction term" if kl_ok \
-            else "both terms"
+        term = {(True, False): "the KL term", (False, True): "the reconstruction term",
+                (False, False): "both terms (reconstruction and KL)",
+                (True, True): "the loss (its two terms are finite)"}[(rec_ok, kl_ok)]
         raise TrainingError(f"training stopped at step {first_step + bad + 1} (epoch "
                             f"{self.progress.epoch + 1}): {term} became non-finite; "
-                            f"{self._saved_note()}. Try "
-                            f"a lower --lr (now {self.config.lr:g}), --grad-clip 1.0, or a fixed "
-                            "--gaussian-scale")
+                            f"{self._saved_note()}. Try a lower --lr (now {self.config.lr:g}), "
+                            f"--grad-clip 1.0{self._scale_advice()}")
+
+    def _scale_advice(self) -> str:
+        if self.config.likelihood != "gaussian":
+            return ""
+        if self.config.gaussian_scale is None:
+            return " or a fixed --gaussian-scale (such as 0.1)"
+        return f" or a larger --gaussian-scale (now {self.config.gaussian_scale:g})"
 
     def _interrupted(self) -> Interrupted:
         name = signal.Signals(self.stop_signal).name
