@@ -491,3 +491,10 @@ def test_a_read_only_run_folder_is_refused_before_training(tiny_run, tmp_path):
         assert "cannot create the run folder" in result.stderr and "not writable" in result.stderr
     finally:
         subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_timed_checkpoints_can_be_switched_off(tmp_path):
+    """checkpoint_every_minutes=None (Python API / config.json) means no timed saves."""
+    run = train(TrainConfig(**{**BASE, "epochs": 1, "checkpoint_every_minutes": None},
+                            out=str(tmp_path / "run")), log=quiet)
+    assert [step for step, _ in list_checkpoints(run)] == [STEPS // 2]

@@ -416,14 +416,23 @@ def read_run_document(run_dir: Path) -> dict:
                               "config": dict, "data": dict, "pipeline": dict}, where)
     if document["format"] != RUN_FORMAT:
         raise ConfigError(f"{path}: format {document['format']!r} is not {RUN_FORMAT!r}; this run "
-                          "was written by an incompatible vaekit")
-    document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+                          "was written by an incompatible vaekit; use the vaekit version that "
+                          "wrote it")
+    try:
+        document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+    except ConfigError as exc:
+        message = str(exc) if where in str(exc) else f"{where}: {exc}"
+        if "restore" not in message:
+            message += "; correct it or restore the run's original config.json"
+        raise ConfigError(message) from None
     data = _check_section(document["data"], DATA_KEYS, f"{where} data")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data["shape"]) \
             or not data["shape"]:
-        raise ConfigError(f"{where} data: 'shape' must be a list of positive integers")
+        raise ConfigError(f"{where} data: 'shape' must be a list of positive integers; restore "
+                          "the run's original config.json")
     if data["kind"] not in ("image8", "real"):
-        raise ConfigError(f"{where} data: 'kind' must be image8 or real")
+        raise ConfigError(f"{where} data: 'kind' must be image8 or real; restore the run's "
+                          "original config.json")
     pipeline = _check_section(document["pipeline"], PIPELINE_KEYS, f"{where} pipeline")
     if pipeline["mode"] not in PIPELINE_MODES or pipeline["kind"] != data["kind"]:
         raise ConfigError(f"{where} pipeline: unknown mode or kind; restore the run's original "
@@ -458,15 +467,18 @@ def load_state(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> No
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
         raise RunError(f"{source}: weights do not fit the model in config.json ({what}); the "
-                       "weights and config.json come from different runs")
+                       "weights and config.json come from different runs; put back the "
+                       "config.json of the run that wrote these weights")
     for key, value in expected.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise RunError(f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)} but "
                            f"config.json builds {tuple(value.shape)}; the weights and config.json "
-                           "come from different runs")
+                           "come from different runs; put back the config.json of the run that "
+                           "wrote these weights")
         if tensors[key].dtype != value.dtype:
             raise RunError(f"{source}: weight {key!r} is {tensors[key].dtype}, expected "
-                           f"{value.dtype}; the file was not written by vaekit")
+                           f"{value.dtype}; the file was not written by vaekit, restore the run's "
+                           "model.safetensors")
     model.load_state_dict(tensors)
 
 

@@ -320,8 +320,9 @@ class Trainer:
                      time_limit is not None and time.monotonic() - started >= time_limit,
                      (config.checkpoint_every_steps is not None
                       and self.progress.global_step % config.checkpoint_every_steps == 0)
-                     or (time.monotonic() - last_checkpoint) / 60
-                     >= config.checkpoint_every_minutes], self.device)
+                     or (config.checkpoint_every_minutes is not None  # None: no timed saves
+                         and (time.monotonic() - last_checkpoint) / 60
+                         >= config.checkpoint_every_minutes)], self.device)
                 stop_reason = "signal" if interrupted else "time" if out_of_time else None
                 if (due or interrupted) and self.progress.step_in_epoch < self.steps_per_epoch:
                     self._record_steps(epoch_log[:logged], epoch_started)
