@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report["torch"] = torch.__version__
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent)
+    report["commit"] = revision.stdout.strip() or None
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
