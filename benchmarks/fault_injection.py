@@ -1,4 +1,4 @@
-"""Fault injection: kill `vaekit train` with SIGKILL at random moments, resume, check nothing is lost.
+"""Fault injection: SIGKILL `vaekit train` at random moments, resume, check that nothing is lost.
 
 Every trial trains a small run and kills it one to three times (each resumed run may be killed
 again), then resumes it to the end. A kill lands at a random moment, or at a moment picked to be
@@ -171,9 +171,8 @@ def outcome(run: Path) -> dict:
     state["metrics"] = [untimed(m) for m in state["metrics"]]
     metrics = [untimed(json.loads(line))
                for line in (run / "metrics.jsonl").read_text().splitlines()]
-    tensors = {**{f"model/{k}": v for k, v in tensors_from_file(folder / "model.safetensors").items()},
-               **{f"optimizer/{k}": v
-                  for k, v in tensors_from_file(folder / "optimizer.safetensors").items()}}
+    tensors = {f"{name}/{key}": value for name in ("model", "optimizer")
+               for key, value in tensors_from_file(folder / f"{name}.safetensors").items()}
     assert torch.equal(tensors["optimizer/step_log"], load_step_log(folder))
     return {"model_sha256": sha256(run / "model.safetensors"), "tensors": tensors,
             "state": state, "metrics": metrics}
@@ -276,8 +275,6 @@ def run_trial(index: int, seed: int, config_name: str, config: list[str], work: 
         started = (run / "config.json").exists()
         args = ["train", "--resume", str(run), *options] if started else \
             ["train", "--out", str(run), *config, *options]
-        before = {p.name for p in (run / "checkpoints").iterdir()} \
-            if (run / "checkpoints").is_dir() else set()
         process = vaekit(args, log)
         landed = kill_at(process, run, strategy, rng, duration)
         process.wait()

@@ -1,4 +1,4 @@
-"""The run folder under crashes, full disks, concurrent use and hostile files (src/vaekit/runs.py)."""
+"""The run folder under crashes, full disks, a second user and hostile files (runs.py)."""
 
 from __future__ import annotations
 
@@ -160,15 +160,16 @@ def test_newest_checkpoint_is_chosen_by_step_not_by_time(tmp_path):
 
 
 def test_files_get_the_modes_of_the_umask(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        atomic_write_bytes(tmp_path / "f", b"x")
-        folder = write_checkpoint(tmp_path, 1, checkpoint_files(1), keep=1)
-    finally:
-        os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
-    assert stat.S_IMODE((folder / "state.json").stat().st_mode) == 0o644
+    """Not mkstemp's owner-only 0600: what `open` would give (0666 and 0777 less the umask)."""
+    import vaekit.runs
+
+    atomic_write_bytes(tmp_path / "f", b"x")
+    folder = write_checkpoint(tmp_path, 1, checkpoint_files(1), keep=1)
+    umask = vaekit.runs._UMASK
+    assert umask == os.umask(umask)  # read at import; unchanged since
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "state.json").stat().st_mode) == 0o666 & ~umask
 
 
 # ------------------------------------------------------------------------------------------------

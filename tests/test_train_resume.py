@@ -1,4 +1,4 @@
-"""Training that survives kills, signals, NaNs, full disks and a second writer (src/vaekit/train.py).
+"""Training that survives kills, signals, NaNs, full disks and a second writer (train.py).
 
 The reference is always an uninterrupted run with the same seed; "exact" means its weights,
 Adam state and per-step losses are equal bit for bit.
