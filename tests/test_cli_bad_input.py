@@ -206,6 +206,8 @@ case("npy-nan", "non-finite value (nan)", "remove or fill missing values")(
     lambda f, r: train("--data", npy(f, np.where(np.eye(20, 4) > 0, np.nan, GOOD))))
 case("npy-inf", "non-finite value (inf)", "remove or fill missing values")(
     lambda f, r: train("--data", npy(f, np.where(np.eye(20, 4) > 0, np.inf, GOOD))))
+case("npy-beyond-float32", "beyond the 32-bit float range", "rescale the data")(
+    lambda f, r: train("--data", npy(f, np.where(np.eye(20, 4) > 0, 1e300, GOOD))))
 case("npy-strings", "not numbers", "save a numeric array")(
     lambda f, r: train("--data", npy(f, np.array([["a", "b"], ["c", "d"]]))))
 case("npy-complex", "not numbers", "save a numeric array")(

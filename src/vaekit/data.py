@@ -508,6 +508,13 @@ def _array_to_tensor(array: np.ndarray, path: Path, key: str = "x") -> tuple[Ten
         index = np.argwhere(bad)[0]
         raise DataError(f"{path}: {key} has a non-finite value ({array[tuple(index)]}) at index "
                         f"{tuple(int(i) for i in index)}; remove or fill missing values")
+    # Data are held as float32: a finite float64 beyond its range would turn into inf.
+    big = np.abs(array) > np.finfo(np.float32).max
+    if big.any():
+        index = np.argwhere(big)[0]
+        raise DataError(f"{path}: {key} has a value ({array[tuple(index)]:g}) at index "
+                        f"{tuple(int(i) for i in index)} beyond the 32-bit float range; rescale "
+                        "the data")
     return torch.from_numpy(array.astype(np.float32)), "real"
 
 

@@ -347,8 +347,8 @@ class Trainer:
                 self.end_of_epoch(complete=False)
             if stop_reason == "time":
                 return "time"
-            if stop_reason == "signal":
-                raise self._interrupted()
+            if stop_reason == "signal" and self.progress.epoch < config.epochs:
+                raise self._interrupted()  # (on the very last step the run is simply done)
         return "done"
 
     def _progress_bar(self, epoch: int):
