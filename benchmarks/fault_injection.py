@@ -15,8 +15,8 @@ byte, the last checkpoint's weights, Adam moments and per-step losses (loss, rec
 KL of every step) bit for bit, metrics.jsonl and state.json equal except for timings, and no
 debris left.
 
-    python benchmarks/fault_injection.py                 # 200 kills (the recorded figures)
-    python benchmarks/fault_injection.py --kills 5       # the reduced form CI runs
+    python benchmarks/fault_injection.py                 # 200 kills, recorded in RESULTS.md
+    python benchmarks/fault_injection.py --kills 5 --no-record   # the reduced form CI runs
 
 Runs on CPU with OMP_NUM_THREADS=1 (bit-exactness compares runs made with the same threads).
 """
@@ -309,6 +309,33 @@ def run_trial(index: int, seed: int, config_name: str, config: list[str], work: 
 # ------------------------------------------------------------------------------------------------
 
 
+def results_section(report: dict, machine: str, args) -> str:
+    where = report["where"]
+    inside = ", ".join(f"{n} {w}" for w, n in where.items()
+                       if w.startswith("inside") or w.startswith("pruning"))
+    other = ", ".join(f"{n} {w}" for w, n in where.items()
+                      if not (w.startswith("inside") or w.startswith("pruning")))
+    steps = {name: f"{count} steps" for name, count in report["steps"].items()}
+    return f"""SIGKILL `vaekit train` at random moments and inside writes, resume, compare with the
+uninterrupted run (see README.md). `python benchmarks/fault_injection.py --kills {args.kills}
+--jobs {args.jobs} --seed {args.seed}`, with `OMP_NUM_THREADS=1`.
+
+| | |
+|---|---|
+| trials | {report["trials"]} |
+| SIGKILLs landed | {report["kills"]} |
+| failed trials | **{report["failed_trials"]}** |
+| kills inside a write | {report["kills_inside_writes"]}: {inside} |
+| other kills | {other} |
+| checked after every kill | every visible file parses and fits (config.json, model.safetensors, metrics.jsonl, PNGs); every `step-*` checkpoint verifies against its manifest |
+| checked after the final resume | model.safetensors byte-identical to the uninterrupted run; the last checkpoint's weights, Adam moments and per-step losses (loss, reconstruction, KL of every step) bit-identical; state.json and metrics.jsonl equal but for timings; no temporaries left |
+| configurations | {"; ".join(f"`{n}` ({steps[n]}): `{c}`" for n, c in report["configs"].items())}; a random `--checkpoint-every-steps` (1-8 or none) and `--keep-checkpoints` (1-3) on every start |
+| wall time | {report["seconds"]:.0f} s ({args.jobs} trial(s) side by side) |
+| machine | {machine} |
+| date, commit | {report["date"]}, {report["commit"]} |
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=200, help="SIGKILLs to land (default 200)")
@@ -317,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--configs", default="all", help="comma-separated configuration names")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vaekit-faults-"))
@@ -384,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             "pruning") for k in kills),
         "kills_inside_checkpoint_writes": where.get("inside a checkpoint write", 0),
         "where": dict(sorted(where.items(), key=lambda kv: -kv[1])),
-        "configs": {n: " ".join(c) for n, c in configs.items()},
+        "configs": {n: " ".join(c).replace(str(work), "WORK") for n, c in configs.items()},
         "baseline_seconds": durations, "seconds": time.monotonic() - started,
+        "steps": {n: len(b["tensors"]["optimizer/step_log"]) for n, b in baselines.items()},
         "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, "
                    f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -400,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.no_record:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import machine, record
+
+        record("fault injection", results_section(report, machine(), args))
     if not failures and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0

@@ -230,7 +230,8 @@ def test_fault_injection_reduced(tmp_path):
     """The benchmark's reduced form: >= 5 SIGKILLs at random moments and inside writes."""
     report_path = tmp_path / "report.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_injection.py"),
-                             "--kills", "5", "--seed", "1", "--json", str(report_path)],
+                             "--kills", "5", "--seed", "1", "--json", str(report_path),
+                             "--no-record"],
                             capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(report_path.read_text())

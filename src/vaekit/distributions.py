@@ -48,20 +48,6 @@ class StandardNormalPrior(nn.Module):
         return -width, width
 
 
-class ClosedUniform(Uniform):
-    """Uniform on the closed interval [low, high].
-
-    `Uniform` excludes its upper end, but a sigmoid in float32 returns exactly 1.0 for inputs
-    above about 17, and those points are in the support of the posterior; a closed interval
-    keeps their log-density finite and changes no probability.
-    """
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        inside = (value >= self.low) & (value <= self.high)
-        log_density = -torch.log(self.high - self.low).expand_as(value)
-        return torch.where(inside, log_density, torch.full_like(log_density, -math.inf))
-
-
 class UniformPrior(nn.Module):
     """p(z) = Uniform([0, 1]^D), the note's other easy prior; its KL has no closed form."""
 
@@ -72,7 +58,7 @@ class UniformPrior(nn.Module):
         self.register_buffer("high", torch.ones(latent_dim), persistent=False)
 
     def forward(self) -> Distribution:
-        return Independent(ClosedUniform(self.low, self.high, validate_args=False), 1)
+        return Independent(Uniform(self.low, self.high, validate_args=False), 1)
 
     def range(self, width: float = 3.0) -> tuple[float, float]:
         return 0.0, 1.0
@@ -109,7 +95,7 @@ class SigmoidGaussianPosterior(GaussianPosterior):
 
     Used with the uniform prior, whose support the posterior must not leave. The sigmoid caches
     its last input, so `q.log_prob(q.rsample())` is computed from the pre-sigmoid sample and
-    stays exact where the sigmoid saturates.
+    stays exact where the sigmoid saturates (inverting a float32 sigmoid near 1 is not).
     """
 
     def forward(self, params: Tensor) -> Distribution:

@@ -1,0 +1,69 @@
+"""TrainConfig: the one definition behind the CLI options and config.json."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from vaekit.config import TrainConfig, add_config_arguments, config_overrides
+from vaekit.errors import ConfigError
+
+
+def parse(*args):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_overrides(parser.parse_args(list(args)))
+
+
+def test_round_trip_through_json_dict():
+    config = TrainConfig(data="mnist", hidden=[300, 200], latent_dim=7, beta=2.0, epochs=3)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_cli_gives_only_what_was_set():
+    assert parse() == {}
+    values = parse("--latent-dim", "3", "--hidden", "64,32", "--no-progress", "--lr", "0.01")
+    assert values == {"latent_dim": 3, "hidden": [64, 32], "progress": False, "lr": 0.01}
+    assert parse("--hidden", "none")["hidden"] == []
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"latent_dim": 0}, "--latent-dim must be at least 1"),
+    ({"epochs": -1}, "--epochs must be at least 1"),
+    ({"lr": 0.0}, "--lr must be greater than 0"),
+    ({"prior": "cauchy"}, "normal, uniform"),
+    ({"net": "rnn"}, "mlp, conv"),
+    ({"device": "tpu"}, "auto, cpu, cuda"),
+    ({"test_fraction": 0.95}, "at most 0.9"),
+    ({"hidden": [0]}, "positive"),
+    ({"beta": float("nan")}, "finite"),
+])
+def test_invalid_values_name_the_option(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+def test_from_dict_is_strict():
+    good = TrainConfig().to_dict()
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        TrainConfig.from_dict({**good, "colour": "red"})
+    missing = dict(good)
+    del missing["latent_dim"]
+    with pytest.raises(ConfigError, match="lacks key 'latent_dim'"):
+        TrainConfig.from_dict(missing)
+    with pytest.raises(ConfigError, match="'latent_dim' must be an integer"):
+        TrainConfig.from_dict({**good, "latent_dim": "20"})
+    with pytest.raises(ConfigError, match="'progress' must be true or false"):
+        TrainConfig.from_dict({**good, "progress": 1})
+    with pytest.raises(ConfigError, match="'hidden' must be a list of integers"):
+        TrainConfig.from_dict({**good, "hidden": [1.5]})
+    with pytest.raises(ConfigError, match="must not be null"):
+        TrainConfig.from_dict({**good, "lr": None})
+
+
+def test_presets_fill_only_unset_fields():
+    assert TrainConfig().with_presets().epochs == 150
+    assert TrainConfig(data="fashion-mnist").with_presets().batch_size == 128
+    assert TrainConfig(epochs=2).with_presets().epochs == 2
+    assert TrainConfig(data="my.npy").with_presets().epochs == 20
