@@ -242,13 +242,14 @@ def test_fault_injection_reduced(tmp_path):
 
 def test_a_second_train_into_a_run_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
-    first = start("train", "--out", run, *BASE_ARGS, "--epochs", "50",
+    first = start("train", "--out", run, *BASE_ARGS, "--epochs", "100000",
                   "--checkpoint-every-steps", "1")
     try:
         wait_for_checkpoint(run, first)
         before = (run / "config.json").read_bytes()
         for args in (["--resume", run], ["--out", run, *BASE_ARGS]):
             result = cli("train", *args)
+            assert first.poll() is None, "the first run ended: the test needs it running"
             assert result.returncode == 2
             assert f"in use by vaekit process {first.pid}" in result.stderr, result.stderr
             assert "wait for it to finish" in result.stderr
