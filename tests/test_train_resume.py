@@ -143,6 +143,19 @@ def test_resume_before_the_first_checkpoint_starts_over(reference, tmp_path):
     assert_same_run(run, reference)
 
 
+def test_resume_of_a_finished_run_repairs_the_files_its_kill_left_behind(reference, tmp_path):
+    """Killed after its last checkpoint, before model.safetensors and metrics.jsonl were
+    rewritten: resume has nothing to train but brings those files up to date."""
+    run = copy_until(reference, STEPS, tmp_path / "run")
+    older = dict(list_checkpoints(run))[STEPS // 2]
+    shutil.copy(older / "model.safetensors", run / "model.safetensors")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    log = []
+    train(resume=run, log=log.append)
+    assert any("already trained 2 epochs" in line for line in log)
+    assert_same_run(run, reference)
+
+
 def test_a_run_killed_before_config_json_can_be_started_again(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -473,10 +473,7 @@ class Trainer:
                 write_checkpoint(self.run_dir, self.progress.global_step, self.checkpoint_files(),
                                  self.config.keep_checkpoints)
                 self.saved_step = self.progress.global_step
-                atomic_write_bytes(self.run_dir / "model.safetensors",
-                                   model_weights_bytes(self.model))
-                atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-                    json.dumps(m) + "\n" for m in self.progress.metrics))
+                self.write_run_files()
             except OSError as exc:
                 # A failed write_checkpoint removes its staging folder; what is on disk is the
                 # previous checkpoint, whole (or this one, if a later file failed).
@@ -485,6 +482,12 @@ class Trainer:
                                f"free space and resume with vaekit train --resume {self.run_dir}"
                                ) from None
         self.dist.barrier()
+
+    def write_run_files(self) -> None:
+        """model.safetensors and metrics.jsonl of the run folder, from the training state."""
+        atomic_write_bytes(self.run_dir / "model.safetensors", model_weights_bytes(self.model))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
+            json.dumps(m) + "\n" for m in self.progress.metrics))
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
@@ -617,6 +620,16 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                 trainer.log(f"{run_dir} stopped before its first checkpoint; starting it from "
                             "the beginning")
             if trainer.progress.epoch >= config.epochs:
+                if folder is not None and dist.is_main:
+                    # A kill after the last checkpoint but before the run folder's own files
+                    # leaves those a save behind: bring them up to date from the checkpoint.
+                    try:
+                        trainer.write_run_files()
+                        trainer.write_outputs()
+                    except OSError as exc:
+                        raise RunError(f"cannot write the run folder: "
+                                       f"{describe_os_error(exc, run_dir)}; free space and "
+                                       f"run vaekit train --resume {run_dir} again") from None
                 trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
                             "--epochs N with a larger N to train longer")
                 return run_dir
