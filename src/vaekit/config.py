@@ -287,7 +287,10 @@ def _cli_parser(name: str, base: type):
 
     def parse(text: str):
         if base is list:
-            return parse_int_list(text, flag)
+            try:
+                return parse_int_list(text, flag)
+            except ConfigError as exc:  # argparse reports only its own exception types
+                raise argparse.ArgumentTypeError(str(exc)) from None
         if base is str:
             return text
         try:
