@@ -436,6 +436,11 @@ for flag, value, problem, fix in [
 case("unknown-option", "unrecognized arguments: --colour", "see vaekit --help")(
     lambda f, r: train("--colour", "blue"))
 case("unknown-command", "invalid choice: 'trian'", "see vaekit --help")(lambda f, r: ["trian"])
+case("evaluate-k-zero", "--k: expected a positive integer, got 0", "see vaekit evaluate --help")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--k", "0"])
+case("evaluate-limit-negative", "--limit: expected a positive integer, got -3",
+     "see vaekit evaluate --help")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--limit", "-3"])
 case("sample-n-zero", "expected a positive integer, got 0", "see vaekit sample --help")(
     lambda f, r: ["sample", copy_run(r, "mlp", f), "-n", "0"])
 case("reconstruct-unknown-split", "invalid choice: 'val'", "see vaekit reconstruct --help")(
