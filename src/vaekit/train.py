@@ -261,8 +261,10 @@ class Trainer:
         return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean()])
 
     def _gradients_finite(self) -> bool:
-        return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
-                   if p.grad is not None)
+        # One multi-tensor norm (NaN and inf survive it) costs ~0.05 ms; isfinite on each
+        # gradient tensor cost ~1 ms a step, a quarter of the step on one CPU thread.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
 
     def _gradient_error(self, x: Tensor, eps: Tensor) -> TrainingError:
         """Name the term whose gradient is non-finite, by differentiating each term alone."""
