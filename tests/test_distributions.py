@@ -155,6 +155,32 @@ def test_bernoulli_mass_sums_to_one():
     assert abs(total.item() - 1.0) < 1e-6
 
 
+@pytest.mark.parametrize("event_shape", [(6,), (1, 4, 5)])
+def test_bernoulli_scorer_equals_the_distribution_log_prob(event_shape):
+    torch.manual_seed(0)
+    likelihood = BernoulliLikelihood(event_shape)
+    x = (torch.rand(3, *event_shape) < 0.4).float()  # (B, *event): binary examples
+    logits = torch.randn(7, 3, *event_shape) * 6  # (S, B, *event): codes decoded per example
+    logits.view(-1)[:4] = torch.tensor([-95.0, 60.0, -30.0, 25.0])  # far out in both tails
+    expected = likelihood(logits.double()).log_prob(x.double())  # (S, B), float64
+    scored = likelihood.scorer(x)(logits)
+    assert scored.shape == (7, 3) and scored.dtype == torch.float32
+    # float32 rounding of sums of about |log p| nats: within 1e-6 relative
+    assert torch.allclose(scored.double(), expected, rtol=1e-6, atol=1e-4)
+    # probabilities, not just agreement with torch: logsumexp over both values of one pixel is 0
+    pixel = torch.tensor([[0.0], [1.0]])  # (2, 1): the two values of a one-pixel example
+    both = torch.stack([BernoulliLikelihood((1,)).scorer(v.view(1, 1))(torch.tensor([[1.7]]))
+                        for v in pixel])
+    assert abs(float(torch.logsumexp(both.flatten(), 0))) < 1e-6
+
+
+def test_bernoulli_scorer_of_non_binary_values_uses_the_distribution_formula():
+    likelihood = BernoulliLikelihood((4,))
+    x = torch.tensor([[0.0, 0.25, 1.0, 0.5]])  # (1, 4): grey values (a BCE-style score)
+    logits = torch.randn(5, 1, 4)
+    assert torch.equal(likelihood.scorer(x)(logits), likelihood(logits).log_prob(x))
+
+
 @pytest.mark.parametrize("logit", [-4.0, -0.3, 0.0, 1e-4, 2.5])
 def test_continuous_bernoulli_density_integrates_to_one(logit):
     px = ContinuousBernoulliLikelihood((1,))(torch.tensor([[logit]]))

@@ -13,16 +13,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_tiny
-from torch.distributions import MultivariateNormal
+from torch.distributions import MultivariateNormal, kl_divergence
 
 from vaekit.data import Pipeline
 from vaekit.distributed import DistContext
+from vaekit.distributions import draw_from_noise, reparameterize
 from vaekit.estimate import (
+    FixedInputs,
     LogMeanExp,
     elbo_gradient,
     evaluate,
     evaluate_run,
     gradient_variance,
+    log_likelihood,
     log_mean_exp,
     log_weights,
     map_examples,
@@ -35,7 +38,7 @@ from vaekit.oracle import (
     sample_data,
     set_exact_posterior,
 )
-from vaekit.randomness import per_example_normal
+from vaekit.randomness import FIXED_BLOCK, per_example_normal
 from vaekit.runs import load_run, load_run_dataset
 
 ORACLE = Pipeline("identity", "real", 0, description="oracle data (model space)")
@@ -219,6 +222,88 @@ def test_log_mean_exp_streams_exactly_and_survives_huge_log_weights():
     assert torch.allclose(streamed.companion.mean, log_w.mean(0))
     gap = r - log_w  # the gap's delta-method variance: Var(r - c) / k
     assert torch.allclose(streamed.gap_variance, gap.var(0) / 1000, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path: decoder passes over slices of samples, the Bernoulli scorer, inputs per block
+
+
+@pytest.fixture(scope="module")
+def bernoulli(tiny_run):
+    """A small trained Bernoulli MLP (8x8 digits, 4-d latent), 40 test images and its pipeline."""
+    run = load_run(tiny_run)
+    raw = load_run_dataset(run).test_x[:40]  # (40, 1, 8, 8) uint8
+    return run.model.eval(), raw, run.pipeline
+
+
+@pytest.mark.parametrize("samples_per_pass", [1, 7, 60])
+def test_log_likelihood_in_slices_equals_decoding_every_sample_at_once(oracle, bernoulli,
+                                                                       samples_per_pass):
+    torch.manual_seed(0)
+    model, raw, pipeline = bernoulli
+    cases = [(oracle[0], oracle[1][:6]), (model, pipeline.fixed(raw[:6], 0))]  # Gaussian, Bernoulli
+    for net, x in cases:
+        with torch.inference_mode():
+            z = net.encode(x).sample((60,))  # (60, 6, D)
+            expected = net.decode(z).log_prob(x)  # (60, 6)
+            sliced = log_likelihood(net, z, x, samples_per_pass)
+        assert sliced.shape == expected.shape
+        assert torch.allclose(sliced, expected, rtol=1e-6, atol=1e-4)
+
+
+def plain_evaluation(model, x, k):
+    """log p(x), the ELBO's reconstruction term and the naive estimate per example, computed
+    the plain way (every sample decoded at once, distribution objects, float64 logsumexp) from
+    the noise evaluate draws for each (example, sample)."""
+    n, latent = len(x), model.latent_dim
+    with torch.inference_mode():
+        q = model.encode(x)
+        z = reparameterize(q, per_example_normal((latent,), 0, n, 0, k, (0, "importance", "test")))
+        log_px_z = model.decode(z).log_prob(x).double()  # (k, N)
+        log_w = log_px_z + (model.prior.log_prob(z) - q.log_prob(z)).double()  # (k, N)
+        prior_z = draw_from_noise(model.prior,
+                                  per_example_normal((latent,), 0, n, 0, k, (0, "naive", "test")))
+        naive = model.decode(prior_z).log_prob(x).double()  # (k, N)
+        kl = kl_divergence(q, model.prior).double()  # (N,)
+    log_mean = (lambda a: torch.logsumexp(a, 0) - math.log(k))
+    return {"log_px": log_mean(log_w), "reconstruction": log_px_z.mean(0),
+            "elbo": log_px_z.mean(0) - kl, "log_px_naive": log_mean(naive)}
+
+
+def test_evaluate_equals_the_plain_computation_with_the_same_noise(oracle, bernoulli,
+                                                                   monkeypatch):
+    import vaekit.estimate as estimate
+
+    model, raw, pipeline = bernoulli
+    cases = [(oracle[0], oracle[1][:25], ORACLE), (model, raw[:25], pipeline)]
+    for net, data, pipe in cases:
+        expected = plain_evaluation(net, pipe.fixed(data, 0), k=700)
+        evaluations = [evaluate(net, data, pipe, k=700, batch_size=7).per_example]
+        with monkeypatch.context() as patch:  # one sample of every example per decoder pass
+            patch.setattr(estimate, "DECODE_ELEMENTS", 1)
+            evaluations.append(evaluate(net, data, pipe, k=700, batch_size=25).per_example)
+        for per in evaluations:
+            for name, values in expected.items():
+                assert torch.allclose(per[name], values, rtol=1e-6, atol=2e-4), name
+
+
+def test_inputs_are_made_once_per_noise_block_and_equal_the_pipeline_on_every_chunk():
+    torch.manual_seed(0)
+    raw = torch.randint(0, 256, (FIXED_BLOCK + 300, 1, 2, 2), dtype=torch.uint8)
+    pipeline = Pipeline("binarize", "image8", 5)
+    calls = []
+
+    class Counting(Pipeline):
+        def fixed(self, raw, start, split="test"):
+            calls.append(len(raw))
+            return super().fixed(raw, start, split)
+
+    counting = Counting("binarize", "image8", 5)
+    inputs = FixedInputs(raw, counting, "test", torch.device("cpu"))
+    for start in range(0, len(raw), 250):  # the chunk 1000..1250 straddles two noise blocks
+        stop = min(len(raw), start + 250)
+        assert torch.equal(inputs(start, stop), pipeline.fixed(raw[start:stop], start))
+    assert calls == [FIXED_BLOCK, 250, 300]  # block 0, the straddling chunk, block 1 (the rest)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,9 +37,13 @@ from .distributions import (
 )
 from .model import VAE
 from .objectives import elbo_terms
-from .randomness import SAMPLE_BLOCK, fixed_normal, per_example_normal
+from .randomness import FIXED_BLOCK, SAMPLE_BLOCK, fixed_normal, per_example_normal
 
 CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk of decoded samples may hold (~64 MiB each)
+# ... of which one decoder pass holds at most this many (4 MiB): activations that stay in the
+# caches instead of streaming through memory make the decoder's matrix products up to 1.4x
+# faster (benchmarks/likelihood_throughput.py).
+DECODE_ELEMENTS = 2 ** 20
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E_q[z_d]) > 0.01
 # Examples whose importance weights have an effective sample size below this are flagged: a
 # few draws carry the estimate, which is then likely too low and its error bar too small.
@@ -58,17 +62,43 @@ def map_examples(fn: Callable[[Tensor, int, int], Tensor], raw: Tensor, pipeline
     """
     dist = dist or DistContext()
     result = torch.zeros(len(raw), outputs, dtype=torch.float64, device=device)
+    inputs = FixedInputs(raw, pipeline, split, device)
     # A failure in one process's share (out of memory, say) stops all, instead of leaving the
     # others waiting in the sum.
     with dist.same_outcome("evaluate"), torch.inference_mode():
         for chunk, (start, stop) in enumerate(batches(len(raw), batch_size)):
             if chunk % dist.world_size != dist.rank:
                 continue
-            x = pipeline.fixed(raw[start:stop].to(device), start, split)  # (b, *shape)
+            x = inputs(start, stop)  # (b, *shape)
             result[start:stop] = fn(x, start, stop).double().reshape(stop - start, outputs)
             if progress is not None:
                 progress(stop - start)
     return dist.all_reduce_sum(result)
+
+
+class FixedInputs:
+    """pipeline.fixed(raw[start:stop], start, split) for chunk after chunk of examples.
+
+    A noisy pipeline draws its noise for a whole block of randomness.FIXED_BLOCK examples on
+    every call (the noise of an example depends on its index alone), so small chunks would
+    redraw the same block again and again: the inputs of the current block are made once and
+    sliced. The result is identical to calling pipeline.fixed on each chunk.
+    """
+
+    def __init__(self, raw: Tensor, pipeline: Pipeline, split: str, device: torch.device):
+        self.raw, self.pipeline, self.split, self.device = raw, pipeline, split, device
+        self.block_start, self.block = 0, None
+
+    def __call__(self, start: int, stop: int) -> Tensor:
+        if not self.pipeline.noisy or start // FIXED_BLOCK != (stop - 1) // FIXED_BLOCK:
+            return self.pipeline.fixed(self.raw[start:stop].to(self.device), start, self.split)
+        block_start = start - start % FIXED_BLOCK
+        if self.block is None or block_start != self.block_start:
+            block_stop = min(len(self.raw), block_start + FIXED_BLOCK)
+            self.block_start = block_start
+            self.block = self.pipeline.fixed(self.raw[block_start:block_stop].to(self.device),
+                                             block_start, self.split)  # (FIXED_BLOCK, *shape)
+        return self.block[start - block_start: stop - block_start]  # (b, *shape)
 
 
 def elbo_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
@@ -229,32 +259,61 @@ def noise_chunks(model: VAE, start: int, examples: int, k: int, key: tuple, bloc
         yield from eps.split(block)
 
 
+def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | None = None
+                   ) -> Tensor:
+    """log p(x | z_j) of every example of x (B, *shape) under each of its codes z (S, B, D):
+    (S, B), equal to model.decode(z).log_prob(x).
+
+    The decoder runs on `samples_per_pass` samples of every example at a time (default:
+    decode_samples), so that its activations stay in cache instead of streaming through
+    memory. A likelihood with a `scorer(x)` (BernoulliLikelihood) scores the decoder's output
+    directly, without a distribution object per pass.
+    """
+    samples_per_pass = samples_per_pass or decode_samples(model, len(x))
+    if hasattr(model.likelihood, "scorer"):
+        score = model.likelihood.scorer(x)
+    else:
+        def score(params: Tensor) -> Tensor:
+            return model.likelihood(params).log_prob(x)
+    result = None
+    for first in range(0, len(z), samples_per_pass):
+        part = score(model.decoder(z[first:first + samples_per_pass]))  # (s, B)
+        if result is None:
+            result = part.new_empty(z.shape[:-1])  # (S, B)
+        result[first:first + len(part)] = part
+    return result
+
+
 def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
-                      block: int) -> Iterator[ImportanceBlock]:
+                      block: int, samples_per_pass: int | None = None
+                      ) -> Iterator[ImportanceBlock]:
     """k samples z_j ~ q(z|x) per example of x (B, *shape), in blocks of `block` samples.
 
     Example start + i of the split gets the noise of that index (see the module doc).
+    samples_per_pass: samples of each example decoded at once (see log_likelihood).
     """
+    samples_per_pass = samples_per_pass or decode_samples(model, len(x))
     q = model.encode(x)  # batch (B,), event (D,)
     prior = model.prior
     q_dims, prior_dims = per_dimension(q), per_dimension(prior)
     for eps in noise_chunks(model, start, len(x), k, (seed, "importance", split), block,
                             x.device):
         z = reparameterize(q, eps)  # (S, B, D)
-        log_likelihood = model.decode(z).log_prob(x)  # (S, B)
+        log_px_given_z = log_likelihood(model, z, x, samples_per_pass)  # (S, B)
         # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
         kl_per_dim = q_dims.log_prob(z) - prior_dims.log_prob(z)  # (S, B, D)
-        log_weight = log_likelihood - kl_per_dim.sum(-1)  # (S, B)
-        yield ImportanceBlock(z, log_likelihood, log_weight, kl_per_dim)
+        log_weight = log_px_given_z - kl_per_dim.sum(-1)  # (S, B)
+        yield ImportanceBlock(z, log_px_given_z, log_weight, kl_per_dim)
 
 
 def prior_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
-                 block: int) -> Iterator[Tensor]:
+                 block: int, samples_per_pass: int | None = None) -> Iterator[Tensor]:
     """log p(x | z_j) with z_j ~ p(z), k per example of x, in blocks: (S, B) each."""
+    samples_per_pass = samples_per_pass or decode_samples(model, len(x))
     prior = model.prior
     for eps in noise_chunks(model, start, len(x), k, (seed, "naive", split), block, x.device):
         z = draw_from_noise(prior, eps)  # (S, B, D)
-        yield model.decode(z).log_prob(x)  # (S, B)
+        yield log_likelihood(model, z, x, samples_per_pass)  # (S, B)
 
 
 def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
@@ -266,13 +325,16 @@ def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
     if proposal not in ("posterior", "prior"):
         raise ValueError(f"unknown proposal {proposal!r}: choose one of posterior, prior")
     block = block or sample_block(model, k, len(x))
+    samples_per_pass = decode_samples(model, len(x))
     with torch.inference_mode():
         if proposal == "posterior":
             parts = [b.log_weight.double() for b in importance_blocks(
-                model, x, start, k, seed=seed, split=split, block=block)]
+                model, x, start, k, seed=seed, split=split, block=block,
+                samples_per_pass=samples_per_pass)]
         else:
-            parts = [b.double() for b in prior_blocks(model, x, start, k, seed=seed, split=split,
-                                                      block=block)]
+            parts = [b.double() for b in prior_blocks(
+                model, x, start, k, seed=seed, split=split, block=block,
+                samples_per_pass=samples_per_pass)]
     return torch.cat(parts)  # (k, B)
 
 
@@ -310,6 +372,13 @@ def decoded_elements_per_sample(model: VAE) -> int:
     return total + 3 * math.prod(model.data_shape)
 
 
+def decode_samples(model: VAE, examples: int, budget: int | None = None) -> int:
+    """Samples of each of `examples` examples to decode in one pass, so that the pass's
+    activations fit the cache-sized budget (default DECODE_ELEMENTS)."""
+    budget = budget or DECODE_ELEMENTS
+    return max(1, budget // (decoded_elements_per_sample(model) * max(1, examples)))
+
+
 def sample_block(model: VAE, k: int, examples: int = 1, budget: int | None = None) -> int:
     """Samples per example to decode at once (at most a block of noise, SAMPLE_BLOCK, and k),
     within the memory budget (default CHUNK_ELEMENTS) for `examples` examples at a time."""
@@ -334,17 +403,24 @@ SCALARS = ("log_px", "log_px_var", "log_px_ess", "elbo", "elbo_var", "elbo_gap_v
 
 
 def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, split: str,
-                   naive: bool = True, block: int | None = None) -> Tensor:
+                   naive: bool = True, block: int | None = None,
+                   samples_per_pass: int | None = None) -> Tensor:
     """Every per-example figure of x (B, *shape) as columns (B, len(SCALARS) + 2 D): SCALARS,
     then the posterior mean E_q[z] (D columns) and the KL per latent dimension (D columns).
     Model space: the pipeline's log-Jacobian is not added here."""
     block = block or sample_block(model, k, len(x))
+    samples_per_pass = samples_per_pass or decode_samples(model, len(x))
     q = model.encode(x)
     exact_kl = _exact_kl_per_dim(q, model.prior)  # (B, D) or None
     weights, likelihood, kl_sums = LogMeanExp(), MeanSums(), MeanSums()
     kl_dims = torch.zeros(len(x), model.latent_dim, dtype=torch.float64, device=x.device)
-    z_sum = torch.zeros_like(kl_dims)
-    for b in importance_blocks(model, x, start, k, seed=seed, split=split, block=block):
+    try:
+        posterior_mean = q.mean.double()  # (B, D)
+        z_sum = None
+    except NotImplementedError:  # a transformed Gaussian: E_q[z] by the same samples
+        posterior_mean, z_sum = None, torch.zeros_like(kl_dims)
+    for b in importance_blocks(model, x, start, k, seed=seed, split=split, block=block,
+                               samples_per_pass=samples_per_pass):
         if exact_kl is not None:
             # The ELBO's summand with the KL in closed form: lower variance than log w.
             summand = b.log_likelihood.double() - exact_kl.double().sum(-1)  # (S, B)
@@ -354,16 +430,15 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
             kl_sums.add(b.kl_per_dim.sum(-1))
         weights.add(b.log_weight, companion=summand)
         likelihood.add(b.log_likelihood)
-        z_sum += b.z.double().sum(0)
+        if z_sum is not None:
+            z_sum += b.z.double().sum(0)
     if exact_kl is not None:
         kl_dims = exact_kl.double()
         kl, kl_var = kl_dims.sum(-1), torch.zeros(len(x), dtype=torch.float64, device=x.device)
     else:
         kl_dims = kl_dims / k
         kl, kl_var = kl_sums.mean, kl_sums.variance_of_mean
-    try:
-        posterior_mean = q.mean.double()  # (B, D)
-    except NotImplementedError:  # a transformed Gaussian: E_q[z] by the same samples
+    if z_sum is not None:
         posterior_mean = z_sum / k
     columns = {
         "log_px": weights.estimate, "log_px_var": weights.variance,
@@ -375,9 +450,9 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
     }
     if naive:
         prior_weights = LogMeanExp()
-        for log_likelihood in prior_blocks(model, x, start, k, seed=seed, split=split,
-                                           block=block):
-            prior_weights.add(log_likelihood)
+        for log_px_given_z in prior_blocks(model, x, start, k, seed=seed, split=split,
+                                           block=block, samples_per_pass=samples_per_pass):
+            prior_weights.add(log_px_given_z)
         columns.update(log_px_naive=prior_weights.estimate,
                        log_px_naive_var=prior_weights.variance,
                        log_px_naive_ess=prior_weights.effective_sample_size)
@@ -493,13 +568,14 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
     device = device or next(model.parameters()).device
     block = sample_block(model, k)
     batch_size = batch_size or examples_per_chunk(model, block)
+    samples_per_pass = decode_samples(model, min(batch_size, len(raw)))
     latent = model.latent_dim
     was_training = model.training
     model.eval()
 
     def fn(x: Tensor, start: int, stop: int) -> Tensor:
         return evaluate_batch(model, x, start, k=k, seed=seed, split=split, naive=naive,
-                              block=block)
+                              block=block, samples_per_pass=samples_per_pass)
 
     try:
         table = map_examples(fn, raw, pipeline, split, batch_size, device, dist,
