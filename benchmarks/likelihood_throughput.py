@@ -4,11 +4,13 @@ vaekit's estimator (`estimate.evaluate`, what `vaekit evaluate --no-naive` runs:
 standard error and effective sample size, the ELBO, KL per dimension, ...) against a reference
 written the way IS evaluation is usually written: encode a batch of examples, draw k codes with
 `rsample`, decode them all, Bernoulli log-probability, `logsumexp`. Both score the same model on
-the same binarised images, alternately (reference, vaekit, reference, ...) in one process.
-Prints the time of each, their ratio, and each against the time the matrix products alone would
-take at the fp32 throughput measured in this run on the importance sampler's own matrix shapes
-(FLOPs counted from the shapes); checks that both give the same log p(x) within their standard
-errors; profiles vaekit's estimator (torch.profiler) to show where its time goes.
+the same binarised images, each in a fresh process (so neither inherits the other's process
+settings), alternately: reference, vaekit, reference, ... Prints the time of each, their ratio,
+and each against the time the matrix products alone would take at the fp32 throughput measured
+in this run on the importance sampler's own matrix shapes (FLOPs counted from the shapes);
+checks that both give the same log p(x) within their standard errors; times vaekit once more
+with glibc's default malloc policy (see vaekit/allocator.py), and profiles vaekit's estimator
+(torch.profiler) to show where its time goes.
 
     python benchmarks/likelihood_throughput.py [--examples 1000] [--k 1000] [--repeats 3]
         [--run RUN_DIR | --fresh] [--reference-batch 10] [--no-record]
@@ -20,6 +22,7 @@ Without --run the 784-400-20 MLP VAE is trained for one epoch by vaekit first (a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -37,6 +40,7 @@ from common import (  # noqa: E402
     load_average,
     machine,
     record,
+    run_json,
     today,
 )
 
@@ -69,18 +73,15 @@ def reference_log_px(model, x: torch.Tensor, k: int, batch: int) -> tuple[torch.
     return torch.cat(estimates).double(), torch.cat(variances)
 
 
-def brief_model(epochs: int, scratch: str):
-    """The 784-400-20 MLP VAE trained by vaekit for a few epochs; its model and pipeline."""
+def brief_model(epochs: int, scratch: str) -> str:
+    """Train the 784-400-20 MLP VAE with vaekit for a few epochs; the run folder."""
     from vaekit.config import TrainConfig
-    from vaekit.runs import load_run
     from vaekit.train import train
 
-    run_dir = train(TrainConfig(data="fashion-mnist", epochs=epochs, batch_size=128,
-                                hidden=[400], latent_dim=20, likelihood="bernoulli",
-                                progress=False, out=str(Path(scratch) / "run")),
-                    log=lambda *a, **k: None)
-    run = load_run(run_dir)
-    return run.model, run.pipeline
+    return str(train(TrainConfig(data="fashion-mnist", epochs=epochs, batch_size=128,
+                                 hidden=[400], latent_dim=20, likelihood="bernoulli",
+                                 progress=False, out=str(Path(scratch) / "run")),
+                     log=lambda *a, **k: None))
 
 
 def profile_vaekit(model, raw, pipeline, k: int) -> list[tuple[str, float]]:
@@ -111,6 +112,47 @@ def profile_vaekit(model, raw, pipeline, k: int) -> list[tuple[str, float]]:
     return [*totals.items(), ("everything else (small tensor ops, Python, dispatch)", other)]
 
 
+ARMS = ("reference", "vaekit", "vaekit-default-malloc")
+
+
+def load_model(run: str | None):
+    """The model and pipeline to score: a run's, or freshly initialised (run None)."""
+    if run:
+        from vaekit.runs import load_run
+
+        loaded = load_run(run)
+        return loaded.model.eval(), loaded.pipeline
+    torch.manual_seed(0)
+    model = build_vae(ModelConfig(data_shape=(1, 28, 28))).eval()
+    return model, Pipeline.build(load_dataset("fashion-mnist"), "bernoulli", "dynamic", 0)
+
+
+def run_arm(args) -> dict:
+    """One timed evaluation in this process (a child of main): seconds and log p(x) +- s.e."""
+    import vaekit.estimate
+
+    if args.arm == "vaekit-default-malloc":  # leave glibc's malloc thresholds as they are
+        vaekit.estimate.keep_freed_memory = lambda: False
+    model, pipeline = load_model(args.run)
+    raw = load_dataset("fashion-mnist").test_x[:args.examples]  # (N, 1, 28, 28) uint8
+    x = pipeline.fixed(raw, 0, "test")  # (N, 1, 28, 28): the images both estimators score
+    if args.arm == "reference":
+        reference_log_px(model, x[:10], args.k, args.reference_batch)  # warm-up
+        torch.manual_seed(args.seed)
+        started = time.perf_counter()
+        estimate, variance = reference_log_px(model, x, args.k, args.reference_batch)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "log_px": float(estimate.mean()),
+                "log_px_se": float(variance.sum().sqrt() / len(x))}
+    evaluate(model, raw[:10], pipeline, k=args.k, naive=False)  # warm-up
+    started = time.perf_counter()
+    evaluation = evaluate(model, raw, pipeline, k=args.k, naive=False)
+    seconds = time.perf_counter() - started
+    summary = evaluation.summary()
+    return {"seconds": seconds, **{key: summary[key] for key in ("log_px", "log_px_se", "elbo",
+                                                                 "kl")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1000)
@@ -123,79 +165,71 @@ def main() -> None:
                         help="examples per batch of the reference (k codes each)")
     parser.add_argument("--profile-examples", type=int, default=100)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # a child's one timing
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args)))
+        return
 
     load_before = load_average()
-    dataset = load_dataset("fashion-mnist")
-    raw = dataset.test_x[:args.examples]  # (N, 1, 28, 28) uint8
     with tempfile.TemporaryDirectory() as scratch:
-        if args.run:
-            from vaekit.runs import load_run
-
-            run = load_run(args.run)
-            model, pipeline = run.model, run.pipeline
-            weights = f"the run {args.run}"
+        run = args.run
+        if run:
+            weights = f"the run {run}"
         elif args.fresh:
-            torch.manual_seed(0)
-            model = build_vae(ModelConfig(data_shape=(1, 28, 28)))
-            pipeline = Pipeline.build(dataset, "bernoulli", "dynamic", 0)
             weights = "freshly initialised (seed 0)"
         else:
-            model, pipeline = brief_model(args.epochs, scratch)
+            run = brief_model(args.epochs, scratch)
             weights = f"trained by vaekit for {args.epochs} epoch(s) (batch 128, Adam 1e-3)"
-    model.eval()
-    if not isinstance(pipeline, Pipeline) or pipeline.mode != "binarize":
-        raise SystemExit("the benchmark needs a Bernoulli model of binarised images")
-    x = pipeline.fixed(raw, 0, "test")  # (N, 1, 28, 28): the images both estimators score
+        model, pipeline = load_model(run)
+        if pipeline.mode != "binarize" or model.data_shape != (1, 28, 28):
+            raise SystemExit("the benchmark needs a Bernoulli model of binarised 28x28 images")
 
-    peak, peak_rows = is_matmul_peak()
-    flops = args.examples * (IS_FLOPS_PER_EXAMPLE + args.k * IS_FLOPS_PER_SAMPLE)
-    matmul_seconds = flops / peak
+        peak, peak_rows = is_matmul_peak()
+        common = [str(Path(__file__).resolve()), "--examples", str(args.examples), "--k",
+                  str(args.k), "--reference-batch", str(args.reference_batch)] + \
+            (["--run", run] if run else [])
+        results = {arm: [] for arm in ARMS}
+        for repeat in range(args.repeats):
+            for arm in ARMS:
+                results[arm].append(run_json([*common, "--arm", arm, "--seed", str(repeat)]))
+            print(f"repeat {repeat + 1}: " + ", ".join(
+                f"{arm} {results[arm][-1]['seconds']:.2f} s" for arm in ARMS), flush=True)
+        peak_after, rows_after = is_matmul_peak()
+        if peak_after > peak:
+            peak, peak_rows = peak_after, rows_after
+        load_after = load_average()
+        raw = load_dataset("fashion-mnist").test_x[:args.profile_examples]
+        profile = profile_vaekit(model, raw, pipeline, args.k)
 
-    # Warm up both (thread pools, allocator, MKL's first-call setup) on a few examples.
-    reference_log_px(model, x[:10], args.k, args.reference_batch)
-    evaluate(model, raw[:10], pipeline, k=args.k, naive=False)
-
-    times = {"reference": [], "vaekit": []}
-    for repeat in range(args.repeats):
-        torch.manual_seed(repeat)
-        started = time.perf_counter()
-        ref_estimate, ref_variance = reference_log_px(model, x, args.k, args.reference_batch)
-        times["reference"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        evaluation = evaluate(model, raw, pipeline, k=args.k, naive=False)
-        times["vaekit"].append(time.perf_counter() - started)
-        print(f"repeat {repeat + 1}: reference {times['reference'][-1]:.2f} s, "
-              f"vaekit {times['vaekit'][-1]:.2f} s", flush=True)
-    peak_after, rows_after = is_matmul_peak()
-    if peak_after > peak:
-        peak, peak_rows = peak_after, rows_after
-        matmul_seconds = flops / peak
-    load_after = load_average()
-
-    summary = evaluation.summary()
     n = args.examples
-    ref_log_px = float(ref_estimate.mean())
-    ref_se = float(ref_variance.sum().sqrt() / n)
-    difference = summary["log_px"] - ref_log_px
-    combined_se = math.hypot(summary["log_px_se"], ref_se)
+    flops = n * (IS_FLOPS_PER_EXAMPLE + args.k * IS_FLOPS_PER_SAMPLE)
+    matmul_seconds = flops / peak
+    seconds = {arm: statistics.median(r["seconds"] for r in results[arm]) for arm in ARMS}
+    reference, vaekit = results["reference"][-1], results["vaekit"][-1]
+    difference = vaekit["log_px"] - reference["log_px"]
+    combined_se = math.hypot(vaekit["log_px_se"], reference["log_px_se"])
     agree = abs(difference) < 3 * combined_se
-
-    profile = profile_vaekit(model, raw[:args.profile_examples], pipeline, args.k)
-    profiled = sum(seconds for _, seconds in profile)
-    profile_matmul = (args.profile_examples * (IS_FLOPS_PER_EXAMPLE
-                                               + args.k * IS_FLOPS_PER_SAMPLE) / peak)
-
-    ref_time = statistics.median(times["reference"])
-    vk_time = statistics.median(times["vaekit"])
-    ratios = [r / v for r, v in zip(times["reference"], times["vaekit"])]
-    goal = vk_time <= 1.3 * matmul_seconds
+    ratios = [r["seconds"] / v["seconds"] for r, v in zip(results["reference"],
+                                                          results["vaekit"])]
+    profiled = sum(t for _, t in profile)
+    profile_matmul = args.profile_examples * (IS_FLOPS_PER_EXAMPLE
+                                              + args.k * IS_FLOPS_PER_SAMPLE) / peak
+    goal = seconds["vaekit"] <= 1.3 * matmul_seconds
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
+
+    def row(arm: str, label: str) -> str:
+        result = results[arm][-1]
+        return (f"| {label} | {seconds[arm]:.2f} | {seconds[arm] / matmul_seconds:.2f} | "
+                f"{matmul_seconds / seconds[arm]:.0%} | {result['log_px']:.3f} | "
+                f"{result['log_px_se']:.3f} |")
+
     lines = [
         f"- machine: {machine()}; OMP_NUM_THREADS {threads}; load average "
         f"{load_before:.2f} before, {load_after:.2f} after",
-        f"- date: {today()}; {args.repeats} alternating repeats (reference, vaekit, ...), "
-        "medians shown",
+        f"- date: {today()}; {args.repeats} alternating repeats, each arm in a fresh process; "
+        "medians shown (log p(x) of the last repeat)",
         f"- model: the 784-400-20 MLP VAE (ReLU, Bernoulli), {weights}; the cost does not "
         "depend on the weights",
         f"- data: the first {n:,} Fashion-MNIST test images, binarised once (vaekit's fixed "
@@ -209,22 +243,20 @@ def main() -> None:
         "",
         "| | time (s) | / matmul-only time | fraction of matmul peak | log p(x) (nats) | s.e. |",
         "|---|---|---|---|---|---|",
-        f"| reference: batches of {args.reference_batch} images x k codes, `rsample`, "
-        f"`Bernoulli.log_prob`, `logsumexp` | {ref_time:.2f} | {ref_time / matmul_seconds:.2f} "
-        f"| {matmul_seconds / ref_time:.0%} | {ref_log_px:.3f} | {ref_se:.3f} |",
-        f"| vaekit `evaluate(..., naive=False)` | {vk_time:.2f} | "
-        f"{vk_time / matmul_seconds:.2f} | {matmul_seconds / vk_time:.0%} | "
-        f"{summary['log_px']:.3f} | {summary['log_px_se']:.3f} |",
+        row("reference", f"reference: batches of {args.reference_batch} images x k codes, "
+            "`rsample`, `Bernoulli.log_prob`, `logsumexp`"),
+        row("vaekit", "vaekit `evaluate(..., naive=False)`"),
+        row("vaekit-default-malloc", "vaekit, glibc's default malloc thresholds"),
         "",
         f"vaekit / reference speed (median of per-repeat ratios): "
         f"**{statistics.median(ratios):.2f}x** (repeats: "
         f"{', '.join(f'{r:.2f}' for r in ratios)}).",
         f"Goal, IS at k = 1000 within 1.3 x the matmul-only time: "
-        f"{vk_time / matmul_seconds:.2f} x, **{'met' if goal else 'not met'}**.",
+        f"{seconds['vaekit'] / matmul_seconds:.2f} x, **{'met' if goal else 'not met'}**.",
         f"Same log p(x): they differ by {difference:+.3f} nats = "
         f"{difference / combined_se:+.2f} combined standard errors "
         f"({'agree' if agree else 'DISAGREE'} within 3). vaekit also reported the ELBO "
-        f"{summary['elbo']:.3f} and the KL {summary['kl']:.3f} from the same samples.",
+        f"{vaekit['elbo']:.3f} and the KL {vaekit['kl']:.3f} from the same samples.",
         "",
         f"Where vaekit's time goes (torch.profiler, self time, {args.profile_examples} images, "
         f"k = {args.k:,}; the matrix products alone would need {profile_matmul:.3f} s at the "
@@ -232,8 +264,8 @@ def main() -> None:
         "",
         "| operations | seconds | share | / matmul-only time |",
         "|---|---|---|---|",
-        *[f"| {name} | {seconds:.3f} | {seconds / profiled:.1%} | "
-          f"{seconds / profile_matmul:.3f} |" for name, seconds in profile],
+        *[f"| {name} | {t:.3f} | {t / profiled:.1%} | {t / profile_matmul:.3f} |"
+          for name, t in profile],
         f"| total | {profiled:.3f} | 100% | {profiled / profile_matmul:.3f} |",
     ]
     text = "\n".join(lines)

@@ -146,7 +146,8 @@ def build_parser() -> Parser:
     evaluate.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive "
                           "estimator (halves the time)")
     evaluate.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per "
-                          "chunk (default: as many as fit about 64 MiB of decoder outputs)")
+                          "chunk (default: enough for cache-sized decoder passes of 16 samples "
+                          "each, within about 64 MiB)")
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false",
                           help="no progress bar")

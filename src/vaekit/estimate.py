@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, TransformedDistribution, kl_divergence
 
+from .allocator import keep_freed_memory
 from .data import Pipeline, batches
 from .distributed import DistContext
 from .distributions import (
@@ -39,11 +40,15 @@ from .model import VAE
 from .objectives import elbo_terms
 from .randomness import FIXED_BLOCK, SAMPLE_BLOCK, fixed_normal, per_example_normal
 
-CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk of decoded samples may hold (~64 MiB each)
-# ... of which one decoder pass holds at most this many (4 MiB): activations that stay in the
-# caches instead of streaming through memory make the decoder's matrix products up to 1.4x
-# faster (benchmarks/likelihood_throughput.py).
-DECODE_ELEMENTS = 2 ** 20
+CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk's tensors may hold (~64 MiB)
+# One decoder pass holds at most this many (8 MiB): activations that stay in the caches instead
+# of streaming through memory (benchmarks/likelihood_throughput.py: about 500 samples of the
+# 784-400-20 VAE, where its matrix products run fastest on 1 and on 2 threads).
+DECODE_ELEMENTS = 2 ** 21
+# Samples of each example in one decoder pass, at the default number of examples per chunk: a
+# chunk's bookkeeping per block of samples (noise, log weights, sums in float64) is then shared
+# by enough examples to cost little next to decoding.
+PASS_SAMPLES = 16
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E_q[z_d]) > 0.01
 # Examples whose importance weights have an effective sample size below this are flagged: a
 # few draws carry the estimate, which is then likely too low and its error bar too small.
@@ -326,6 +331,7 @@ def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
         raise ValueError(f"unknown proposal {proposal!r}: choose one of posterior, prior")
     block = block or sample_block(model, k, len(x))
     samples_per_pass = decode_samples(model, len(x))
+    keep_freed_memory()
     with torch.inference_mode():
         if proposal == "posterior":
             parts = [b.log_weight.double() for b in importance_blocks(
@@ -388,9 +394,14 @@ def sample_block(model: VAE, k: int, examples: int = 1, budget: int | None = Non
 
 
 def examples_per_chunk(model: VAE, block: int, budget: int | None = None) -> int:
-    """Examples to process together so that block samples of each fit the memory budget."""
+    """Examples to process together: enough that a decoder pass (DECODE_ELEMENTS) holds
+    PASS_SAMPLES samples of each, and few enough that a block of `block` samples of each fits
+    the memory budget (default CHUNK_ELEMENTS) with its noise, codes and per-dimension terms
+    (about 6 numbers per latent dimension, and 24 per sample for the sums)."""
     budget = budget or CHUNK_ELEMENTS
-    return max(1, budget // (block * decoded_elements_per_sample(model)))
+    by_pass = DECODE_ELEMENTS // (decoded_elements_per_sample(model) * PASS_SAMPLES)
+    by_memory = budget // (block * (6 * model.latent_dim + 24))
+    return max(1, min(by_pass, by_memory))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -560,11 +571,12 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
              progress: Callable[[int], None] | None = None) -> Evaluation:
     """Estimate log p(x), the ELBO and the rest on every example of raw (a split's raw data).
 
-    batch_size: examples per chunk (default: as many as fit the chunk memory budget).
+    batch_size: examples per chunk (default: examples_per_chunk).
     Under torchrun pass DistContext.from_env(): chunks are shared out, results are identical.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    keep_freed_memory()  # decoder passes reuse freed memory instead of faulting in fresh pages
     device = device or next(model.parameters()).device
     block = sample_block(model, k)
     batch_size = batch_size or examples_per_chunk(model, block)
