@@ -8,9 +8,8 @@ the same binarised images, each in a fresh process (so neither inherits the othe
 settings), alternately: reference, vaekit, reference, ... Prints the time of each, their ratio,
 and each against the time the matrix products alone would take at the fp32 throughput measured
 in this run on the importance sampler's own matrix shapes (FLOPs counted from the shapes);
-checks that both give the same log p(x) within their standard errors; times vaekit once more
-with glibc's default malloc policy (see vaekit/allocator.py), and profiles vaekit's estimator
-(torch.profiler) to show where its time goes.
+checks that both give the same log p(x) within their standard errors; profiles vaekit's
+estimator (torch.profiler) to show where its time goes.
 
     python benchmarks/likelihood_throughput.py [--examples 1000] [--k 1000] [--repeats 3]
         [--run RUN_DIR | --fresh] [--reference-batch 10] [--no-record]
@@ -112,7 +111,7 @@ def profile_vaekit(model, raw, pipeline, k: int) -> list[tuple[str, float]]:
     return [*totals.items(), ("everything else (small tensor ops, Python, dispatch)", other)]
 
 
-ARMS = ("reference", "vaekit", "vaekit-default-malloc")
+ARMS = ("reference", "vaekit")
 
 
 def load_model(run: str | None):
@@ -129,10 +128,6 @@ def load_model(run: str | None):
 
 def run_arm(args) -> dict:
     """One timed evaluation in this process (a child of main): seconds and log p(x) +- s.e."""
-    import vaekit.estimate
-
-    if args.arm == "vaekit-default-malloc":  # leave glibc's malloc thresholds as they are
-        vaekit.estimate.keep_freed_memory = lambda: False
     model, pipeline = load_model(args.run)
     raw = load_dataset("fashion-mnist").test_x[:args.examples]  # (N, 1, 28, 28) uint8
     x = pipeline.fixed(raw, 0, "test")  # (N, 1, 28, 28): the images both estimators score
@@ -246,7 +241,6 @@ def main() -> None:
         row("reference", f"reference: batches of {args.reference_batch} images x k codes, "
             "`rsample`, `Bernoulli.log_prob`, `logsumexp`"),
         row("vaekit", "vaekit `evaluate(..., naive=False)`"),
-        row("vaekit-default-malloc", "vaekit, glibc's default malloc thresholds"),
         "",
         f"vaekit / reference speed (median of per-repeat ratios): "
         f"**{statistics.median(ratios):.2f}x** (repeats: "

@@ -20,6 +20,7 @@ from vaekit.distributions import (
     build_prior,
     has_exact_kl,
     kl_or_estimate,
+    log_ratio_per_dimension,
     posterior_mean_code,
     reparameterize,
 )
@@ -147,6 +148,21 @@ def test_posterior_mean_code():
     assert torch.allclose(squashed, torch.sigmoid(torch.tensor([[0.5, -1.0]])))
 
 
+@pytest.mark.parametrize("prior_name", ["normal", "uniform"])
+def test_log_ratio_per_dimension_equals_the_log_densities(prior_name):
+    torch.manual_seed(0)
+    prior = build_prior(prior_name, 3)()
+    posterior = (GaussianPosterior if prior_name == "normal" else SigmoidGaussianPosterior)(3)
+    q = posterior(torch.randn(4, 6) * 2)  # batch (4,), event (3,)
+    eps = torch.randn(50, 4, 3)
+    z = reparameterize(q, eps)  # (50, 4, 3)
+    ratio = log_ratio_per_dimension(q, prior, z, eps)
+    assert ratio.shape == (50, 4, 3)
+    # the sum over dimensions is log q(z|x) - log p(z), computed in float64 from z itself
+    exact = (q.log_prob(z).double() - prior.log_prob(z).double())  # (50, 4)
+    assert torch.allclose(ratio.double().sum(-1), exact, atol=1e-4, rtol=1e-5)
+
+
 def test_bernoulli_mass_sums_to_one():
     likelihood = BernoulliLikelihood((2,))
     px = likelihood(torch.tensor([[0.3, -2.0]]))
@@ -172,6 +188,18 @@ def test_bernoulli_scorer_equals_the_distribution_log_prob(event_shape):
     both = torch.stack([BernoulliLikelihood((1,)).scorer(v.view(1, 1))(torch.tensor([[1.7]]))
                         for v in pixel])
     assert abs(float(torch.logsumexp(both.flatten(), 0))) < 1e-6
+
+
+def test_bernoulli_scorer_adds_a_bias_to_the_logits():
+    torch.manual_seed(1)
+    likelihood = BernoulliLikelihood((1, 2, 3))
+    x = (torch.rand(4, 1, 2, 3) < 0.5).float()  # (B, *event)
+    logits, bias = torch.randn(5, 4, 1, 2, 3) * 3, torch.randn(6) * 2  # bias per pixel, flat
+    expected = likelihood(logits + bias.view(1, 2, 3)).log_prob(x)  # (5, 4)
+    assert torch.allclose(likelihood.scorer(x, bias)(logits.clone()), expected, atol=1e-5)
+    grey = torch.full((4, 1, 2, 3), 0.3)  # not binary: the distribution's formula, same bias
+    assert torch.allclose(likelihood.scorer(grey, bias)(logits.clone()),
+                          likelihood(logits + bias.view(1, 2, 3)).log_prob(grey))
 
 
 def test_bernoulli_scorer_of_non_binary_values_uses_the_distribution_formula():

@@ -38,6 +38,7 @@ from vaekit.oracle import (
     sample_data,
     set_exact_posterior,
 )
+from vaekit.model import ModelConfig, build_vae
 from vaekit.randomness import FIXED_BLOCK, per_example_normal
 from vaekit.runs import load_run, load_run_dataset
 
@@ -236,19 +237,47 @@ def bernoulli(tiny_run):
     return run.model.eval(), raw, run.pipeline
 
 
+def decoders():
+    """Models whose log p(x|z) takes each path of log_likelihood, with binary data for them."""
+    torch.manual_seed(0)
+    binary = (torch.rand(6, 1, 6, 6) < 0.4).float()  # (6, 1, 6, 6)
+    configs = {
+        "mlp relu": dict(hidden=[16]),
+        "mlp tanh, two layers": dict(hidden=[16, 8], activation="tanh"),
+        "linear": dict(hidden=[]),
+        "conv": dict(net="conv", hidden=[16]),
+    }
+    for name, config in configs.items():
+        model = build_vae(ModelConfig(data_shape=(1, 6, 6), latent_dim=3, **config)).eval()
+        yield name, model, binary
+
+
 @pytest.mark.parametrize("samples_per_pass", [1, 7, 60])
 def test_log_likelihood_in_slices_equals_decoding_every_sample_at_once(oracle, bernoulli,
                                                                        samples_per_pass):
-    torch.manual_seed(0)
+    import vaekit.estimate as estimate
+
     model, raw, pipeline = bernoulli
-    cases = [(oracle[0], oracle[1][:6]), (model, pipeline.fixed(raw[:6], 0))]  # Gaussian, Bernoulli
-    for net, x in cases:
+    cases = [("oracle (Gaussian)", oracle[0], oracle[1][:6]),
+             ("trained digits MLP", model, pipeline.fixed(raw[:6], 0)), *decoders()]
+    for name, net, x in cases:
         with torch.inference_mode():
             z = net.encode(x).sample((60,))  # (60, 6, D)
             expected = net.decode(z).log_prob(x)  # (60, 6)
             sliced = log_likelihood(net, z, x, samples_per_pass)
-        assert sliced.shape == expected.shape
-        assert torch.allclose(sliced, expected, rtol=1e-6, atol=1e-4)
+        assert sliced.shape == expected.shape, name
+        assert torch.allclose(sliced, expected, rtol=1e-6, atol=1e-4), name
+        # MLP decoders can run layer by layer into reused buffers; conv decoders as modules
+        assert (estimate._mlp_layers(net) is None) == (name == "conv")
+
+
+def test_log_likelihood_with_gradients_takes_the_distribution_path():
+    _, model, x = next(decoders())
+    z = model.encode(x).rsample((5,))  # (5, 6, 3), differentiable in the encoder
+    value = log_likelihood(model, z, x, 2)
+    assert torch.allclose(value, model.decode(z).log_prob(x))
+    value.sum().backward()  # no in-place step got in the way of autograd
+    assert all(p.grad is not None for p in model.encoder.parameters())
 
 
 def plain_evaluation(model, x, k):

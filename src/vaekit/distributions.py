@@ -184,6 +184,23 @@ def per_dimension(p: Distribution) -> Distribution:
     raise TypeError(f"per_dimension needs an Independent distribution over one dim, got {p}")
 
 
+def log_ratio_per_dimension(q: Distribution, prior: Distribution, z: Tensor,
+                            eps: Tensor) -> Tensor:
+    """log q(z_d | x) - log p(z_d) per latent dimension (..., B, D) at z = reparameterize(q, eps).
+
+    For a Gaussian posterior and a standard normal prior it is (z^2 - eps^2) / 2 - log sigma_d,
+    read off the noise that made z: 5 passes over the samples instead of the 14 of two
+    Normal.log_prob calls (importance sampling evaluates it for every sample). Other pairs use
+    the distributions' own log_prob.
+    """
+    base = q.base_dist if isinstance(q, Independent) else None
+    prior_base = prior.base_dist if isinstance(prior, Independent) else None
+    if isinstance(base, Normal) and isinstance(prior_base, Normal) and \
+            bool((prior_base.loc == 0).all() and (prior_base.scale == 1).all()):
+        return 0.5 * (z.square() - eps.square()) - base.scale.log()  # (..., B, D)
+    return per_dimension(q).log_prob(z) - per_dimension(prior).log_prob(z)  # (..., B, D)
+
+
 def posterior_mean_code(q: Distribution) -> Tensor:
     """A point code for x: the posterior mean for Gaussians, the squashed mean in the cube."""
     if isinstance(q, TransformedDistribution):
@@ -228,23 +245,34 @@ class BernoulliLikelihood(nn.Module):
     def forward(self, logits: Tensor) -> Distribution:
         return Independent(Bernoulli(logits=logits, validate_args=False), len(self.event_shape))
 
-    def scorer(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """log p(x | logits) as a function of the logits, for fixed examples x (B, *event_shape):
-        score(logits (..., B, *event_shape)) -> (...,  B), equal to self(logits).log_prob(x).
+    def scorer(self, x: Tensor, bias: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """log p(x | logits + bias) as a function of the logits, for fixed examples x
+        (B, *event_shape): score(logits (..., B, *event_shape)) -> (..., B), equal to
+        self(logits + bias).log_prob(x). For evaluation: score works in place, overwriting the
+        logits it is given (a decoder's fresh output, or a buffer), and records no gradient.
 
-        For x in {0, 1}, log Bernoulli(x; sigmoid(l)) = -softplus((1 - 2x) l): one softplus
-        per pixel (the one pass over the logits that cannot be avoided) and no sums of large
-        terms that cancel. What depends on x alone is prepared once, for estimators that score
-        many batches of codes of the same examples. Other x use the distribution's formula.
+        For x in {0, 1}, log Bernoulli(x; sigmoid(l)) = -softplus((1 - 2x) l): the sign and the
+        bias take one fused pass over the logits, the softplus one more (the transcendental
+        pass that cannot be avoided), and no sums of large terms cancel. What depends on x
+        alone is prepared once, for estimators that score many batches of codes of the same
+        examples. Other x use the distribution's formula.
         """
         if not bool(((x == 0) | (x == 1)).all()):
-            return lambda logits: self(logits).log_prob(x)
+            return lambda logits: self(logits if bias is None else logits + bias.view(
+                self.event_shape)).log_prob(x)
         signs = 1 - 2 * x  # (B, *event_shape): +1 where x = 0, -1 where x = 1
+        signed_bias = None if bias is None else bias.view(self.event_shape) * signs
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         event_dims = len(self.event_shape)
 
         def score(logits: Tensor) -> Tensor:
-            signed = logits * signs  # (..., B, *event_shape)
-            return -F.softplus(signed).flatten(-event_dims).sum(-1)  # (..., B)
+            with torch.no_grad():
+                if signed_bias is None:
+                    signed = logits.mul_(signs)  # (..., B, *event_shape)
+                else:
+                    signed = torch.addcmul(signed_bias, logits, signs, out=logits)
+                softplus = torch.logaddexp(signed, zero, out=signed)  # log(1 + e^v), in place
+                return softplus.flatten(-event_dims).sum(-1).neg_()  # (..., B)
 
         return score
 

@@ -25,26 +25,27 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution, TransformedDistribution, kl_divergence
 
-from .allocator import keep_freed_memory
 from .data import Pipeline, batches
 from .distributed import DistContext
 from .distributions import (
     draw_from_noise,
+    log_ratio_per_dimension,
     per_dimension,
     reparameterize,
 )
 from .model import VAE
+from .nets import MLPDecoder
 from .objectives import elbo_terms
 from .randomness import FIXED_BLOCK, SAMPLE_BLOCK, fixed_normal, per_example_normal
 
 CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk's tensors may hold (~64 MiB)
-# One decoder pass holds at most this many (8 MiB): activations that stay in the caches instead
-# of streaming through memory (benchmarks/likelihood_throughput.py: about 500 samples of the
+# One decoder pass holds at most this many (16 MiB): activations that stay in the caches instead
+# of streaming through memory (benchmarks/likelihood_throughput.py: about 1000 samples of the
 # 784-400-20 VAE, where its matrix products run fastest on 1 and on 2 threads).
-DECODE_ELEMENTS = 2 ** 21
+DECODE_ELEMENTS = 2 ** 22
 # Samples of each example in one decoder pass, at the default number of examples per chunk: a
 # chunk's bookkeeping per block of samples (noise, log weights, sums in float64) is then shared
 # by enough examples to cost little next to decoding.
@@ -271,22 +272,69 @@ def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | Non
 
     The decoder runs on `samples_per_pass` samples of every example at a time (default:
     decode_samples), so that its activations stay in cache instead of streaming through
-    memory. A likelihood with a `scorer(x)` (BernoulliLikelihood) scores the decoder's output
-    directly, without a distribution object per pass.
+    memory. Without gradients, a likelihood with a `scorer` (BernoulliLikelihood) scores the
+    decoder's output in place instead of building a distribution per pass; an MLP decoder then
+    also writes every layer into buffers reused from pass to pass (_mlp_pass).
     """
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    if hasattr(model.likelihood, "scorer"):
-        score = model.likelihood.scorer(x)
+    make_scorer = None if torch.is_grad_enabled() else getattr(model.likelihood, "scorer", None)
+    layers = _mlp_layers(model) if make_scorer is not None else None
+    if layers is not None:  # the last layer's bias joins the scorer's first pass
+        score = make_scorer(x, layers[-1].bias)
+    elif make_scorer is not None:
+        score = make_scorer(x)
     else:
         def score(params: Tensor) -> Tensor:
             return model.likelihood(params).log_prob(x)
-    result = None
+    result, buffers = None, {}
     for first in range(0, len(z), samples_per_pass):
-        part = score(model.decoder(z[first:first + samples_per_pass]))  # (s, B)
+        codes = z[first:first + samples_per_pass]  # (s, B, D)
+        if layers is not None:
+            params = _mlp_pass(layers, codes, buffers).view(
+                *codes.shape[:-1], *model.likelihood.params_shape)  # (s, B, *params_shape)
+        else:
+            params = model.decoder(codes)  # (s, B, *params_shape)
+        part = score(params)  # (s, B)
         if result is None:
             result = part.new_empty(z.shape[:-1])  # (S, B)
         result[first:first + len(part)] = part
     return result
+
+
+def _mlp_layers(model: VAE) -> nn.Sequential | None:
+    """The layers of an MLP decoder of z alone, whose last layer, a Linear with a bias, gives
+    the likelihood's parameters; None for other decoders."""
+    net = model.decoder.net if isinstance(model.decoder, MLPDecoder) else None
+    if not isinstance(net, nn.Sequential) or not isinstance(net[0], nn.Linear) or \
+            net[0].in_features != model.latent_dim:
+        return None
+    head = net[-1]
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        return None
+    return net
+
+
+def _mlp_pass(layers: nn.Sequential, codes: Tensor, buffers: dict) -> Tensor:
+    """layers(codes (s, B, D)) as (s B, P), but without the last layer's bias. Every Linear
+    writes into a buffer of `buffers`, kept from pass to pass, and ReLU works in place: after
+    the first pass nothing is allocated, so the passes' memory stays in cache."""
+    hidden = codes.reshape(-1, codes.shape[-1])  # (s B, D)
+    last = len(layers) - 1
+    for index, layer in enumerate(layers):
+        if isinstance(layer, nn.Linear):
+            out = buffers.get(index)
+            if out is None or len(out) < len(hidden):
+                out = buffers[index] = hidden.new_empty(len(hidden), layer.out_features)
+            out = out[:len(hidden)]  # (s B, out_features)
+            if index == last or layer.bias is None:
+                hidden = torch.mm(hidden, layer.weight.T, out=out)
+            else:
+                hidden = torch.addmm(layer.bias, hidden, layer.weight.T, out=out)
+        elif isinstance(layer, nn.ReLU):
+            hidden = hidden.relu_()
+        else:
+            hidden = layer(hidden)
+    return hidden  # (s B, P)
 
 
 def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
@@ -300,13 +348,12 @@ def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, s
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
     q = model.encode(x)  # batch (B,), event (D,)
     prior = model.prior
-    q_dims, prior_dims = per_dimension(q), per_dimension(prior)
     for eps in noise_chunks(model, start, len(x), k, (seed, "importance", split), block,
                             x.device):
         z = reparameterize(q, eps)  # (S, B, D)
         log_px_given_z = log_likelihood(model, z, x, samples_per_pass)  # (S, B)
         # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
-        kl_per_dim = q_dims.log_prob(z) - prior_dims.log_prob(z)  # (S, B, D)
+        kl_per_dim = log_ratio_per_dimension(q, prior, z, eps)  # (S, B, D)
         log_weight = log_px_given_z - kl_per_dim.sum(-1)  # (S, B)
         yield ImportanceBlock(z, log_px_given_z, log_weight, kl_per_dim)
 
@@ -331,7 +378,6 @@ def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
         raise ValueError(f"unknown proposal {proposal!r}: choose one of posterior, prior")
     block = block or sample_block(model, k, len(x))
     samples_per_pass = decode_samples(model, len(x))
-    keep_freed_memory()
     with torch.inference_mode():
         if proposal == "posterior":
             parts = [b.log_weight.double() for b in importance_blocks(
@@ -576,7 +622,6 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    keep_freed_memory()  # decoder passes reuse freed memory instead of faulting in fresh pages
     device = device or next(model.parameters()).device
     block = sample_block(model, k)
     batch_size = batch_size or examples_per_chunk(model, block)

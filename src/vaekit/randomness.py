@@ -102,5 +102,6 @@ def per_example_normal(sample_shape: tuple[int, ...], start: int, stop: int,
         blocks = [torch.randn((SAMPLE_BLOCK, *sample_shape),
                               generator=seeded_generator(derive_seed(*key, example, block)))
                   for block in range(first_block, last_block + 1)]
-        per_example.append(torch.cat(blocks)[first_sample - offset: last_sample - offset])
+        drawn = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        per_example.append(drawn[first_sample - offset: last_sample - offset])
     return torch.stack(per_example, dim=1)  # (S, B, *sample_shape)
