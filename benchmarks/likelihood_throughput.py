@@ -88,11 +88,12 @@ def profile_vaekit(model, raw, pipeline, k: int) -> list[tuple[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     groups = {
-        "matrix products (addmm, mm)": ("aten::addmm", "aten::mm", "aten::bmm"),
-        "softplus: the Bernoulli log-probability's one pass over the logits":
-            ("aten::softplus",),
-        "sign flip of the logits (x in {0, 1})": ("aten::mul",),
-        "ReLU": ("aten::relu", "aten::clamp_min", "aten::relu_", "aten::clamp_min_"),
+        "matrix products (mm, addmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+        "softplus of the signed logits (logaddexp in place): the Bernoulli log-probability's "
+        "transcendental pass": ("aten::logaddexp", "aten::softplus"),
+        "bias and sign of the logits, one fused pass (addcmul)": ("aten::addcmul", "aten::mul"),
+        "sum over the 784 pixels": ("aten::sum",),
+        "ReLU (in place)": ("aten::relu_", "aten::clamp_min_", "aten::relu", "aten::clamp_min"),
         "noise: per-example normal draws, fixed binarisation": ("aten::normal_",
                                                                 "aten::uniform_"),
     }
