@@ -118,6 +118,32 @@ def is_matmul_peak(rows: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096),
     return best_rate, best_rows
 
 
+def is_matmul_seconds(examples: int, k: int, rows: int) -> float:
+    """Wall time of exactly the matrix products of importance sampling with k samples on
+    `examples` images, and nothing else: the encoder on the images, then the decoder's two
+    products on all the samples, `rows` samples at a time (the best M of is_matmul_peak)."""
+    import time
+
+    import torch
+
+    (latent, hidden), (_, pixels) = DECODER_LAYERS
+    (inputs, _), (_, outputs) = ENCODER_LAYERS
+    encoder = [torch.randn(o, i) for i, o in ENCODER_LAYERS]  # (out, in), as nn.Linear
+    first, second = torch.randn(hidden, latent), torch.randn(pixels, hidden)
+    x = torch.randn(examples, inputs)
+    z, h, out = torch.randn(rows, latent), torch.empty(rows, hidden), torch.empty(rows, pixels)
+    passes, rest = divmod(examples * k, rows)
+    started = time.perf_counter()
+    torch.mm(torch.mm(x, encoder[0].T), encoder[1].T)  # (N, 40)
+    for _ in range(passes):
+        torch.mm(z, first.T, out=h)
+        torch.mm(h, second.T, out=out)
+    if rest:
+        torch.mm(z[:rest], first.T, out=h[:rest])
+        torch.mm(h[:rest], second.T, out=out[:rest])
+    return time.perf_counter() - started
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 

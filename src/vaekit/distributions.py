@@ -262,7 +262,6 @@ class BernoulliLikelihood(nn.Module):
                 self.event_shape)).log_prob(x)
         signs = 1 - 2 * x  # (B, *event_shape): +1 where x = 0, -1 where x = 1
         signed_bias = None if bias is None else bias.view(self.event_shape) * signs
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         event_dims = len(self.event_shape)
 
         def score(logits: Tensor) -> Tensor:
@@ -271,7 +270,8 @@ class BernoulliLikelihood(nn.Module):
                     signed = logits.mul_(signs)  # (..., B, *event_shape)
                 else:
                     signed = torch.addcmul(signed_bias, logits, signs, out=logits)
-                softplus = torch.logaddexp(signed, zero, out=signed)  # log(1 + e^v), in place
+                # log(1 + e^v) in place (beyond v = 20 it is v, within float32 rounding)
+                softplus = torch.ops.aten.softplus.out(signed, 1, 20, out=signed)
                 return softplus.flatten(-event_dims).sum(-1).neg_()  # (..., B)
 
         return score
