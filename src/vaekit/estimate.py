@@ -6,6 +6,7 @@ alone, so the numbers do not depend on the batch size or the number of processes
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 from .data import Pipeline, batches
 from .distributed import DistContext
 from .model import VAE
-from .objectives import elbo_terms
+from .objectives import elbo_terms, iwae_terms
 from .randomness import fixed_normal
 
 
@@ -40,13 +41,38 @@ def map_examples(fn: Callable[[Tensor, int, int], Tensor], raw: Tensor, pipeline
 
 def elbo_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
                      seed: int = 0, batch_size: int = 1000, device: torch.device | None = None,
-                     dist: DistContext | None = None) -> Tensor:
-    """(N, 2) float64: reconstruction and KL of every example, one fixed z sample each."""
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N, 2) float64: reconstruction and KL of every example, one fixed z sample each.
+
+    labels (N,): the class of each example, for a conditional model (the ELBO of log p(x|y)).
+    """
     device = device or next(model.parameters()).device
 
     def terms(x: Tensor, start: int, stop: int) -> Tensor:
         eps = fixed_normal((model.latent_dim,), start, stop, (seed, "elbo-eps", split))
-        result = elbo_terms(model, x, eps.to(device))
+        y = None if labels is None else labels[start:stop].to(device)
+        result = elbo_terms(model, x, eps.to(device), y)
         return torch.stack([result.reconstruction, result.kl], dim=1)  # (b, 2)
 
     return map_examples(terms, raw, pipeline, split, batch_size, device, dist, outputs=2)
+
+
+def iwae_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, samples: int, *,
+                     split: str = "test", seed: int = 0, device: torch.device | None = None,
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N,) float64: the IWAE bound with `samples` z per example (Burda et al. 2016), noise
+    fixed per example index; chunks hold about 20,000 samples of z so memory stays bounded."""
+    device = device or next(model.parameters()).device
+    batch_size = max(1, 20_000 // samples)
+
+    def bound(x: Tensor, start: int, stop: int) -> Tensor:
+        eps = fixed_normal((samples, model.latent_dim), start, stop, (seed, "iwae-eps", split))
+        y = None if labels is None else labels[start:stop].to(device)
+        return iwae_terms(model, x, eps.to(device), y).bound  # (b,)
+
+    return map_examples(bound, raw, pipeline, split, batch_size, device, dist).squeeze(1)
+
+
+def bits_per_dim(log_p: float, dims: int) -> float:
+    """A log-probability (nats per example) as bits per dimension: -log2 p / dims."""
+    return -log_p / (dims * math.log(2.0))

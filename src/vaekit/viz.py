@@ -59,6 +59,25 @@ def examples_image(x: Tensor, columns: int | None = None) -> Image.Image:
     return vector_rows(x)
 
 
+def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Image:
+    """One row per class, its name at the left: images (len(names) * m, ...) class by class."""
+    per_class = len(images) // len(names)
+    if not is_image_shape(tuple(images.shape[1:])):
+        grid = vector_rows(images)
+    else:
+        grid = image_grid(images, columns=per_class, pad=pad)
+    label_font = font(13)
+    measure = ImageDraw.Draw(grid)
+    margin = int(max(measure.textlength(name, font=label_font) for name in names)) + 12
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = grid.height / len(names)
+    for row, name in enumerate(names):
+        draw.text((6, row * row_height + row_height / 2 - 8), name, fill="black", font=label_font)
+    return canvas
+
+
 def reconstruction_image(originals: Tensor, reconstructions: Tensor,
                          columns: int = 8) -> Image.Image:
     """Pairs of rows: inputs above their reconstructions."""
@@ -93,15 +112,28 @@ def stack_vertically(images: list[Image.Image]) -> Image.Image:
 
 
 def curves_image(metrics: list[dict]) -> Image.Image:
-    """ELBO, reconstruction and KL per epoch, train and test: the note's two views over time."""
+    """ELBO, reconstruction and KL per epoch, train and test: the note's two views over time.
+
+    Runs trained on another objective add its curve (IWAE bound), and runs whose KL weight
+    moves add the beta used, so the effect of a schedule can be read off beside the KL.
+    """
     rows = [m for m in metrics if "test_elbo" in m]
     epochs = [m["epoch"] for m in rows]
     panels = []
     for key, label in (("elbo", "ELBO"), ("reconstruction", "reconstruction E_q[log p(x|z)]"),
                        ("kl", "KL(q(z|x) || p(z))")):
         chart = Chart(title=f"{label} per example", xlabel="epoch", ylabel="nats", height=300)
-        chart.add(epochs, [m[f"train_{key}"] for m in rows], label="train")
+        chart.add(epochs, [m.get(f"train_{key}", math.nan) for m in rows], label="train")
         chart.add(epochs, [m[f"test_{key}"] for m in rows], label="test")
+        if key == "elbo" and any("test_iwae" in m for m in rows):
+            chart.add(epochs, [m.get("test_iwae", math.nan) for m in rows],
+                      label="test IWAE bound")
+        panels.append(chart.render())
+    betas = [m.get("beta", math.nan) for m in rows]
+    if len({round(b, 12) for b in betas if not math.isnan(b)}) > 1:
+        chart = Chart(title="KL weight beta (mean over the epoch's steps)", xlabel="epoch",
+                      ylabel="beta", height=240)
+        chart.add(epochs, betas, label="beta", style="line+points")
         panels.append(chart.render())
     return stack_vertically(panels)
 
