@@ -87,10 +87,14 @@ class TrainingObjective(nn.Module):
         if self.iwae:
             terms = iwae_terms(self.model, x, eps, y)
             return terms.reconstruction, terms.kl, terms.bound
-        terms = elbo_terms(self.model, x, eps, y, per_dimension=self.group_size is not None)
-        groups = None if self.group_size is None \
-            else kl_groups(terms.kl_dimensions, self.group_size)  # (B, G)
-        return terms.reconstruction, terms.kl, groups
+        if self.group_size is None:
+            terms = elbo_terms(self.model, x, eps, y)
+            return terms.reconstruction, terms.kl, None
+        if self.group_size >= self.model.latent_dim:  # one group: any prior, the whole KL
+            terms = elbo_terms(self.model, x, eps, y)
+            return terms.reconstruction, terms.kl, terms.kl.unsqueeze(-1)  # (B, 1)
+        terms = elbo_terms(self.model, x, eps, y, per_dimension=True)
+        return terms.reconstruction, terms.kl, kl_groups(terms.kl_dimensions, self.group_size)
 
 
 @dataclass
