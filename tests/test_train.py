@@ -216,19 +216,6 @@ def test_conditional_run_keeps_its_labels(tmp_path):
     assert loaded.model.sample(3, 7).shape == (3, 1, 8, 8)
 
 
-def test_vamp_pseudo_inputs_start_at_training_examples():
-    from vaekit.config import TrainConfig
-    from vaekit.train import build_model, initialise_from_data, prepare_data
-
-    config = TrainConfig(prior="vamp", prior_components=30, latent_dim=4, hidden=[16])
-    dataset, pipeline, config = prepare_data(config)
-    model = build_model(config, dataset.shape)
-    initialise_from_data(model, dataset, pipeline, seed=0)
-    pseudo = model.prior_module.pseudo_inputs.detach()  # (30, 1, 8, 8), binarised like the data
-    assert bool(((pseudo == 0) | (pseudo == 1)).all())
-    assert len({tuple(p.flatten().tolist()) for p in pseudo}) > 25  # distinct examples
-
-
 def test_invalid_combinations_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="iwae"):
         train_tiny(tmp_path / "a", objective="iwae", beta=4.0)

@@ -160,21 +160,6 @@ def build_model(config: TrainConfig, data_shape: tuple[int, ...],
         return build_vae(model_config_for(config, data_shape, label_names))
 
 
-def initialise_from_data(model: VAE, dataset: Dataset, pipeline: Pipeline, seed: int) -> None:
-    """Start data-dependent parameters from training examples: the VampPrior's pseudo-inputs
-    become K seeded random training examples, as the model sees them (Tomczak & Welling 2018
-    found such starts help)."""
-    prior = model.prior_module
-    if not hasattr(prior, "initialise_from"):
-        return
-    n = len(dataset.train_x)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(
-        derive_seed(seed, "pseudo-inputs")))
-    index = order.repeat(-(-prior.components // n))[:prior.components]  # wraps round if K > N
-    examples = pipeline.fixed(dataset.train_x[index], 0, split="train")  # (K, *shape)
-    prior.initialise_from(examples.to(prior.pseudo_inputs.device))
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, dataset: Dataset, pipeline: Pipeline,
                  model: VAE, device: torch.device, dist: DistContext, log=print):
@@ -623,8 +608,6 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
     model = build_model(config, dataset.shape, dataset.label_names)
-    if resume is None:
-        initialise_from_data(model, dataset, pipeline, config.seed)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     if resume is None and dist.is_main:
