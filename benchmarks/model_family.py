@@ -191,7 +191,7 @@ def judge_conditional(run_dir: Path, classifier: Classifier, dataset, per_class:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="epochs of every model")
-    parser.add_argument("--is-examples", type=int, default=500,
+    parser.add_argument("--is-examples", type=int, default=1000,
                         help="test images scored by importance sampling (the first N)")
     parser.add_argument("--is-samples", type=int, default=5000, help="k of the IS estimate")
     parser.add_argument("--mixture-is-samples", type=int, default=500,

@@ -11,6 +11,7 @@ from torch.distributions import Normal
 from vaekit.distributions import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiagonalGaussianMixture,
     DiscretizedLogistic,
     DiscretizedLogisticMixture,
     GaussianLikelihood,
@@ -231,6 +232,27 @@ def test_mixture_prior_density_is_the_weighted_sum_of_its_components():
     by_hand = (densities * weights).sum(-1).log()  # (10,)
     assert torch.allclose(prior().log_prob(z), by_hand, atol=1e-5)
     assert {name for name, _ in prior.named_parameters()} == {"loc", "log_scale", "logits"}
+
+
+@pytest.mark.parametrize("sharpest", [1.0, 1e-2, 1e-4])
+def test_diagonal_gaussian_mixture_density_matches_torch_in_float64(sharpest):
+    """The matrix-product log density agrees with MixtureSameFamily, also for sharp components
+    evaluated right at their means, where the expansion could cancel."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily
+
+    torch.manual_seed(13)
+    logits, loc = torch.randn(30), torch.randn(30, 8) * 3
+    scale = torch.rand(30, 8) * 0.5 + sharpest
+    reference = MixtureSameFamily(Categorical(logits=logits.double()),
+                                  Independent(Normal(loc.double(), scale.double()), 1))
+    mixture = DiagonalGaussianMixture(logits, loc, scale)
+    near = loc[:6] + scale[:6] * torch.randn(4, 6, 8)  # (4, 6, 8): inside components
+    far = torch.randn(5, 8) * 4
+    for z in (near, far):
+        expected = reference.log_prob(z.double())
+        assert mixture.log_prob(z).shape == z.shape[:-1]
+        assert torch.allclose(mixture.log_prob(z).double(), expected, rtol=1e-6, atol=1e-4)
+    assert mixture.sample((3,)).shape == (3, 8)
 
 
 def _vamp_model(components: int = 4):
