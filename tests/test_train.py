@@ -112,3 +112,16 @@ def test_gaussian_run_on_real_arrays(tmp_path):
     assert document["config"]["likelihood"] == "gaussian"
     assert document["pipeline"]["mode"] == "standardize"
     assert (run / "pipeline.safetensors").is_file()
+
+
+def test_learning_rate_decays_per_epoch_and_resumes_exactly(tmp_path):
+    from vaekit.train import train
+
+    whole = train_tiny(tmp_path / "whole", epochs=3, lr=2e-3, lr_decay=0.5)
+    assert [r["lr"] for r in metrics(whole)] == pytest.approx([2e-3, 1e-3, 5e-4])
+    part = train_tiny(tmp_path / "part", epochs=1, lr=2e-3, lr_decay=0.5)
+    train(resume=part, overrides={"epochs": 3}, log=lambda *a: None)
+    w1, w2 = weights(whole), weights(part)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    constant = train_tiny(tmp_path / "constant", epochs=3, lr=2e-3)
+    assert not torch.equal(weights(constant)["encoder.net.0.weight"], w1["encoder.net.0.weight"])

@@ -102,6 +102,9 @@ class TrainConfig:
     batch_size: Optional[int] = _opt(None, "examples per update, over all processes (default: "
                                      "digits 64, others 128)", minimum=1)
     lr: float = _opt(1e-3, "Adam learning rate", minimum=0.0, exclusive_minimum=True)
+    lr_decay: float = _opt(1.0, "multiply the learning rate by this after every epoch (1: "
+                           "constant; 0.9 gives a tenth of it after 22 epochs)", minimum=0.0,
+                           exclusive_minimum=True, maximum=1.0)
     beta: float = _opt(1.0, "weight of the KL term (1 is the ELBO; other values train a beta-VAE "
                        "and the ELBO is still reported)", minimum=0.0)
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value",

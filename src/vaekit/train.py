@@ -283,6 +283,10 @@ class Trainer:
                              f"--grad-clip 1.0, a lower --lr (now {self.config.lr:g})"
                              f"{self._scale_advice()}")
 
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of a (0-based) epoch: --lr decayed by --lr-decay per epoch."""
+        return self.config.lr * self.config.lr_decay ** epoch
+
     def _saved_note(self) -> str:
         if self.saved_step is None:
             return "no checkpoint had been saved yet"
@@ -297,6 +301,8 @@ class Trainer:
         n_train = len(self.train_x)
         while self.progress.epoch < config.epochs:
             epoch = self.progress.epoch
+            for group in self.optimizer.param_groups:  # a function of the epoch: resumes exactly
+                group["lr"] = self.epoch_lr(epoch)
             order = epoch_permutation(n_train, config.seed, epoch, self.device)
             epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch, 3,
                                     device=self.device)
@@ -435,7 +441,8 @@ class Trainer:
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(
             len(epoch_steps) * self.batch_size / seconds if seconds > 0 else None),
-            beta=self.config.beta, lr=self.config.lr)
+            beta=self.config.beta,
+            lr=self.epoch_lr(self.progress.epoch - 1 if complete else self.progress.epoch))
         if self.progress.inexact_resume:
             record["inexact_resume"] = True
         self.progress.metrics.append(record)
