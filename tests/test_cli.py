@@ -169,3 +169,16 @@ def test_model_family_options_from_the_command_line(vaekit_cli, tmp_path):
     result = vaekit_cli("train", "--out", tmp_path / "bad", "--objective", "iwae",
                         "--kl-schedule", "linear")
     assert result.returncode == 2 and "--kl-schedule" in result.stderr
+
+
+def test_conditional_runs_are_evaluated_and_refused_by_latent_steering(vaekit_cli, tmp_path):
+    run = tmp_path / "cond"
+    result = vaekit_cli("train", "--out", run, "--epochs", "1", "--hidden", "16", "--latent-dim",
+                        "2", "--conditional", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    result = vaekit_cli("evaluate", run, "--k", "10", "--limit", "20")
+    assert result.returncode == 0 and "log p(x | y)" in result.stdout, result.stderr
+    for command in ("traverse", "explain"):
+        result = vaekit_cli(command, run)
+        assert result.returncode == 2 and "is conditional" in result.stderr, command
+        assert len(result.stderr.strip().splitlines()) == 1

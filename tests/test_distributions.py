@@ -465,3 +465,20 @@ def test_logistic_mixture_needs_images_and_unknown_likelihoods_list_choices():
         build_likelihood("logistic-mixture", (10,))
     with pytest.raises(ValueError, match="discretized-logistic, logistic-mixture, categorical"):
         build_likelihood("poisson", (3,))
+
+
+def test_mixture_draws_from_noise_follow_the_mixture():
+    from vaekit.distributions import draw_from_noise
+
+    torch.manual_seed(14)
+    logits, loc = torch.tensor([1.0, -0.5, 0.3]), torch.tensor([[-4.0, 0.0], [0.0, 5.0],
+                                                                 [6.0, -3.0]])
+    mixture = DiagonalGaussianMixture(logits, loc, torch.full((3, 2), 0.5))
+    n = 60_000
+    z = draw_from_noise(mixture, torch.randn(n, 2), torch.randn(n))  # (n, 2)
+    nearest = torch.cdist(z, loc).argmin(-1)  # components are far apart: the nearest mean
+    counts = torch.bincount(nearest, minlength=3).double() / n
+    weights = torch.softmax(logits, 0).double()
+    assert torch.all((counts - weights).abs() < 5 * (weights * (1 - weights) / n).sqrt())
+    with pytest.raises(ValueError, match="choice"):
+        draw_from_noise(mixture, torch.randn(3, 2))

@@ -224,3 +224,16 @@ def test_invalid_combinations_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="free-bits-group-size 4"):
         train_tiny(tmp_path / "c", prior="mixture", free_bits=0.5)
     assert not (tmp_path / "a").exists()
+
+
+def test_learning_rate_decays_per_epoch_and_resumes_exactly(tmp_path):
+    from vaekit.train import train
+
+    whole = train_tiny(tmp_path / "whole", epochs=3, lr=2e-3, lr_decay=0.5)
+    assert [r["lr"] for r in metrics(whole)] == pytest.approx([2e-3, 1e-3, 5e-4])
+    part = train_tiny(tmp_path / "part", epochs=1, lr=2e-3, lr_decay=0.5)
+    train(resume=part, overrides={"epochs": 3}, log=lambda *a: None)
+    w1, w2 = weights(whole), weights(part)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    constant = train_tiny(tmp_path / "constant", epochs=3, lr=2e-3)
+    assert not torch.equal(weights(constant)["encoder.net.0.weight"], w1["encoder.net.0.weight"])

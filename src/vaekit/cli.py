@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import TrainConfig, add_config_arguments, config_overrides
-from .errors import VaekitError
+from .errors import VaekitError, record_for_launcher
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +26,57 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def index_or_centre(text: str) -> int | None:
+    """--base: 'centre' (the prior's) or the number of a test example."""
+    if text.strip().lower() in ("centre", "center"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'centre' or a test example number, got "
+                                         f"{text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"test examples are numbered from 0, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"ports go from 0 to 65535, got {value}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,3,5, got "
+                                         f"{text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -45,6 +97,10 @@ def build_parser() -> Parser:
                        "options may change)")
     train.add_argument("--inexact-resume", action="store_true", help="resume even if the saved "
                        "random state is missing or inconsistent (recorded in the run)")
+    train.add_argument("--nproc", type=positive_int, metavar="N", help="train with N processes "
+                       "on this machine (one per GPU, or N CPU processes), launched through "
+                       "torch.distributed.run (torchrun); --batch-size stays the global batch. "
+                       "Several machines: run torchrun yourself (see the README)")
 
     sample = commands.add_parser("sample", help="draw new examples from a trained run's prior",
                                  description="z ~ p(z), then x from p(x|z): new data, the point "
@@ -74,19 +130,147 @@ def build_parser() -> Parser:
     recon.add_argument("--out", metavar="FILE.png", help="image to write (default: "
                        "RUN_DIR/reconstructions-SPLIT.png)")
     recon.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="estimate log p(x) of a run's data (importance sampling), with the ELBO, "
+        "the naive estimator and more", description="Importance-sampled log p(x) with the "
+        "encoder as proposal (the IWAE bound, Burda et al. 2016), the naive prior-sampling "
+        "estimate at the same k, the ELBO and its two terms, the ELBO gap, bits per dimension, "
+        "active units and the KL per latent dimension, each with its sample count and Monte "
+        "Carlo standard error. Writes RUN_DIR/evaluation.json. Runs under torchrun too.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--split", choices=("test", "train"), default="test")
+    evaluate.add_argument("--k", type=positive_int, default=5000, help="samples per example "
+                          "for each estimator (default: 5000)")
+    evaluate.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
+                          "examples of the split")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise "
+                          "(default: 0); the data's binarisation is the run's own")
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation.json "
+                          "object alone on stdout")
+    evaluate.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive "
+                          "estimator (halves the time)")
+    evaluate.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per "
+                          "chunk (default: as many as fit about 64 MiB of decoder outputs)")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false",
+                          help="no progress bar")
+
+    explain = commands.add_parser(
+        "explain", help="write an HTML report of the note's demonstrations on a run",
+        description="Computes, on the run's own model and data: a shifted vs a damaged image "
+        "(pixel distance vs log p(x)); naive vs importance-sampled log p(x) against k; the ELBO "
+        "gap per example; the training curves of both ELBO terms; the gradient variance of the "
+        "reparameterisation trick vs the score function. Writes RUN_DIR/explain.html (figures "
+        "embedded, opens from disk) and RUN_DIR/explain-*.png.")
+    explain.add_argument("run_dir", metavar="RUN_DIR")
+    explain.add_argument("--examples", type=positive_int, default=100, help="test examples for "
+                         "the estimator comparison and the ELBO gap (default: 100)")
+    explain.add_argument("--k", type=positive_int, default=5000, help="largest number of "
+                         "samples per example (default: 5000)")
+    explain.add_argument("--gradient-repeats", type=positive_int, default=100,
+                         help="independent gradient estimates per estimator and sample count "
+                         "(default: 100)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of all the noise (default: 0)")
+    explain.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    interp = commands.add_parser("interpolate", help="decode the path between two test examples",
+                                 description="Encode two test examples (posterior means) and "
+                                 "decode the codes on the path between them: spherical for the "
+                                 "normal prior, a straight line in the unit cube for the uniform "
+                                 "prior.")
+    interp.add_argument("run_dir", metavar="RUN_DIR")
+    interp.add_argument("--from", dest="start", type=non_negative_int, metavar="I",
+                        help="test example at the start (default: 0)")
+    interp.add_argument("--to", dest="end", type=non_negative_int, metavar="J",
+                        help="test example at the end (default: 1)")
+    interp.add_argument("--random", action="store_true", help="pick two test examples at random "
+                        "(with --seed) instead of --from/--to")
+    interp.add_argument("--seed", type=int, default=0, help="seed of --random (default: 0)")
+    interp.add_argument("--steps", type=positive_int, default=10, help="codes on the path, both "
+                        "ends included (default: 10)")
+    interp.add_argument("--mode", choices=("spherical", "linear"), help="path between the codes "
+                        "(default: spherical for the normal prior, linear for the uniform)")
+    interp.add_argument("--out", metavar="FILE.png", help="image to write (default: "
+                        "RUN_DIR/interpolation-I-J.png)")
+    interp.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    trav = commands.add_parser("traverse", help="vary one latent dimension at a time",
+                               description="One row per latent dimension, ordered by use (mean "
+                               "KL per dimension on the test set): the dimension sweeps the "
+                               "prior's range while the others keep a base code. Unused "
+                               "dimensions are marked.")
+    trav.add_argument("run_dir", metavar="RUN_DIR")
+    trav.add_argument("--dims", type=int_list, metavar="D[,D...]", help="dimensions to show, "
+                      "numbered from 0 (default: all)")
+    trav.add_argument("--steps", type=positive_int, default=9, help="values per row (default: 9)")
+    trav.add_argument("--range", dest="width", type=positive_float, default=3.0, metavar="R",
+                      help="sweep +-R prior standard deviations around the prior's centre, within "
+                      "its support (default: 3)")
+    trav.add_argument("--base", type=index_or_centre, default=None, metavar="centre|I",
+                      help="code the other dimensions keep: the prior's centre (default) or test "
+                      "example I's posterior mean")
+    trav.add_argument("--out", metavar="FILE.png", help="image to write (default: "
+                      "RUN_DIR/traversal.png)")
+    trav.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    mani = commands.add_parser("manifold", help="decode a grid over the latent plane",
+                               description="Decode a grid of codes laid out by the prior's "
+                               "inverse CDF (Kingma & Welling 2014). A 2-D latent space is shown "
+                               "whole; otherwise the plane of the two most-used dimensions, the "
+                               "others at a base code.")
+    mani.add_argument("run_dir", metavar="RUN_DIR")
+    mani.add_argument("--grid", type=positive_int, default=20, help="points per side (default: "
+                      "20)")
+    mani.add_argument("--base", type=index_or_centre, default=None, metavar="centre|I",
+                      help="code the other dimensions keep when there are more than 2: the "
+                      "prior's centre (default) or test example I's posterior mean")
+    mani.add_argument("--out", metavar="FILE.png", help="image to write (default: "
+                      "RUN_DIR/manifold.png)")
+    mani.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    embed = commands.add_parser("embed", help="scatter the test set's posterior means",
+                                description="Posterior means of the test set, coloured by label: "
+                                "as they are in 2-D, else projected by PCA. Also saves the means, "
+                                "scales and labels as a .npz file.")
+    embed.add_argument("run_dir", metavar="RUN_DIR")
+    embed.add_argument("--out", metavar="FILE.png", help="image to write (default: "
+                       "RUN_DIR/embedding.png)")
+    embed.add_argument("--npz", metavar="FILE.npz", help="arrays to write: means, scales, labels "
+                       "(-1: none), label_names, projection (default: RUN_DIR/embeddings.npz)")
+    embed.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    explore = commands.add_parser("explore", help="steer the latent space in a web browser",
+                                  description="A local web app: one slider per latent dimension, "
+                                  "sampling, encoding test or uploaded images, interpolation; a "
+                                  "JSON API with an OpenAPI description at /api/openapi.json. "
+                                  "Needs the explore extra: pip install 'vaekit[explore]'.")
+    explore.add_argument("run_dir", metavar="RUN_DIR")
+    explore.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
+                         "127.0.0.1, this computer only)")
+    explore.add_argument("--port", type=port_number, default=8000, help="port (default: "
+                         "8000; 0 picks a free one)")
+    explore.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                         help="also accept requests addressed to this host name (the Host header; "
+                         "localhost and IP addresses are always accepted)")
+    explore.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return COMMANDS[args.command](args)
     except VaekitError as exc:
-        print(f"vaekit {args.command}: error: {exc}", file=sys.stderr)
+        message = f"vaekit {args.command}: error: {exc}"
+        record_for_launcher(message)
+        # In a distributed run the failing process prints; the ones it stopped stay quiet.
+        if not getattr(exc, "reported_elsewhere", False):
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vaekit {args.command}: interrupted", file=sys.stderr)
@@ -98,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc is not None:
+        from .distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))  # this command, in N processes
     from .train import Interrupted, train
 
     overrides = config_overrides(args, TrainConfig)
@@ -105,9 +293,24 @@ def cmd_train(args) -> int:
         train(TrainConfig() if args.resume is None else None, resume=args.resume,
               overrides=overrides, inexact_resume=args.inexact_resume)
     except Interrupted as exc:
-        print(f"vaekit train: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stopped; one says so
+            print(f"vaekit train: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less --nproc N (or an abbreviation argparse accepted, such as --npro=N)."""
+    spellings = ("--np", "--npr", "--npro", "--nproc")
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in spellings:
+            skip = True  # its value follows
+        elif token.split("=", 1)[0] not in spellings:
+            kept.append(token)
+    return kept
 
 
 def _load(run_dir: str, device: str):
@@ -190,6 +393,185 @@ def resolve_label(text: str, names: list[str]) -> int:
                       f"index 0..{len(names) - 1}")
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .distributed import DistContext
+    from .errors import RunError
+    from .estimate import evaluate_run
+    from .report import evaluation_table
+    from .runs import atomic_write_json, describe_os_error, load_run, load_run_dataset
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    dist = DistContext.from_env(device.type)
+    try:
+        device = resolve_device(args.device, dist)
+        run = load_run(args.run_dir, device)
+        dataset = load_run_dataset(run)
+        total = len(dataset.test_x if args.split == "test" else dataset.train_x)
+        total = min(total, args.limit or total)
+        bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
+        try:
+            result = evaluate_run(run, dataset, split=args.split, k=args.k, limit=args.limit,
+                                  seed=args.seed, batch_size=args.batch_size, naive=args.naive,
+                                  dist=dist, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not dist.is_main:
+            return 0
+        target = run.path / "evaluation.json"
+        try:
+            atomic_write_json(target, result)
+        except OSError as exc:
+            raise RunError(f"cannot write the evaluation: {describe_os_error(exc, target)}; make "
+                           "the run folder writable") from None
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(evaluation_table(result))
+            print(f"wrote {target}")
+        return 0
+    finally:
+        dist.shutdown()
+
+
+def cmd_explain(args) -> int:
+    from .report import explain
+    from .runs import load_run_dataset
+
+    if args.k < 2 or args.examples < 2:
+        raise VaekitError("--k and --examples must be at least 2 (an error bar needs two samples)")
+    run = _load(args.run_dir, args.device)
+    dataset = load_run_dataset(run)
+    page = explain(run, dataset, seed=args.seed, examples=args.examples, k=args.k,
+                   gradient_repeats=args.gradient_repeats,
+                   log=lambda message: print(message, file=sys.stderr))
+    print(f"wrote {page} (open it in a browser; figures also saved as "
+          f"{run.path / 'explain-*.png'})")
+    return 0
+
+
+def _progress_bar(total: int, what: str, enabled: bool):
+    """A tqdm bar on stderr counting examples, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="example", leave=False, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)
+
+
+def _latent_space(args):
+    from .viz import LatentSpace
+
+    run = _load(args.run_dir, args.device)
+    return run, LatentSpace.of_run(run)
+
+
+def cmd_interpolate(args) -> int:
+    from .viz import interpolation_image, save_png
+
+    if args.random and (args.start is not None or args.end is not None):
+        raise VaekitError("--random picks both ends itself; give either --random or --from I "
+                          "--to J")
+    run, space = _latent_space(args)
+    if args.random:
+        import torch
+
+        n = len(space.test_x)
+        if n < 2:
+            raise VaekitError(f"the test set holds {n} example; --random needs two")
+        generator = torch.Generator().manual_seed(args.seed)
+        start, end = torch.randperm(n, generator=generator)[:2].tolist()
+    else:
+        start = 0 if args.start is None else args.start
+        end = 1 if args.end is None else args.end
+    out = Path(args.out) if args.out else run.path / f"interpolation-{start}-{end}.png"
+    _check_output(out, ".png")
+    interpolation = space.interpolation(start, end, args.steps, args.mode)
+    save_png(interpolation_image(interpolation), out)
+    print(f"wrote {out} (test examples {start} -> {end}, {args.steps} codes on a "
+          f"{interpolation.mode} path)")
+    return 0
+
+
+def cmd_traverse(args) -> int:
+    from .viz import save_png, traversal_image
+
+    run, space = _latent_space(args)
+    out = Path(args.out) if args.out else run.path / "traversal.png"
+    _check_output(out, ".png")
+    traversal = space.traversal(args.dims, args.steps, args.width, args.base)
+    save_png(traversal_image(traversal), out)
+    rows = ", ".join(f"z{d} {kl:.2f}" + (" (unused)" if unused else "")
+                     for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(),
+                                              traversal.unused))
+    print(f"wrote {out} (rows by mean KL per dimension, nats: {rows})")
+    return 0
+
+
+def cmd_manifold(args) -> int:
+    from .viz import manifold_image, save_png
+
+    run, space = _latent_space(args)
+    out = Path(args.out) if args.out else run.path / "manifold.png"
+    _check_output(out, ".png")
+    manifold = space.manifold(args.grid, args.base)
+    save_png(manifold_image(manifold), out)
+    x_dim, y_dim = manifold.dims
+    plane = "the whole 2-D latent space" if space.latent_dim == 2 else (
+        f"the plane of z{x_dim} and z{y_dim}, the others at {manifold.base_name}")
+    print(f"wrote {out} ({args.grid} x {args.grid} grid over {plane})")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import io
+
+    import numpy as np
+
+    from .runs import atomic_write_bytes
+    from .viz import embedding_image, save_png
+
+    run, space = _latent_space(args)
+    out = Path(args.out) if args.out else run.path / "embedding.png"
+    arrays = Path(args.npz) if args.npz else run.path / "embeddings.npz"
+    _check_output(out, ".png")
+    _check_output(arrays, ".npz")
+    embedding = space.embeddings()
+    _, axis_names, projection = embedding.projection()
+    n = len(embedding.means)
+    labels = embedding.labels if embedding.labels is not None else np.full(n, -1)
+    buffer = io.BytesIO()
+    np.savez(buffer, means=embedding.means.numpy(), scales=embedding.scales.numpy(),
+             labels=np.asarray(labels, dtype=np.int64),
+             label_names=np.array(embedding.label_names or [], dtype=str),
+             projection=projection.numpy(), axis_names=np.array(axis_names, dtype=str))
+    save_png(embedding_image(embedding), out)
+    atomic_write_bytes(arrays, buffer.getvalue())
+    print(f"wrote {out} ({n} test examples; axes: {axis_names[0]}, {axis_names[1]})")
+    print(f"wrote {arrays} (means and scales {tuple(embedding.means.shape)}, labels)")
+    return 0
+
+
+def cmd_explore(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart: image uploads)
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("vaekit explore: error: the web explorer is not installed; install it with: pip "
+              "install 'vaekit[explore]'", file=sys.stderr)
+        return 2
+    from .explore.server import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, allowed_hosts=args.allow_host,
+          device=args.device)
+    return 0
+
+
 def _check_output(path: Path, suffix: str) -> None:
     if path.suffix.lower() != suffix:
         raise VaekitError(f"{path}: output must end in {suffix}")
@@ -199,7 +581,10 @@ def _check_output(path: Path, suffix: str) -> None:
         raise VaekitError(f"{path} is a folder; give a file name ending in {suffix}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct,
+            "evaluate": cmd_evaluate, "explain": cmd_explain,
+            "interpolate": cmd_interpolate, "traverse": cmd_traverse, "manifold": cmd_manifold,
+            "embed": cmd_embed, "explore": cmd_explore}
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ class TrainConfig:
     batch_size: Optional[int] = _opt(None, "examples per update, over all processes (default: "
                                      "digits 64, others 128)", minimum=1)
     lr: float = _opt(1e-3, "Adam learning rate", minimum=0.0, exclusive_minimum=True)
+    lr_decay: float = _opt(1.0, "multiply the learning rate by this after every epoch (1: "
+                           "constant; 0.9 gives a tenth of it after 22 epochs)", minimum=0.0,
+                           exclusive_minimum=True, maximum=1.0)
     beta: float = _opt(1.0, "weight of the KL term (1 is the ELBO; other values train a beta-VAE, "
                        "Higgins et al. 2017, and the ELBO is still reported); with a schedule, "
                        "the value it rises to", minimum=0.0, group="objective")
@@ -195,10 +198,10 @@ class TrainConfig:
                               "cannot be --conditional; use --prior normal or mixture")
         if self.free_bits is not None and self.prior not in ("normal", "uniform") \
                 and self.free_bits_group_size < self.latent_dim:
-            raise ConfigError(f"--free-bits per group needs a prior that factorises over "
+            raise ConfigError(f"--free-bits per group needs a --prior that factorises over "
                               f"dimensions (normal, uniform), not {self.prior}; use "
-                              f"--free-bits-group-size {self.latent_dim} (one floor on the "
-                              "whole KL)")
+                              f"--free-bits-group-size {self.latent_dim} (at least --latent-dim: "
+                              "one floor on the whole KL)")
         return self
 
     def with_presets(self) -> "TrainConfig":
@@ -347,7 +350,10 @@ def _cli_parser(name: str, base: type):
 
     def parse(text: str):
         if base is list:
-            return parse_int_list(text, flag)
+            try:
+                return parse_int_list(text, flag)
+            except ConfigError as exc:  # argparse reports only its own exception types
+                raise argparse.ArgumentTypeError(str(exc)) from None
         if base is str:
             return text
         try:

@@ -31,6 +31,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -182,6 +183,8 @@ def read_idx(path: Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc}); replace the file with a fresh copy") from None
+    if not raw:
+        raise DataError(f"{path}: the file is empty (0 bytes); replace it with the original file")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (wrong magic number); replace it with the "
                         "original file")
@@ -299,7 +302,7 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 def read_image_folder(folder: Path, image_size: int | None, channels: int | None
                       ) -> tuple[Tensor, Tensor | None, list[str] | None]:
     """Images of a folder as uint8 (N, C, S, S); sub-folders name the classes. """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -319,11 +322,17 @@ def read_image_folder(folder: Path, image_size: int | None, channels: int | None
     images = []
     for path, _ in files:
         try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            reason = "empty file" if path.stat().st_size == 0 else str(exc).split("\n")[0]
+            with warnings.catch_warnings():
+                # Pillow warns about recoverable damage (odd EXIF, short tags) on stderr; the
+                # image decodes, so stay quiet. A decompression bomb is refused, not warned of.
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image.load()
+                    images.append(image.copy())
+        except Exception as exc:  # noqa: BLE001 (a decoder fed hostile bytes may raise anything)
+            reason = "empty file" if path.stat().st_size == 0 else \
+                (str(exc).split("\n")[0] or type(exc).__name__)
             raise DataError(f"{path}: not a readable image ({reason}); remove or replace it") \
                 from None
     if channels is None:
@@ -503,6 +512,13 @@ def _array_to_tensor(array: np.ndarray, path: Path, key: str = "x") -> tuple[Ten
         index = np.argwhere(bad)[0]
         raise DataError(f"{path}: {key} has a non-finite value ({array[tuple(index)]}) at index "
                         f"{tuple(int(i) for i in index)}; remove or fill missing values")
+    # Data are held as float32: a finite float64 beyond its range would turn into inf.
+    big = np.abs(array) > np.finfo(np.float32).max
+    if big.any():
+        index = np.argwhere(big)[0]
+        raise DataError(f"{path}: {key} has a value ({array[tuple(index)]:g}) at index "
+                        f"{tuple(int(i) for i in index)} beyond the 32-bit float range; rescale "
+                        "the data")
     return torch.from_numpy(array.astype(np.float32)), "real"
 
 

@@ -38,6 +38,12 @@ from torch.distributions.utils import broadcast_all
 class StandardNormalPrior(nn.Module):
     """p(z) = N(0, I): the usual prior; its KL to a Gaussian posterior is exact."""
 
+    description = "standard normal"
+    # Paths between two codes: spherical first (the default). In high dimensions a Gaussian's mass
+    # lies near the sphere of radius sqrt(D); a straight line cuts inside it, through codes the
+    # prior almost never produces (White 2016, "Sampling generative networks").
+    interpolation_modes = ("spherical", "linear")
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
@@ -55,6 +61,9 @@ class StandardNormalPrior(nn.Module):
 class UniformPrior(nn.Module):
     """p(z) = Uniform([0, 1]^D), the note's other easy prior; its KL has no closed form."""
 
+    description = "uniform on the unit cube"
+    interpolation_modes = ("linear",)  # a spherical path would leave the cube, the prior's support
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
@@ -65,7 +74,9 @@ class UniformPrior(nn.Module):
         return Independent(Uniform(self.low, self.high, validate_args=False), 1)
 
     def range(self, width: float = 3.0) -> tuple[float, float]:
-        return 0.0, 1.0
+        """+- width standard deviations (1 / sqrt(12)) around the centre, within [0, 1]."""
+        half = min(0.5, width / math.sqrt(12.0))
+        return 0.5 - half, 0.5 + half
 
 
 class DiagonalGaussianMixture(MixtureSameFamily):
@@ -237,19 +248,70 @@ def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
     noise, so training can replay it exactly (resume) and split it across processes.
     eps: (*sample_shape, B, D) -> z of the same shape.
     """
-    transforms = []
-    base = q
-    if isinstance(base, TransformedDistribution):
-        transforms = base.transforms
-        base = base.base_dist
+    base = base_normal(q)
+    z = base.loc + base.scale * eps  # (..., B, D)
+    for transform in (q.transforms if isinstance(q, TransformedDistribution) else []):
+        z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
+    return z
+
+
+def base_normal(q: Distribution) -> Normal:
+    """The Gaussian inside a (sigmoid-transformed) Gaussian posterior: loc and scale per dim."""
+    base = q.base_dist if isinstance(q, TransformedDistribution) else q
     if isinstance(base, Independent):
         base = base.base_dist
     if not isinstance(base, Normal):
-        raise TypeError(f"reparameterize needs a (transformed) Normal posterior, got {type(q)}")
-    z = base.loc + base.scale * eps  # (..., B, D)
-    for transform in transforms:
-        z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
-    return z
+        raise TypeError(f"expected a (transformed) Normal posterior, got {type(q).__name__}")
+    return base
+
+
+def per_dimension(d: Distribution) -> Distribution:
+    """A factorised distribution over z (D,) seen one coordinate at a time.
+
+    Drops the `Independent` over the last dim (keeping elementwise transforms, and their caches),
+    so `log_prob`, `icdf` and `kl_divergence` give one number per coordinate: (..., D).
+    """
+    if isinstance(d, TransformedDistribution):
+        return TransformedDistribution(per_dimension(d.base_dist), d.transforms,
+                                       validate_args=False)
+    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1:
+        return d.base_dist
+    raise TypeError(f"expected an Independent distribution over the last dim, got {d}")
+
+
+def draw_from_noise(p: Distribution, eps: Tensor, choice: Tensor | None = None) -> Tensor:
+    """A draw from p made of standard normal noise eps (*sample_shape, D) the caller owns.
+
+    (Transformed) Normals use the reparameterisation, loc + scale * eps; other distributions
+    (the uniform prior) use the inverse CDF, p.icdf(Phi(eps)). Either way z ~ p exactly, and an
+    estimator can fix its noise per example (see randomness.per_example_normal). A mixture (the
+    mixture and vamp priors) needs one more normal per draw, choice (*sample_shape), that picks
+    the component by the inverse CDF of the mixing weights at Phi(choice).
+    """
+    if isinstance(p, MixtureSameFamily):
+        if choice is None:
+            raise ValueError("a draw from a mixture needs `choice` noise to pick the component")
+        weights = p.mixture_distribution.probs  # (K,)
+        edges = weights.cumsum(0)[:-1].contiguous()  # (K - 1,) upper edges but the last
+        u = Normal(0.0, 1.0).cdf(choice).contiguous()  # (*sample_shape,) uniform on (0, 1)
+        component = torch.searchsorted(edges, u)  # (*sample_shape,) index k with prob pi_k
+        normal = p.component_distribution.base_dist  # loc, scale (K, D)
+        return normal.loc[component] + normal.scale[component] * eps  # (*sample_shape, D)
+    base = p.base_dist if isinstance(p, Independent) else p
+    if isinstance(p, TransformedDistribution) or isinstance(base, Normal):
+        return reparameterize(p, eps)
+    return base.icdf(Normal(0.0, 1.0).cdf(eps))  # (*sample_shape, D)
+
+
+def per_dimension(p: Distribution) -> Distribution:
+    """The same distribution with its latent dimension as a batch dimension: log_prob gives one
+    number per dimension (an Independent over one dim, possibly inside elementwise transforms)."""
+    if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
+        return p.base_dist
+    if isinstance(p, TransformedDistribution):
+        return TransformedDistribution(per_dimension(p.base_dist), p.transforms,
+                                       validate_args=False)
+    raise TypeError(f"per_dimension needs an Independent distribution over one dim, got {p}")
 
 
 def posterior_mean_code(q: Distribution) -> Tensor:
@@ -441,7 +503,8 @@ class DiscretizedLogistic(Distribution):
 
     @property
     def mean(self) -> Tensor:
-        # E[K] = sum_{k >= 1} P(K >= k) = sum_{j=0}^{L-2} sigmoid((loc - (j + 1/2) / (L-1)) / scale),
+        # E[K] = sum_{k >= 1} P(K >= k)
+        #      = sum_{j=0}^{L-2} sigmoid((loc - (j + 1/2) / (L-1)) / scale),
         # summed in chunks of levels so large images do not need L times their memory
         edges = (torch.arange(self.levels - 1, dtype=self.loc.dtype, device=self.loc.device)
                  + 0.5) / (self.levels - 1)  # (L - 1,)

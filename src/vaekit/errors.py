@@ -24,3 +24,20 @@ class RunError(VaekitError):
 
 class TrainingError(VaekitError):
     """Training cannot go on (for example, the loss became non-finite)."""
+
+
+def record_for_launcher(message: str) -> None:
+    """Under torchrun, leave a process's error in its error file, which torchrun's failure
+    summary shows (the JSON of torch.distributed.elastic's ErrorHandler); else do nothing."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as handle:
+                json.dump({"message": {"message": message, "extraInfo": {
+                    "py_callstack": message, "timestamp": str(int(time.time()))}}}, handle)
+        except OSError:
+            pass  # the message was printed too; the summary is a convenience

@@ -80,3 +80,27 @@ def fixed_uniform(example_shape: tuple[int, ...], start: int, stop: int, key: tu
 def fixed_normal(example_shape: tuple[int, ...], start: int, stop: int, key: tuple) -> Tensor:
     """N(0, 1) noise for examples start..stop-1, a fixed function of (key, example index)."""
     return _fixed_noise(torch.randn, example_shape, start, stop, key)
+
+
+SAMPLE_BLOCK = 500  # samples per block of per-example noise (estimators draw k per example)
+
+
+def per_example_normal(sample_shape: tuple[int, ...], start: int, stop: int,
+                       first_sample: int, last_sample: int, key: tuple) -> Tensor:
+    """N(0, 1) noise for samples first..last-1 of examples start..stop-1. (S, B, *sample_shape)
+
+    Estimators draw many samples per example (k importance samples), so fixed_normal's blocks of
+    1024 examples would be far too large; here every (example, block of SAMPLE_BLOCK samples)
+    has its own generator. Sample j of example i is a fixed function of (key, i, j): it does not
+    depend on the batch size, the chunking over samples, the number of processes, or k (the
+    first k samples of a larger k are the same), so estimates at growing k are nested.
+    """
+    first_block, last_block = first_sample // SAMPLE_BLOCK, (last_sample - 1) // SAMPLE_BLOCK
+    offset = first_block * SAMPLE_BLOCK
+    per_example = []
+    for example in range(start, stop):
+        blocks = [torch.randn((SAMPLE_BLOCK, *sample_shape),
+                              generator=seeded_generator(derive_seed(*key, example, block)))
+                  for block in range(first_block, last_block + 1)]
+        per_example.append(torch.cat(blocks)[first_sample - offset: last_sample - offset])
+    return torch.stack(per_example, dim=1)  # (S, B, *sample_shape)

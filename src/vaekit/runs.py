@@ -10,8 +10,12 @@
 
 Every file is written to a temporary name in its folder, flushed, fsynced and renamed, and the
 folder is fsynced; a checkpoint is assembled in a temporary folder and renamed into place once
-its manifest (SHA-256 of every file) is written. Nothing here ever unpickles: weights and
-optimizer tensors are safetensors, everything else JSON.
+its manifest (SHA-256 of every file) is written, and an old one is renamed out of sight before
+it is deleted. So whenever a process dies, every name a reader looks at (files of the run
+folder, `step-*` folders) holds complete content; the only debris are dot-named temporaries
+(`.NAME.*.tmp`, `checkpoints/.staging-*`, `checkpoints/.trash-*`), removed by the next process
+that takes the run's lock. Nothing here ever unpickles: weights and optimizer tensors are
+safetensors, everything else JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ from .model import VAE, ModelConfig, build_vae
 
 RUN_FORMAT = "vaekit-run/1"
 CHECKPOINT_PREFIX = "step-"
+STEP_LOG_COLUMNS = ("loss", "reconstruction", "kl")  # per-step means, nats (optimizer.safetensors)
+
+# mkstemp/mkdtemp create owner-only files; run folders get the modes `open` would give them.
+# The umask can only be read by setting it, so it is read once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,12 +64,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` so that `path` holds either its old content or all of the new, never part."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -86,10 +100,14 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def describe_os_error(exc: OSError, path: Path) -> str:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk holding {path} is full"
+    if exc.errno == errno.EFBIG:
+        return f"a file in {path} would exceed the file size limit (ulimit -f)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path} is not writable"
+    if exc.errno == errno.ENOTDIR:
+        return f"part of {path} is a file, not a folder"
     return f"cannot write {path} ({exc.strerror or exc})"
 
 
@@ -161,7 +179,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        self.handle = open(self.path, "a+")
+        try:
+            self.handle = open(self.path, "a+")
+        except OSError as exc:
+            raise RunError(f"cannot lock the run folder: {describe_os_error(exc, self.path)}; "
+                           "choose another --out") from None
         try:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -182,13 +204,42 @@ class RunLock:
             self.handle.close()  # closing releases the flock
             self.handle = None
 
+    @staticmethod
+    def holder(run_dir: Path) -> str | None:
+        """Who holds the lock of `run_dir` ("vaekit process PID"), or None if nobody does."""
+        import fcntl
+
+        path = Path(run_dir) / ".lock"
+        try:
+            handle = open(path)
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return handle.read().strip() or "another process"
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return None
+
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:09d}"
+def checkpoint_dir_name(step: int, generation: int = 0) -> str:
+    """step-000001234; a later save of the same step is step-000001234.1, .2, ..."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}" + (f".{generation}" if generation else "")
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(step, generation) of a checkpoint folder name, None for any other name."""
+    if not name.startswith(CHECKPOINT_PREFIX):
+        return None
+    step, dot, generation = name[len(CHECKPOINT_PREFIX):].partition(".")
+    if not step.isdigit() or (dot and not generation.isdigit()):
+        return None
+    return int(step), int(generation or 0)
 
 
 def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: int) -> Path:
@@ -196,20 +247,24 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: in
 
     The folder is assembled under a temporary name and renamed into place, so a crash leaves
     either no checkpoint of this step or a complete one; older checkpoints are pruned after.
+    A second save of the same step (a time limit reached right after a periodic save) goes to
+    a new name rather than replacing the first: replacing would open a moment with neither.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
+        os.chmod(staging, 0o777 & ~_UMASK)
         manifest = {"format": "vaekit-checkpoint/1", "step": step, "files": {}}
         for name, data in files.items():
             atomic_write_bytes(staging / name, data)
             manifest["files"][name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
         atomic_write_json(staging / "MANIFEST.json", manifest)
-        final = root / checkpoint_dir_name(step)
-        if final.exists():  # the same step saved twice (e.g. interrupt right after an epoch)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        generation = 0
+        while (root / checkpoint_dir_name(step, generation)).exists():
+            generation += 1
+        final = root / checkpoint_dir_name(step, generation)
+        os.rename(staging, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -241,10 +296,10 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for folder in root.iterdir():
-            name = folder.name
-            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-                found.append((int(name[len(CHECKPOINT_PREFIX):]), folder))
-    return sorted(found, reverse=True)
+            order = parse_checkpoint_name(folder.name)
+            if order is not None:
+                found.append((order, folder))
+    return [(step, folder) for (step, _), folder in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
@@ -259,9 +314,45 @@ def latest_checkpoint(run_dir: Path, warn=print) -> Path | None:
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     for _, folder in list_checkpoints(root.parent)[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
-    for leftover in root.glob(".staging-*"):  # from a crash during an earlier save
+        # Out of sight first: a crash in the middle of rmtree must not leave a step-* folder
+        # that has lost some of its files.
+        trash = root / f".trash-{folder.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(folder, trash)
+        fsync_dir(root)
+        shutil.rmtree(trash, ignore_errors=True)
+    for leftover in [*root.glob(".staging-*"), *root.glob(".trash-*")]:  # from earlier crashes
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporaries a killed process left in a run folder; returns what was removed.
+
+    Only call with the run's lock held: the temporaries of a live writer look the same.
+    """
+    run_dir = Path(run_dir)
+    removed = [p for p in run_dir.glob(".*" + TMP_SUFFIX) if p.is_file()]
+    root = run_dir / "checkpoints"
+    removed += [*root.glob(".staging-*"), *root.glob(".trash-*")]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+def load_step_log(checkpoint: Path) -> Tensor:
+    """The per-step training log kept in a checkpoint: (steps, 3) float32, STEP_LOG_COLUMNS.
+
+    Row i is step i + 1: the loss minimised (-(reconstruction - beta KL)), and the batch means
+    of the reconstruction term E_q[log p(x|z)] and of KL(q(z|x) || p(z)), in nats.
+    """
+    tensors = tensors_from_file(Path(checkpoint) / "optimizer.safetensors")
+    if "step_log" not in tensors:
+        raise RunError(f"{checkpoint}: optimizer.safetensors holds no step_log; the checkpoint "
+                       "was not written by vaekit train")
+    return tensors["step_log"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,14 +428,23 @@ def read_run_document(run_dir: Path) -> dict:
                               "config": dict, "data": dict, "pipeline": dict}, where)
     if document["format"] != RUN_FORMAT:
         raise ConfigError(f"{path}: format {document['format']!r} is not {RUN_FORMAT!r}; this run "
-                          "was written by an incompatible vaekit")
-    document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+                          "was written by an incompatible vaekit; use the vaekit version that "
+                          "wrote it")
+    try:
+        document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+    except ConfigError as exc:
+        message = str(exc) if where in str(exc) else f"{where}: {exc}"
+        if "restore" not in message:
+            message += "; correct it or restore the run's original config.json"
+        raise ConfigError(message) from None
     data = _check_section(document["data"], DATA_KEYS, f"{where} data")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data["shape"]) \
             or not data["shape"]:
-        raise ConfigError(f"{where} data: 'shape' must be a list of positive integers")
+        raise ConfigError(f"{where} data: 'shape' must be a list of positive integers; restore "
+                          "the run's original config.json")
     if data["kind"] not in ("image8", "real"):
-        raise ConfigError(f"{where} data: 'kind' must be image8 or real")
+        raise ConfigError(f"{where} data: 'kind' must be image8 or real; restore the run's "
+                          "original config.json")
     pipeline = _check_section(document["pipeline"], PIPELINE_KEYS, f"{where} pipeline")
     if pipeline["mode"] not in PIPELINE_MODES or pipeline["kind"] != data["kind"]:
         raise ConfigError(f"{where} pipeline: unknown mode or kind; restore the run's original "
@@ -384,15 +484,18 @@ def load_state(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> No
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
         raise RunError(f"{source}: weights do not fit the model in config.json ({what}); the "
-                       "weights and config.json come from different runs")
+                       "weights and config.json come from different runs; put back the "
+                       "config.json of the run that wrote these weights")
     for key, value in expected.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise RunError(f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)} but "
                            f"config.json builds {tuple(value.shape)}; the weights and config.json "
-                           "come from different runs")
+                           "come from different runs; put back the config.json of the run that "
+                           "wrote these weights")
         if tensors[key].dtype != value.dtype:
             raise RunError(f"{source}: weight {key!r} is {tensors[key].dtype}, expected "
-                           f"{value.dtype}; the file was not written by vaekit")
+                           f"{value.dtype}; the file was not written by vaekit, restore the run's "
+                           "model.safetensors")
     model.load_state_dict(tensors)
 
 

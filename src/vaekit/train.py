@@ -47,12 +47,14 @@ from .runs import (
     atomic_write_text,
     describe_os_error,
     latest_checkpoint,
+    list_checkpoints,
     load_state,
     model_config_for,
     model_weights_bytes,
     optimizer_from_files,
     optimizer_to_files,
     read_run_document,
+    remove_leftovers,
     run_document,
     tensors_from_file,
     tensors_to_bytes,
@@ -127,6 +129,9 @@ def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
                               "cpu (or install a CUDA build of PyTorch)")
         if name == "cuda" and dist is not None and dist.enabled:
             name = f"cuda:{dist.local_rank}"
+        elif dist is not None and dist.world_size > 1:
+            raise ConfigError(f"--device {name} would put every process on one GPU; pass --device "
+                              "cuda (each process takes the GPU of its LOCAL_RANK)")
         index = torch.device(name).index
         if index is not None and index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
@@ -172,7 +177,7 @@ class Trainer:
                               f"{dist.world_size} processes; choose a multiple of "
                               f"{dist.world_size}")
         self.local_batch = self.batch_size // dist.world_size
-        self.rows = slice(dist.rank * self.local_batch, (dist.rank + 1) * self.local_batch)
+        self.rows = dist.rows(self.batch_size)
         n_train = len(dataset.train_x)
         if n_train < self.batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
@@ -199,6 +204,10 @@ class Trainer:
         self.progress = Progress()
         self.step_log: list[Tensor] = []  # (steps, len(STEP_COLUMNS)) per-step values
         self.stop_signal: int | None = None
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
+        # On one CPU process every step's loss and gradients are checked as they come (it costs
+        # no device synchronisation); elsewhere losses are checked when they are logged.
+        self.check_each_step = device.type == "cpu" and not dist.enabled
         self.last_pictures = -float("inf")  # time.monotonic() of the last samples/curves PNGs
 
     # --- state ------------------------------------------------------------------------------
@@ -246,6 +255,7 @@ class Trainer:
         progress.metrics = [m for m in progress.metrics if m.get("complete", True)]
         self.progress = progress
         self.step_log = [step_log.to(torch.float32)]
+        self.saved_step = progress.global_step
 
     def _check_randomness_state(self, state: dict, progress: Progress) -> str | None:
         order, noise = state.get("data_order"), state.get("noise")
@@ -257,6 +267,9 @@ class Trainer:
         if order.get("epoch") != progress.epoch or order.get("position") != expected_position \
                 or noise.get("next_step") != progress.global_step:
             return "the data-order or noise state is inconsistent with the step counters"
+        if progress.global_step != progress.epoch * self.steps_per_epoch + progress.step_in_epoch \
+                or not 0 <= progress.step_in_epoch < self.steps_per_epoch:
+            return "the step counters contradict each other"
         return None
 
     def step_history(self) -> Tensor:
@@ -264,9 +277,14 @@ class Trainer:
             else torch.zeros(0, len(STEP_COLUMNS))
 
     # --- the loop ---------------------------------------------------------------------------
-    def train_step(self, raw: Tensor, y: Tensor | None, u: Tensor | None, eps: Tensor,
-                   beta: float) -> Tensor:
-        """One update; returns the detached row of the step log (see STEP_COLUMNS)."""
+    def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor, *,
+                   y: Tensor | None = None, beta: float | None = None) -> Tensor:
+        """One update; returns the detached row of the step log (see STEP_COLUMNS).
+
+        y: the batch's labels (conditional models); beta: the KL weight of this step (default:
+        the configured --beta).
+        """
+        beta = self.config.beta if beta is None else beta
         x = self.pipeline.apply(raw, u) if self.train_mode != "identity" else raw.float()
         reconstruction, kl, extra = self.objective(x, y, eps)  # (B,), (B,), ...
         at_floor = torch.zeros((), device=x.device)
@@ -283,11 +301,48 @@ class Trainer:
         loss = -objective.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # A finite loss can still give non-finite gradients; caught here, before the update, so
+        # the message can say which term's gradient it was (a non-finite loss is reported by
+        # _check_finite, which names the term of the loss).
+        if self.check_each_step and bool(torch.isfinite(loss)) and not self._gradients_finite():
+            raise self._gradient_error(x, y, eps)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(),
                             torch.tensor(beta, dtype=x.dtype, device=x.device), at_floor])
+
+    def _gradients_finite(self) -> bool:
+        # One multi-tensor norm (NaN and inf survive it) costs ~0.05 ms; isfinite on each
+        # gradient tensor cost ~1 ms a step, a quarter of the step on one CPU thread.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+
+    def _gradient_error(self, x: Tensor, y: Tensor | None, eps: Tensor) -> TrainingError:
+        """Name the term whose gradient is non-finite, by differentiating each term alone."""
+        bad = []
+        for name, pick in (("the reconstruction term", 0), ("the KL term", 1)):
+            self.optimizer.zero_grad(set_to_none=True)
+            term = self.objective(x, y, eps)[pick].mean()
+            term.backward()
+            if not self._gradients_finite():
+                bad.append(name)
+        self.optimizer.zero_grad(set_to_none=True)
+        what = " and ".join(bad) or "the loss"
+        return TrainingError(f"training stopped at step {self.progress.global_step + 1} (epoch "
+                             f"{self.progress.epoch + 1}): the gradient of {what} became "
+                             f"non-finite although the loss was finite; {self._saved_note()}. Try "
+                             f"--grad-clip 1.0, a lower --lr (now {self.config.lr:g})"
+                             f"{self._scale_advice()}")
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of a (0-based) epoch: --lr decayed by --lr-decay per epoch."""
+        return self.config.lr * self.config.lr_decay ** epoch
+
+    def _saved_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint had been saved yet"
+        return f"the last good checkpoint (step {self.saved_step}) is intact"
 
     def fit(self, time_limit: float | None) -> str:
         """Train until the configured epochs (or the time limit); returns why it stopped."""
@@ -298,6 +353,8 @@ class Trainer:
         n_train = len(self.train_x)
         while self.progress.epoch < config.epochs:
             epoch = self.progress.epoch
+            for group in self.optimizer.param_groups:  # a function of the epoch: resumes exactly
+                group["lr"] = self.epoch_lr(epoch)
             order = epoch_permutation(n_train, config.seed, epoch, self.device)
             epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch,
                                     len(STEP_COLUMNS), device=self.device)
@@ -318,23 +375,25 @@ class Trainer:
                 else:
                     eps = noise.normal(self.model.latent_dim)  # (B_local, D)
                 beta = self.schedule(self.progress.global_step / self.steps_per_epoch)
-                epoch_log[logged] = self.train_step(raw, y, u, eps, beta)
+                epoch_log[logged] = self.train_step(raw, u, eps, y=y, beta=beta)
                 logged += 1
                 self.progress.step_in_epoch += 1
                 self.progress.global_step += 1
                 if bar is not None:
                     bar.update(1)
-                if self.device.type == "cpu" and not self.dist.enabled:
+                if self.check_each_step:
                     self._check_finite(epoch_log[logged - 1:logged], self.progress.global_step - 1)
-                if self.dist.enabled and self.progress.global_step % SYNC_EVERY:
-                    continue
+                step_due = (config.checkpoint_every_steps is not None
+                            and self.progress.global_step % config.checkpoint_every_steps == 0)
+                if self.dist.enabled and self.progress.global_step % SYNC_EVERY and not step_due:
+                    continue  # processes agree on stops every SYNC_EVERY steps, not every step
                 interrupted, out_of_time, due = self.dist.any_of(
                     [self.stop_signal is not None,
                      time_limit is not None and time.monotonic() - started >= time_limit,
-                     (config.checkpoint_every_steps is not None
-                      and self.progress.global_step % config.checkpoint_every_steps == 0)
-                     or (time.monotonic() - last_checkpoint) / 60
-                     >= config.checkpoint_every_minutes], self.device)
+                     step_due
+                     or (config.checkpoint_every_minutes is not None  # None: no timed saves
+                         and (time.monotonic() - last_checkpoint) / 60
+                         >= config.checkpoint_every_minutes)], self.device)
                 stop_reason = "signal" if interrupted else "time" if out_of_time else None
                 if (due or interrupted) and self.progress.step_in_epoch < self.steps_per_epoch:
                     self._record_steps(epoch_log[:logged], epoch_started)
@@ -359,8 +418,8 @@ class Trainer:
                 self.end_of_epoch(complete=False)
             if stop_reason == "time":
                 return "time"
-            if stop_reason == "signal":
-                raise self._interrupted()
+            if stop_reason == "signal" and self.progress.epoch < config.epochs:
+                raise self._interrupted()  # (on the very last step the run is simply done)
         return "done"
 
     def _progress_bar(self, epoch: int):
@@ -383,7 +442,8 @@ class Trainer:
     def _record_steps(self, rows: Tensor, started: float) -> None:
         """Keep the per-step log and the training time of the steps just taken."""
         if len(rows):
-            if self.device.type != "cpu" or self.dist.enabled:
+            rows = self.dist.mean_over_processes(rows, self.local_batch)  # (steps, 3) global
+            if not self.check_each_step:
                 self._check_finite(rows, self.progress.global_step - len(rows))
             self.step_log.append(rows.detach().cpu())
         self.progress.train_seconds += time.monotonic() - started
@@ -394,14 +454,20 @@ class Trainer:
             return
         bad = int((~finite.all(1)).nonzero()[0])
         rec_ok, kl_ok = bool(finite[bad, 1]), bool(finite[bad, 2])
-        term = "the KL term" if rec_ok and not kl_ok else "the reconstruction term" if kl_ok \
-            else "both terms"
-        saved = "the last good checkpoint is kept" if self.progress.global_step > 0 else \
-            "nothing was saved"
+        term = {(True, False): "the KL term", (False, True): "the reconstruction term",
+                (False, False): "both terms (reconstruction and KL)",
+                (True, True): "the loss (its two terms are finite)"}[(rec_ok, kl_ok)]
         raise TrainingError(f"training stopped at step {first_step + bad + 1} (epoch "
-                            f"{self.progress.epoch + 1}): {term} became non-finite; {saved}. Try "
-                            f"a lower --lr (now {self.config.lr:g}), --grad-clip 1.0, or a fixed "
-                            "--gaussian-scale")
+                            f"{self.progress.epoch + 1}): {term} became non-finite; "
+                            f"{self._saved_note()}. Try a lower --lr (now {self.config.lr:g}), "
+                            f"--grad-clip 1.0{self._scale_advice()}")
+
+    def _scale_advice(self) -> str:
+        if self.config.likelihood != "gaussian":
+            return ""
+        if self.config.gaussian_scale is None:
+            return " or a fixed --gaussian-scale (such as 0.1)"
+        return f" or a larger --gaussian-scale (now {self.config.gaussian_scale:g})"
 
     def _interrupted(self) -> Interrupted:
         name = signal.Signals(self.stop_signal).name
@@ -454,15 +520,24 @@ class Trainer:
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(
             len(epoch_steps) * self.batch_size / seconds if seconds > 0 else None),
-            objective=self.config.objective, lr=self.config.lr)
+            objective=self.config.objective,
+            lr=self.epoch_lr(self.progress.epoch - 1 if complete else self.progress.epoch))
         if self.progress.inexact_resume:
             record["inexact_resume"] = True
         self.progress.metrics.append(record)
         self.save_checkpoint()
         final = not complete or self.progress.epoch >= self.config.epochs
-        if self.dist.is_main and (final or time.monotonic() - self.last_pictures >= PICTURE_EVERY):
-            self.write_outputs()  # rendering costs ~40 ms: on short epochs, not every epoch
-            self.last_pictures = time.monotonic()
+        with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
+            if self.dist.is_main and (final or
+                                      time.monotonic() - self.last_pictures >= PICTURE_EVERY):
+                try:
+                    self.write_outputs()  # rendering costs ~40 ms: not every short epoch
+                except OSError as exc:
+                    raise RunError(f"could not write the run's images: "
+                                   f"{describe_os_error(exc, self.run_dir)}; "
+                                   f"{self._saved_note()}, free space and resume with vaekit "
+                                   f"train --resume {self.run_dir}") from None
+                self.last_pictures = time.monotonic()
         if self.dist.is_main:
             test = f"test ELBO {record['test_elbo']:.2f} (rec {record['test_reconstruction']:.2f}," \
                    f" KL {record['test_kl']:.2f})"
@@ -486,22 +561,28 @@ class Trainer:
         for name, parameter in self.model.state_dict().items():
             if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
                 raise TrainingError(f"weight {name} became non-finite at step "
-                                    f"{self.progress.global_step}; the last good checkpoint is "
-                                    f"kept. Try a lower --lr (now {self.config.lr:g}) or "
-                                    "--grad-clip 1.0")
-        if self.dist.is_main:
-            try:
-                write_checkpoint(self.run_dir, self.progress.global_step, self.checkpoint_files(),
-                                 self.config.keep_checkpoints)
-                atomic_write_bytes(self.run_dir / "model.safetensors",
-                                   model_weights_bytes(self.model))
-                atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-                    json.dumps(m) + "\n" for m in self.progress.metrics))
-            except OSError as exc:
-                raise RunError(f"could not save the checkpoint: {describe_os_error(exc, self.run_dir)}"
-                               "; the previous checkpoint is intact, free space and resume with "
-                               f"vaekit train --resume {self.run_dir}") from None
-        self.dist.barrier()
+                                    f"{self.progress.global_step}; {self._saved_note()}. Try a "
+                                    f"lower --lr (now {self.config.lr:g}) or --grad-clip 1.0")
+        with self.dist.same_outcome("save"):  # rank 0 writes; the others wait for its outcome
+            if self.dist.is_main:
+                try:
+                    write_checkpoint(self.run_dir, self.progress.global_step,
+                                     self.checkpoint_files(), self.config.keep_checkpoints)
+                    self.saved_step = self.progress.global_step
+                    self.write_run_files()
+                except OSError as exc:
+                    # A failed write_checkpoint removes its staging folder; what is on disk is
+                    # the previous checkpoint, whole (or this one, if a later file failed).
+                    raise RunError(f"could not save step {self.progress.global_step}: "
+                                   f"{describe_os_error(exc, self.run_dir)}; "
+                                   f"{self._saved_note()}, free space and resume with vaekit "
+                                   f"train --resume {self.run_dir}") from None
+
+    def write_run_files(self) -> None:
+        """model.safetensors and metrics.jsonl of the run folder, from the training state."""
+        atomic_write_bytes(self.run_dir / "model.safetensors", model_weights_bytes(self.model))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
+            json.dumps(m) + "\n" for m in self.progress.metrics))
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
@@ -547,7 +628,10 @@ def check_free_space(run_dir: Path, model: nn.Module, keep: int) -> None:
     """Refuse to start when the disk cannot hold the checkpoints the run will write."""
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     needed = weights * (3 * (keep + 1) + 1) + 20 * 2**20  # weights + Adam moments, + images
-    free = shutil.disk_usage(run_dir).free
+    existing = Path(run_dir).absolute()
+    while not existing.exists() and existing != existing.parent:  # a run not yet created
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < needed:
         raise RunError(f"{run_dir}: {free / 2**20:.0f} MiB free but the run needs about "
                        f"{needed / 2**20:.0f} MiB for its checkpoints; free some space or "
@@ -588,64 +672,97 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     device = resolve_device(config.device)
     dist = DistContext.from_env(device.type)
     try:
-        device = resolve_device(config.device, dist)
-        return _train(config, resume, dist, device, inexact_resume, log)
+        with dist.stop_together(Interrupted):  # one process failing stops all, with its message
+            device = resolve_device(config.device, dist)
+            return _train(config, resume, dist, device, inexact_resume, log)
     finally:
         dist.shutdown()
 
 
 def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
            inexact_resume: bool, log) -> Path:
-    dataset, pipeline, config = prepare_data(config)
-    if resume is not None:
-        run_dir = Path(resume)
-        document = read_run_document(run_dir)
-        if document["data"]["fingerprint"] != dataset.fingerprint():
-            raise DataError(f"{config.data}: the data differ from those {run_dir} was trained on; "
-                            "resume with the same dataset files")
-    else:
+    # Each block below runs without collectives inside; a failure on any process (a missing
+    # file, a folder rank 0 cannot write) stops every process with its message (same_outcome).
+    with dist.same_outcome("setup"):
+        dataset, pipeline, config = prepare_data(config)
+        if resume is not None:
+            run_dir = Path(resume)
+            document = read_run_document(run_dir)
+            if document["data"]["fingerprint"] != dataset.fingerprint():
+                raise DataError(f"{config.data}: the data differ from those {run_dir} was "
+                                "trained on; resume with the same dataset files")
+    if resume is None:
         run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
     model = build_model(config, dataset.shape, dataset.label_names)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
-    if resume is None and dist.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunError(f"{run_dir} already exists and is not empty; continue it with "
-                           f"vaekit train --resume {run_dir}, or choose another --out")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
-                           "choose another --out") from None
-    dist.barrier()
-    if lock is not None:
-        lock.__enter__()
+    with dist.same_outcome("run folder"):
+        if resume is None and dist.is_main:
+            _check_new_run_dir(run_dir)
+            check_free_space(run_dir, model, config.keep_checkpoints)  # before creating anything
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
+                               "choose another --out") from None
     try:
+        folder = None
+        with dist.same_outcome("resume"):
+            if lock is not None:
+                lock.__enter__()
+            if dist.is_main:
+                removed = remove_leftovers(run_dir)  # safe now: the lock excludes live writers
+                if removed:
+                    trainer.log(f"removed {len(removed)} temporary file(s) left by an "
+                                "interrupted save")
+            if resume is not None:  # every process reads the checkpoint rank 0 wrote
+                folder = latest_checkpoint(run_dir, warn=trainer.log)
+                if folder is not None:
+                    trainer.restore(folder, inexact_resume)
+                elif list_checkpoints(run_dir) or (run_dir / "model.safetensors").exists():
+                    raise RunError(f"{run_dir}: no complete checkpoint to resume from; start a "
+                                   "new run instead")
+                else:
+                    # Stopped before its first checkpoint: starting over is exact (the run is a
+                    # function of its seed), so resume does that rather than refuse.
+                    trainer.log(f"{run_dir} stopped before its first checkpoint; starting it "
+                                "from the beginning")
         if resume is not None:
-            folder = latest_checkpoint(run_dir, warn=trainer.log)
-            if folder is None:
-                raise RunError(f"{run_dir}: no complete checkpoint to resume from; start a new "
-                               "run instead")
-            trainer.restore(folder, inexact_resume)
             if trainer.progress.epoch >= config.epochs:
+                if folder is not None and dist.is_main:
+                    # A kill after the last checkpoint but before the run folder's own files
+                    # leaves those a save behind: bring them up to date from the checkpoint.
+                    try:
+                        trainer.write_run_files()
+                        trainer.write_outputs()
+                    except OSError as exc:
+                        raise RunError(f"cannot write the run folder: "
+                                       f"{describe_os_error(exc, run_dir)}; free space and "
+                                       f"run vaekit train --resume {run_dir} again") from None
                 trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
                             "--epochs N with a larger N to train longer")
                 return run_dir
-            trainer.log(f"resuming {run_dir} at epoch {trainer.progress.epoch + 1}, step "
-                        f"{trainer.progress.global_step}")
-        if dist.is_main:
-            check_free_space(run_dir, model, config.keep_checkpoints)
-            try:
-                if pipeline.statistics():
-                    atomic_write_bytes(run_dir / "pipeline.safetensors",
-                                       tensors_to_bytes(pipeline.statistics()))
-                atomic_write_json(run_dir / "config.json",
-                                  run_document(config, dataset.info(), pipeline))
-            except OSError as exc:
-                raise RunError(f"cannot write the run folder: {describe_os_error(exc, run_dir)};"
-                               " choose another --out") from None
+            if folder is not None:
+                trainer.log(f"resuming {run_dir} at epoch {trainer.progress.epoch + 1}, step "
+                            f"{trainer.progress.global_step}")
+        with dist.same_outcome("config"):
+            if dist.is_main:
+                check_free_space(run_dir, model, config.keep_checkpoints)
+                try:
+                    # config.json first: a run killed between the two writes can still be
+                    # resumed (resume rewrites pipeline.safetensors), one without config.json
+                    # cannot.
+                    atomic_write_json(run_dir / "config.json",
+                                      run_document(config, dataset.info(), pipeline))
+                    if pipeline.statistics():
+                        atomic_write_bytes(run_dir / "pipeline.safetensors",
+                                           tensors_to_bytes(pipeline.statistics()))
+                except OSError as exc:
+                    raise RunError(f"cannot write the run folder: "
+                                   f"{describe_os_error(exc, run_dir)}; choose another --out"
+                                   ) from None
         trainer.log(_summary(config, dataset, pipeline, model, device, dist, run_dir))
         previous = _handle_signals(trainer)
         try:
@@ -663,11 +780,29 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
             lock.__exit__(None, None, None)
 
 
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run needs a free folder: absent, empty, or left by a run killed before config.json."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a folder; choose another --out")
+    holder = RunLock.holder(run_dir)
+    if holder is not None:
+        raise RunError(f"{run_dir} is in use by {holder}; wait for it to finish or choose "
+                       "another --out")
+    # The lock file and dot-named temporaries are all a run killed during its start leaves.
+    if any(p.name != ".lock" and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+           for p in run_dir.iterdir()):
+        raise RunError(f"{run_dir} already exists and is not empty; continue it with "
+                       f"vaekit train --resume {run_dir}, or choose another --out")
+
+
 def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: VAE,
              device: torch.device, dist: DistContext, run_dir: Path) -> str:
     from .nets import count_parameters
 
-    procs = f" x {dist.world_size} processes" if dist.enabled else ""
+    procs = f" x {dist.world_size} process{'es' if dist.world_size > 1 else ''} ({dist.backend})" \
+        if dist.enabled else ""
     if config.objective == "iwae":
         objective = f"IWAE bound, k = {config.iwae_samples}"
     else:
@@ -675,8 +810,8 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
         if config.kl_schedule != "constant":
             objective += f", {config.kl_schedule} KL schedule"
         if config.free_bits is not None:
-            objective += f", free bits {config.free_bits:g} nats per {config.free_bits_group_size}" \
-                " dimension(s)"
+            objective += f", free bits {config.free_bits:g} nats per " \
+                f"{config.free_bits_group_size} dimension(s)"
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "

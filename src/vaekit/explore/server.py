@@ -1,0 +1,653 @@
+"""The explorer's web server: a JSON API over `viz.LatentSpace`, and one static page.
+
+    GET  /                    the page (static/index.html with explorer.js and explorer.css)
+    GET  /api/info            the run: name, data, prior, dimensions by use, ELBO and log p(x)
+    GET  /api/gallery         test examples to pick from
+    POST /api/decode          a code z -> E[x | z] as a PNG
+    POST /api/encode          a test example -> its posterior mean code
+    POST /api/encode/upload   an uploaded image -> its posterior mean code
+    POST /api/sample          z ~ p(z), decoded
+    POST /api/interpolate     the path between two codes, decoded
+    GET  /api/openapi.json    the OpenAPI description of the API
+
+Safety. The server listens on loopback unless told otherwise. It answers only requests whose Host
+header names localhost, an IP address or a name given with --allow-host, so a web page on a
+domain its author controls cannot reach the explorer by pointing that domain at 127.0.0.1 (DNS
+rebinding), and refuses requests that pages of other sites send (the Origin header). Request
+bodies are limited before they are read; uploaded images are checked for format and pixel
+dimensions from their header before any pixel is decoded; every field is validated (length,
+finiteness, range) and a bad one gets a 4xx with one line saying why. Only the page's own three
+files are served, from memory, by name. Nothing a request sends is written to disk or unpickled.
+
+No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run
+time, and the request models are built per run (their lengths and bounds depend on it).
+"""
+
+import base64
+import errno
+import io
+import ipaddress
+import json
+import math
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
+
+from .. import __version__
+from ..errors import VaekitError
+from ..viz import LatentSpace, interpolation_path, is_image_shape, png_bytes, single_image
+
+MAX_UPLOAD_BYTES = 4 * 2**20  # an image file; a model of small images needs few of its pixels
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 2**10  # the upload plus its multipart framing
+MAX_IMAGE_SIDE = 4096  # pixels, checked from the header before decoding (<= 64 MiB as RGBA)
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # the only decoders Pillow may use
+MAX_STEPS = 64  # codes on one interpolation path
+GALLERY_LIMIT = 100  # test examples per gallery request
+SLIDER_WIDTH = 3.0  # sliders span +-3 prior standard deviations (the whole cube when uniform)
+# The API accepts codes within +-10 prior standard deviations: the prior puts no mass to speak of
+# beyond (about 1e-23 per coordinate) and the decoder was never trained there.
+CODE_WIDTH = 10.0
+STATIC_FILES = {"index.html": "text/html; charset=utf-8",
+                "explorer.js": "text/javascript; charset=utf-8",
+                "explorer.css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; "
+     b"style-src 'self'; script-src 'self'; connect-src 'self'; object-src 'none'; "
+     b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Host check and size limit: plain ASGI, in front of everything else
+
+
+def host_of(header: str) -> str | None:
+    """The host in a Host header ('name:port', '[v6]:port'), lower-case; None if malformed."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1:]
+        if end < 0 or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return None
+        return host
+    host, colon, port = value.partition(":")
+    if colon and not port.isdigit():
+        return None
+    return host.rstrip(".") or None
+
+
+def host_allowed(host: str | None, names: frozenset[str]) -> bool:
+    """localhost, an IP address, or a name the user allowed.
+
+    An IP address is safe: DNS rebinding needs a name the attacker controls, and a page whose
+    origin is this very address and port can only be this server's own page.
+    """
+    if host is None:
+        return False
+    if host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin header ('http://name:port') names the server of this Host."""
+    scheme, separator, address = origin.strip().lower().partition("://")
+    if not separator or scheme != "http":
+        return False
+    host = host.strip().lower()
+    return address == host or address == host.removesuffix(":80") or \
+        f"{address}:80" == host
+
+
+class Guard:
+    """Rejects foreign Host headers (400), requests a page of another site sends (403) and
+    bodies over max_body bytes (413); adds security headers to every response."""
+
+    def __init__(self, app, allowed_hosts: frozenset[str], max_body: int):
+        self.app, self.allowed_hosts, self.max_body = app, allowed_hosts, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {}
+        for key, value in scope.get("headers", []):
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        host = headers.get("host")
+        if not host_allowed(host_of(host or ""), self.allowed_hosts):
+            return await refuse(scope, receive, send, 400, (
+                f"Host header {host!r} is not accepted: the explorer answers requests addressed "
+                "to localhost, an IP address, or a name given with --allow-host"))
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, host):
+            # Browsers name the page's site in Origin; only the explorer's own page may call it,
+            # so a site the user visits cannot make it decode (and burn CPU) on its behalf.
+            return await refuse(scope, receive, send, 403, (
+                f"requests from {origin!r} are refused: only the explorer's own page may call "
+                "its API"))
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await refuse(scope, receive, send, 413, (
+                f"request body of {length} bytes is over the explorer's limit of "
+                f"{self.max_body} bytes; upload a smaller image"))
+        received = 0
+        limit = self.max_body
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # a chunked body that did not say its length
+                    raise HTTPException(413, f"request body is over the explorer's limit of "
+                                             f"{limit} bytes; upload a smaller image")
+            return message
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, counted_receive, send_with_headers)
+
+
+async def refuse(scope, receive, send, status: int, detail: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    response = JSONResponse({"detail": detail}, status_code=status,
+                            headers={"connection": "close"})
+    await response(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------------
+# Response models (fixed) and request models (built per run)
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="what is wrong with the request and how to fix it")
+
+
+ERRORS = {status: {"model": Problem, "description": text} for status, text in (
+    (400, "malformed request or foreign Host header"),
+    (403, "sent by a page of another site (Origin header)"), (413, "request or image too large"),
+    (415, "upload is not an image the explorer reads"), (422, "a field is missing or invalid"))}
+
+
+class Picture(BaseModel):
+    image: str = Field(description="E[x | z] in the data's units, as a PNG data URL")
+
+
+class Coded(BaseModel):
+    z: list[float] = Field(description="the code, one number per latent dimension")
+    image: str = Field(description="E[x | z] for the code, as a PNG data URL")
+
+
+class Encoded(BaseModel):
+    index: Optional[int] = Field(description="the test example encoded (null for an upload)")
+    z: list[float] = Field(description="posterior mean code of the example")
+    input: str = Field(description="the example as the model saw it, as a PNG data URL")
+    image: str = Field(description="E[x | z] at the posterior mean code: the reconstruction")
+
+
+class Sampled(Coded):
+    seed: int = Field(description="seed of the draw; send it again to repeat it")
+
+
+class InterpolationPath(BaseModel):
+    mode: str
+    codes: list[list[float]]
+    images: list[str]
+
+
+class GalleryItem(BaseModel):
+    index: int
+    label: Optional[str]
+    image: str = Field(description="the test example in the data's units, as a PNG data URL")
+
+
+class Gallery(BaseModel):
+    total: int = Field(description="test examples in all")
+    items: list[GalleryItem]
+
+
+class Evaluation(BaseModel):
+    elbo: Optional[float] = None
+    log_px: Optional[float] = None
+    log_px_se: Optional[float] = None
+    k: Optional[int] = None
+
+
+class Info(BaseModel):
+    run: str
+    dataset: str
+    data_shape: list[int]
+    images: bool = Field(description="whether examples are images (uploads accepted)")
+    n_test: int
+    label_names: Optional[list[str]]
+    latent_dim: int
+    prior: str
+    prior_description: str
+    likelihood: str
+    scoring: str = Field(description="what the likelihood scores (the data pipeline)")
+    slider_range: tuple[float, float]
+    code_range: tuple[float, float] = Field(description="the range every code coordinate the "
+                                            "API accepts must lie in")
+    interpolation_modes: list[str]
+    dims_by_use: list[int] = Field(description="latent dimensions, most used first")
+    kl_per_dimension: list[float] = Field(description="mean KL(q(z_d|x) || p(z_d)) over the "
+                                          "test set, nats, by dimension index")
+    unused: list[bool]
+    test_elbo: Optional[float] = Field(description="test ELBO per example after the last epoch")
+    epochs: Optional[int]
+    evaluation: Optional[Evaluation] = Field(description="from RUN_DIR/evaluation.json")
+    max_upload_bytes: int
+    max_image_side: int
+    max_steps: int
+    gallery_limit: int
+
+
+def whole_number(value):
+    """JSON Schema's integer: 3 and 3.0 alike, but never true or "3"."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "Input should be an integer")
+    return value
+
+
+def integer(low: int, high: int, description: str = ""):
+    # The bounds first: after a validator, pydantic would not put them in the JSON schema.
+    return Annotated[int, Field(ge=low, le=high, strict=True, description=description or None),
+                     BeforeValidator(whole_number)]
+
+
+def code_type(dims: int, low: float, high: float):
+    coordinate = Annotated[float, Field(ge=low, le=high, allow_inf_nan=False, strict=True)]
+    return Annotated[list[coordinate], Field(min_length=dims, max_length=dims, description=(
+        f"a code: {dims} finite numbers in [{low:g}, {high:g}]"))]
+
+
+def request_models(space: LatentSpace, code_range: tuple[float, float]):
+    strict = ConfigDict(extra="forbid")
+    code = code_type(space.latent_dim, *code_range)
+    last = max(len(space.test_x) - 1, 0)
+    decode = create_model("DecodeRequest", __config__=strict, z=(code, ...))
+    encode = create_model("EncodeRequest", __config__=strict,
+                          index=(integer(0, last, "test example number"), ...))
+    sample = create_model("SampleRequest", __config__=strict, seed=(
+        Optional[integer(0, 2**31 - 1)],
+        Field(None, description="seed of the draw (default: a fresh one)")))
+    interpolate = create_model(
+        "InterpolateRequest", __config__=strict, start=(code, ...), end=(code, ...),
+        steps=(integer(2, MAX_STEPS, "codes on the path, both ends included"), 9),
+        mode=(Optional[Literal["spherical", "linear"]],
+              Field(None, description="path between the codes (default: the prior's own)")))
+    return decode, encode, sample, interpolate
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def read_evaluation(run_dir: Path) -> dict | None:
+    """evaluation.json's finite numbers (elbo, log_px, log_px_se, k), or None if absent/unusable."""
+    path = Path(run_dir) / "evaluation.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    found = {}
+    for key, kind in (("elbo", float), ("log_px", float), ("log_px_se", float), ("k", int)):
+        value = document.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value) and (kind is float or float(value).is_integer()):
+            found[key] = kind(value)
+    return found or None
+
+
+def last_test_elbo(run_dir: Path) -> tuple[float | None, int | None]:
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        value = record.get("test_elbo") if isinstance(record, dict) else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            epoch = record.get("epoch")
+            return float(value), epoch if isinstance(epoch, int) else None
+    return None, None
+
+
+def run_info(run, space: LatentSpace) -> dict:
+    prior = space.prior
+    test_elbo, epochs = last_test_elbo(run.path)
+    return dict(
+        run=run.name, dataset=run.data["name"], data_shape=list(space.data_shape),
+        images=is_image_shape(space.data_shape), n_test=len(space.test_x),
+        label_names=space.label_names, latent_dim=space.latent_dim, prior=run.config.prior,
+        prior_description=prior.description, likelihood=run.config.likelihood,
+        scoring=run.pipeline.description, slider_range=prior.range(SLIDER_WIDTH),
+        code_range=prior.range(CODE_WIDTH), interpolation_modes=list(prior.interpolation_modes),
+        dims_by_use=space.dims_by_use, kl_per_dimension=space.kl_per_dimension.tolist(),
+        unused=space.unused, test_elbo=test_elbo, epochs=epochs,
+        evaluation=read_evaluation(run.path), max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_image_side=MAX_IMAGE_SIDE, max_steps=MAX_STEPS, gallery_limit=GALLERY_LIMIT)
+
+
+def describe_error(error: dict) -> str:
+    if tuple(error.get("loc", ())) == ("body",) and error.get("type") in (
+            "model_attributes_type", "dict_type", "model_type"):
+        return "body: expected a JSON object, sent with content-type: application/json"
+    where = ""
+    for part in error.get("loc", ()):
+        if part in ("body", "query"):
+            continue
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    return f"{where or 'request'}: {error.get('msg', 'invalid')}"
+
+
+def create_app(space: LatentSpace, info: dict, allowed_hosts=()) -> FastAPI:
+    """The explorer for one latent space; info is run_info's dictionary."""
+    app = FastAPI(title=f"vaekit explorer: {info['run']}", version=__version__,
+                  description="Decode codes, encode images and walk the latent space of a "
+                  "trained VAE. Codes are lists of latent_dim numbers inside code_range (see "
+                  "/api/info).", openapi_url="/api/openapi.json", docs_url=None, redoc_url=None)
+    code_range = tuple(info["code_range"])
+    DecodeRequest, EncodeRequest, SampleRequest, InterpolateRequest = \
+        request_models(space, code_range)
+    pipeline, model = space.pipeline, space.model
+    if info["images"]:
+        limits = None
+    else:  # vectors: one colour scale for every picture, the test set's range
+        limits = (float(space.test_x.min()), float(space.test_x.max()))
+    sample_lock = threading.Lock()  # the seeded draw borrows the global RNG
+    gallery_cache: dict[int, str] = {}
+    static = {name: (resources.files("vaekit.explore").joinpath("static", name).read_bytes(),
+                     media) for name, media in STATIC_FILES.items()}
+
+    def picture(x: torch.Tensor) -> str:
+        return data_url(png_bytes(single_image(x, limits)))
+
+    def encoded(index: int | None, x: torch.Tensor) -> dict:
+        z = space.codes(x)  # (1, D)
+        return {"index": index, "z": z[0].tolist(), "input": picture(pipeline.display(x)[0]),
+                "image": picture(space.decode(z)[0])}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        errors = exc.errors()
+        detail = describe_error(errors[0]) if errors else "invalid request"
+        if len(errors) > 1:
+            detail += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        body, media = static["index.html"]
+        return Response(body, media_type=media)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str) -> Response:
+        if name not in static:
+            raise HTTPException(404, f"no file {name!r} here")
+        body, media = static[name]
+        return Response(body, media_type=media)
+
+    @app.get("/api/info", response_model=Info, summary="The run and its latent space")
+    def get_info():
+        return info
+
+    @app.get("/api/gallery", response_model=Gallery, responses=ERRORS,
+             summary="Test examples to pick from")
+    def gallery(offset: Annotated[int, Query(ge=0, le=max(len(space.test_x) - 1, 0))] = 0,
+                limit: Annotated[int, Query(ge=1, le=GALLERY_LIMIT)] = 24):
+        stop = min(offset + limit, len(space.test_x))
+        items = []
+        for index in range(offset, stop):
+            if index not in gallery_cache:
+                gallery_cache[index] = picture(space.test_x[index].float() / 255.0
+                                               if pipeline.kind == "image8"
+                                               else space.test_x[index])
+            label = None
+            if space.test_y is not None:
+                number = int(space.test_y[index])
+                names = space.label_names or []
+                label = names[number] if number < len(names) else str(number)
+            items.append({"index": index, "label": label, "image": gallery_cache[index]})
+        return {"total": len(space.test_x), "items": items}
+
+    @app.post("/api/decode", response_model=Picture, responses=ERRORS,
+              summary="E[x | z] for a code z")
+    def decode(request: DecodeRequest):
+        z = torch.tensor(request.z, dtype=torch.float32)  # (D,)
+        return {"image": picture(space.decode(z[None])[0])}
+
+    @app.post("/api/encode", response_model=Encoded, responses=ERRORS,
+              summary="The posterior mean code of a test example")
+    def encode(request: EncodeRequest):
+        return encoded(request.index, space.inputs([request.index]))
+
+    @app.post("/api/encode/upload", response_model=Encoded, responses=ERRORS,
+              summary="The posterior mean code of an uploaded image")
+    def encode_upload(file: Annotated[UploadFile, File(description=(
+                          f"an image ({', '.join(UPLOAD_FORMATS)}), at most "
+                          f"{MAX_UPLOAD_BYTES} bytes and {MAX_IMAGE_SIDE} pixels a side"))],
+                      invert: Annotated[bool, Form(description="swap dark and light (for "
+                                                   "dark strokes on a light ground)")] = False):
+        if not info["images"]:
+            raise HTTPException(422, "this run's data are not images; encode a test example "
+                                "from the gallery instead")
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"the upload is over {MAX_UPLOAD_BYTES} bytes; choose a "
+                                "smaller image")
+        raw = image_to_raw(data, space.data_shape, invert)  # (1, C, H, W) uint8
+        x = pipeline.fixed(raw.to(space.device), 0, split="upload")
+        return encoded(None, x)
+
+    @app.post("/api/sample", response_model=Sampled, responses=ERRORS,
+              summary="A code drawn from the prior, decoded")
+    def sample(request: SampleRequest):
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        devices = [space.device] if space.device.type == "cuda" else []
+        with sample_lock, torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            z = model.prior.sample()  # (D,)
+        return {"seed": seed, "z": z.tolist(), "image": picture(space.decode(z[None])[0])}
+
+    @app.post("/api/interpolate", response_model=InterpolationPath, responses=ERRORS,
+              summary="Codes on the path between two codes, decoded")
+    def interpolate(request: InterpolateRequest):
+        modes = space.prior.interpolation_modes
+        mode = request.mode or modes[0]
+        if mode not in modes:
+            raise HTTPException(422, f"mode: {mode!r} does not suit the "
+                                f"{space.prior.description} prior; use {' or '.join(modes)}")
+        start = torch.tensor(request.start, dtype=torch.float32)
+        end = torch.tensor(request.end, dtype=torch.float32)
+        path = interpolation_path(start, end, request.steps, mode)  # (S, D)
+        path = path.clamp(*code_range)  # rounding must not step outside the accepted range
+        decoded = space.decode(path)  # (S, *shape)
+        return {"mode": mode, "codes": path.tolist(), "images": [picture(x) for x in decoded]}
+
+    names = frozenset({"localhost", *(h.lower().rstrip(".") for h in allowed_hosts)})
+    app.add_middleware(Guard, allowed_hosts=names, max_body=MAX_BODY_BYTES)
+    return app
+
+
+def image_to_raw(data: bytes, shape: tuple[int, ...], invert: bool = False) -> torch.Tensor:
+    """An uploaded image file as the run's raw data: uint8 (1, C, H, W), centre-cropped to the
+    data's aspect ratio and resized. Size and format are checked before any pixel is decoded."""
+    import numpy as np
+    from PIL import Image
+
+    if not data:
+        raise HTTPException(422, "the uploaded file is empty; choose an image file")
+    channels, height, width = shape
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS))  # reads the header
+        size = image.size
+    except Image.DecompressionBombError:  # the header declares far more pixels than allowed
+        raise HTTPException(413, f"the image declares more pixels than the explorer's limit of "
+                            f"{MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}; scale it down") from None
+    except Exception:  # Pillow's parsers raise many kinds; all mean "not a readable image"
+        raise HTTPException(415, f"the upload is not an image the explorer reads; give a "
+                            f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} file") \
+            from None
+    if max(size) > MAX_IMAGE_SIDE or min(size) < 1:
+        raise HTTPException(413, f"the image is {size[0]} x {size[1]} pixels; the explorer "
+                            f"accepts 1 to {MAX_IMAGE_SIDE} pixels a side, scale it down")
+    try:
+        image.load()
+        if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float grey levels
+            values = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
+        image = image.convert("L" if channels == 1 else "RGB")
+        w, h = image.size
+        if w * height > h * width:  # too wide: keep the centre columns
+            keep = max(1, round(h * width / height))
+            box = ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
+        else:
+            keep = max(1, round(w * height / width))
+            box = (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+        image = image.crop(box).resize((width, height), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # truncated or corrupt pixel data, in any decoder
+        raise HTTPException(422, f"the image could not be decoded ({type(exc).__name__}); it "
+                            "may be damaged, try another file") from None
+    if invert:
+        array = 255 - array
+    array = array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
+    return torch.from_numpy(array.copy())[None]  # (1, C, H, W), writable and contiguous
+
+
+# ------------------------------------------------------------------------------------------------
+# Serving
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or a one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise VaekitError(f"--host {host}: not an address this computer can listen on "
+                          f"({getattr(exc, 'strerror', exc)}); use 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise VaekitError(f"--host {host}: not an address of this computer; use 127.0.0.1 "
+                              "(or an address this computer has)") from None
+        raise VaekitError(f"cannot listen on {host} port {port} ({exc.strerror}); choose another "
+                          "--port (0 picks a free one)") from None
+    return sock
+
+
+def make_server(app, log_level: str = "warning"):
+    """A uvicorn server for the app; run it with server.run(sockets=[bind_socket(...)])."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=64,
+                            timeout_keep_alive=5, server_header=False, access_log=False)
+    return uvicorn.Server(config)
+
+
+@contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve the app from a background thread while the block runs; yields its base URL."""
+    sock = bind_socket(host, port)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the explorer's server stopped while starting")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def build(run_dir, allowed_hosts=(), device: str = "cpu"):
+    """(run, app) for a run folder: the model, its test set and the explorer over them."""
+    from ..runs import load_run
+    from ..train import resolve_device
+
+    run = load_run(run_dir, resolve_device(device))
+    space = LatentSpace.of_run(run)
+    return run, create_app(space, run_info(run, space), allowed_hosts)
+
+
+def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(),
+          device: str = "cpu", log=print) -> None:
+    """Serve the explorer of a run until interrupted."""
+    names = [*allowed_hosts, host] if not is_loopback(host) else list(allowed_hosts)
+    sock = bind_socket(host, port)  # first: a busy port or a wrong address fails at once
+    try:
+        run, app = build(run_dir, names, device)
+    except BaseException:
+        sock.close()
+        raise
+    bound_port = sock.getsockname()[1]
+    if not is_loopback(host):
+        log(f"warning: listening on {host}, not only on this computer: anyone who can reach "
+            f"this address can use the explorer and load its CPU; use --host 127.0.0.1 unless "
+            "you mean to share it")
+    shown = f"[{host}]" if ":" in host else host
+    log(f"vaekit explore: {run.name} on http://{shown}:{bound_port}/  (Ctrl-C to stop)")
+    try:
+        make_server(app).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
+        pass
+    log("vaekit explore: stopped")

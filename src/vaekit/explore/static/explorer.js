@@ -1,0 +1,270 @@
+// The explorer page: sliders, sampling, encoding and interpolation over the JSON API (/api/*).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  info: null,
+  z: [],            // the current code: the source of truth, sliders only show it
+  busy: false,      // a decode request is in flight
+  again: false,     // the code changed while it was
+  ends: {a: null, b: null},
+};
+
+async function api(path, body) {
+  const options = body === undefined ? {} :
+    body instanceof FormData ? {method: "POST", body} :
+    {method: "POST", headers: {"content-type": "application/json"}, body: JSON.stringify(body)};
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.detail || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+function say(text, error = false) {
+  const line = $("status");
+  line.textContent = text;
+  line.classList.toggle("error", error);
+}
+
+const fail = (error) => say(error.message, true);
+const fmt = (value, digits = 2) => Number(value).toFixed(digits);
+
+function clampToApi(z) {
+  const [low, high] = state.info.code_range;
+  return z.map((value) => Math.min(high, Math.max(low, value)));
+}
+
+// --- the code and the decoded image --------------------------------------------------------
+
+function showCode() {
+  for (const input of document.querySelectorAll("#sliders input")) {
+    const d = Number(input.dataset.dim);
+    input.value = state.z[d];
+    input.parentElement.querySelector("output").textContent = fmt(state.z[d]);
+  }
+}
+
+function setCode(z, image) {
+  state.z = clampToApi(z);
+  showCode();
+  if (image) {
+    $("decoded").src = image;
+  } else {
+    redraw();
+  }
+}
+
+function redraw() {
+  // One request at a time, always for the latest code: dragging never queues stale frames.
+  if (state.busy) {
+    state.again = true;
+    return;
+  }
+  state.busy = true;
+  api("/api/decode", {z: state.z})
+    .then((result) => { $("decoded").src = result.image; })
+    .catch(fail)
+    .finally(() => {
+      state.busy = false;
+      if (state.again) {
+        state.again = false;
+        redraw();
+      }
+    });
+}
+
+function centre() {
+  const [low, high] = state.info.slider_range;
+  return new Array(state.info.latent_dim).fill((low + high) / 2);
+}
+
+// --- page parts ------------------------------------------------------------------------------
+
+function showFacts(info) {
+  const facts = [
+    ["run", info.run],
+    ["data", `${info.dataset} (${info.data_shape.join("×")})`],
+    ["latent dim", String(info.latent_dim)],
+    ["prior", info.prior_description],
+    ["likelihood", info.likelihood],
+  ];
+  if (info.test_elbo !== null) {
+    facts.push([`test ELBO${info.epochs ? ` (epoch ${info.epochs})` : ""}`,
+                `${fmt(info.test_elbo)} nats`]);
+  }
+  const evaluation = info.evaluation;
+  if (evaluation && evaluation.log_px !== null && evaluation.log_px !== undefined) {
+    const se = evaluation.log_px_se !== null && evaluation.log_px_se !== undefined
+      ? ` ± ${fmt(evaluation.log_px_se)}` : "";
+    const k = evaluation.k ? ` (IS, k = ${evaluation.k})` : "";
+    facts.push([`test log p(x)${k}`, `${fmt(evaluation.log_px)}${se} nats`]);
+  }
+  if (evaluation && evaluation.elbo !== null && evaluation.elbo !== undefined) {
+    facts.push(["evaluated ELBO", `${fmt(evaluation.elbo)} nats`]);
+  }
+  const list = $("facts");
+  list.replaceChildren();
+  for (const [name, value] of facts) {
+    const item = document.createElement("div");
+    const term = document.createElement("dt");
+    const detail = document.createElement("dd");
+    term.textContent = name;
+    detail.textContent = value;
+    item.append(term, detail);
+    list.append(item);
+  }
+  document.title = `vaekit explorer: ${info.run}`;
+}
+
+function buildSliders(info) {
+  const [low, high] = info.slider_range;
+  const box = $("sliders");
+  box.replaceChildren();
+  for (const d of info.dims_by_use) {
+    const row = document.createElement("div");
+    row.className = "slider" + (info.unused[d] ? " unused" : "");
+    const label = document.createElement("label");
+    const id = `z${d}`;
+    label.htmlFor = id;
+    label.textContent = id;
+    const kl = document.createElement("span");
+    kl.className = "kl";
+    kl.textContent = info.unused[d] ? "unused" : `KL ${fmt(info.kl_per_dimension[d])}`;
+    label.append(kl);
+    const input = document.createElement("input");
+    Object.assign(input, {type: "range", id, min: low, max: high, step: (high - low) / 200});
+    input.dataset.dim = d;
+    input.setAttribute("aria-label", `latent dimension ${d}`);
+    const output = document.createElement("output");
+    output.htmlFor = id;
+    input.addEventListener("input", () => {
+      state.z[d] = Number(input.value);
+      output.textContent = fmt(state.z[d]);
+      redraw();
+    });
+    row.append(label, input, output);
+    box.append(row);
+  }
+}
+
+async function buildGallery(info) {
+  const gallery = await api(`/api/gallery?limit=${Math.min(48, info.gallery_limit)}`);
+  const box = $("gallery");
+  box.replaceChildren();
+  for (const item of gallery.items) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "gallery-item";
+    button.dataset.index = item.index;
+    button.title = `test example ${item.index}` + (item.label ? ` (${item.label})` : "");
+    const image = document.createElement("img");
+    image.src = item.image;
+    image.alt = button.title;
+    button.append(image);
+    button.addEventListener("click", () => {
+      api("/api/encode", {index: item.index})
+        .then((result) => {
+          setCode(result.z, result.image);
+          say(`encoded ${button.title}`);
+        })
+        .catch(fail);
+    });
+    box.append(button);
+  }
+}
+
+function setupUpload(info) {
+  const file = $("file");
+  if (!info.images) {
+    $("upload").hidden = true;
+    return;
+  }
+  file.addEventListener("change", () => {
+    const chosen = file.files[0];
+    if (!chosen) return;
+    if (chosen.size > info.max_upload_bytes) {
+      say(`${chosen.name} is over ${info.max_upload_bytes} bytes; choose a smaller image`, true);
+      return;
+    }
+    const form = new FormData();
+    form.append("file", chosen);
+    form.append("invert", $("invert").checked ? "true" : "false");
+    api("/api/encode/upload", form)
+      .then((result) => {
+        setCode(result.z, result.image);
+        const preview = $("upload-input");
+        preview.src = result.input;
+        preview.hidden = false;
+        say(`encoded ${chosen.name} (shown beside the button as the model saw it)`);
+      })
+      .catch(fail);
+  });
+}
+
+function setupInterpolation(info) {
+  const mode = $("mode");
+  for (const name of info.interpolation_modes) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    mode.append(option);
+  }
+  $("steps").max = info.max_steps;
+  for (const end of ["a", "b"]) {
+    $(`set-${end}`).addEventListener("click", () => {
+      state.ends[end] = state.z.slice();
+      const thumb = $(`thumb-${end}`);
+      thumb.src = $("decoded").src;
+      thumb.hidden = false;
+      drawStrip();
+    });
+  }
+  mode.addEventListener("change", drawStrip);
+  $("steps").addEventListener("change", drawStrip);
+}
+
+function drawStrip() {
+  const {a, b} = state.ends;
+  if (!a || !b) return;
+  const steps = Math.round(Number($("steps").value));
+  api("/api/interpolate", {start: a, end: b, steps, mode: $("mode").value})
+    .then((path) => {
+      const strip = $("strip");
+      strip.replaceChildren();
+      path.images.forEach((image, i) => {
+        const frame = document.createElement("img");
+        frame.src = image;
+        frame.alt = `step ${i + 1} of ${path.images.length}`;
+        frame.title = frame.alt;
+        frame.addEventListener("click", () => setCode(path.codes[i], image));
+        strip.append(frame);
+      });
+    })
+    .catch(fail);
+}
+
+async function start() {
+  try {
+    const info = await api("/api/info");
+    state.info = info;
+    showFacts(info);
+    buildSliders(info);
+    setupUpload(info);
+    setupInterpolation(info);
+    $("sample").addEventListener("click", () => {
+      api("/api/sample", {})
+        .then((result) => {
+          setCode(result.z, result.image);
+          say(`z drawn from the prior (seed ${result.seed})`);
+        })
+        .catch(fail);
+    });
+    $("centre").addEventListener("click", () => setCode(centre()));
+    setCode(centre());
+    await buildGallery(info);
+    document.body.dataset.ready = "true";
+  } catch (error) {
+    fail(error);
+  }
+}
+
+start();
