@@ -17,10 +17,9 @@
    its binomial standard error, beside the same judge's accuracy on the model's reconstructions
    of real test images (the ceiling the blur of the model's means allows) and on real images.
 
-The importance-sampling estimate is log (1/k) sum_j p(x, z_j) / q(z_j | x), z_j ~ q(z | x): the
-IWAE_k bound, whose expectation rises to log p(x) with k (slightly low at any finite k). It is
-computed here from `objectives.log_importance_weights` with seeded noise, in blocks of samples
-so memory stays bounded, summed in float64.
+The importance-sampling estimate is vaekit's (`estimate.evaluate`, as `vaekit evaluate`):
+log (1/k) sum_j p(x, z_j) / q(z_j | x), z_j ~ q(z | x), the IWAE_k bound, whose expectation
+rises to log p(x) with k (slightly low at any finite k); noise fixed per example and sample.
 
 Run from the repository root (about 30-40 minutes on one core of a 2-core machine):
 
@@ -46,9 +45,7 @@ from common import machine, record, today  # noqa: E402
 
 from vaekit.config import TrainConfig  # noqa: E402
 from vaekit.data import load_dataset  # noqa: E402
-from vaekit.estimate import map_examples  # noqa: E402
-from vaekit.objectives import log_importance_weights  # noqa: E402
-from vaekit.randomness import derive_seed  # noqa: E402
+from vaekit.estimate import evaluate  # noqa: E402
 from vaekit.runs import load_run  # noqa: E402
 from vaekit.train import train  # noqa: E402
 
@@ -60,33 +57,14 @@ def say(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Importance sampling (kept in this script; vaekit.estimate's own estimators live elsewhere)
+# Importance sampling: vaekit's own estimator (the one behind `vaekit evaluate`)
 
 
-def importance_log_px(model, raw: Tensor, pipeline, k: int, *, labels: Tensor | None = None,
-                      seed: int = 0, examples_per_chunk: int = 20, block: int = 500) -> Tensor:
-    """log p(x) [or log p(x | y)] of every example of raw by importance sampling, (N,) float64.
-
-    IS_k(x) = log (1/k) sum_j exp(log p(x | z_j) + log p(z_j) - log q(z_j | x)), z_j ~ q(z|x),
-    accumulated over blocks of samples with logaddexp, so k = 5000 never holds more than
-    `block` samples of an example chunk at once.
-    """
-    device = next(model.parameters()).device
-
-    def estimate(x: Tensor, start: int, stop: int) -> Tensor:
-        y = None if labels is None else labels[start:stop].to(device)
-        total = torch.full((len(x),), -math.inf, dtype=torch.float64, device=device)
-        for first in range(0, k, block):
-            size = min(block, k - first)
-            generator = torch.Generator().manual_seed(derive_seed(seed, "is", start, first))
-            eps = torch.randn((size, len(x), model.latent_dim), generator=generator)  # (S, b, D)
-            log_px_z, log_ratio = log_importance_weights(model, x, eps.to(device), y)  # (S, b)
-            log_w = (log_px_z - log_ratio).double()  # (S, b)
-            total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))  # (b,)
-        return total - math.log(k)  # (b,)
-
-    model.eval()
-    return map_examples(estimate, raw, pipeline, "test", examples_per_chunk, device).squeeze(1)
+def importance_log_px(run, raw: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+    """log p(x) [log p(x | y) with labels] of every example of raw in the data's own units:
+    estimate.evaluate's importance-sampled figure, k samples of q(z|x) per example. (N,)"""
+    evaluation = evaluate(run.model, raw, run.pipeline, k=k, naive=False, labels=labels)
+    return evaluation.per_example["log_px"] + run.pipeline.log_jacobian
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:
@@ -233,8 +211,7 @@ def main() -> None:
     for name, run_dir in runs.items():
         run = load_run(run_dir)
         started = time.monotonic()
-        with torch.inference_mode():
-            scores[name] = importance_log_px(run.model, fashion.test_x[:n], run.pipeline, k)
+        scores[name] = importance_log_px(run, fashion.test_x[:n], k)
         say(f"{name}: IS log p(x) = {scores[name].mean():.2f} on {n} test images "
             f"({time.monotonic() - started:.0f} s)")
     baseline = scores["VAE (ELBO)"]
@@ -261,10 +238,7 @@ def main() -> None:
     run = load_run(mixture_dir)
     dims = 784
     mixture_row = metrics(mixture_dir)[-1]
-    with torch.inference_mode():
-        mixture_scores = importance_log_px(run.model, fashion.test_x[:n],
-                                           run.pipeline, args.mixture_is_samples,
-                                           examples_per_chunk=10, block=100)
+    mixture_scores = importance_log_px(run, fashion.test_x[:n], args.mixture_is_samples)
     bpd = -mixture_scores / (dims * math.log(2))  # (n,) bits per dimension of each image
     bpd_mean, bpd_se = mean_and_se(bpd)
     say(f"logistic mixture: ELBO {mixture_row['test_bits_per_dim']:.3f} bits/dim, IS "
