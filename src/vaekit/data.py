@@ -31,6 +31,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -70,7 +71,7 @@ class Dataset:
         digest = hashlib.sha256()
         for tensor in (self.train_x, self.test_x, self.train_y, self.test_y):
             if tensor is not None:
-                digest.update(tensor.contiguous().numpy().tobytes())
+                digest.update(tensor.contiguous().numpy())  # the buffer itself, no copy
         return digest.hexdigest()
 
     def info(self) -> dict:
@@ -178,10 +179,12 @@ def cache_dir() -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (raw or .gz) of unsigned bytes, checking its header against its length."""
     try:
-        raw = path.read_bytes()
         if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            with gzip.open(path, "rb") as stream:
+                raw = bytearray(stream.read())  # writable: the array below is not copied again
+        else:
+            raw = bytearray(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); replace the file with a fresh copy") from None
     if not raw:
         raise DataError(f"{path}: the file is empty (0 bytes); replace it with the original file")
@@ -287,7 +290,7 @@ def load_idx_dataset(name: str, data_dir: str | None = None, download: bool = Tr
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{paths[split + '_x']}: expected images (N, H, W) and N labels, got "
                             f"{images.shape} and {labels.shape}; check the files are {name}'s")
-    as_images = (lambda a: torch.from_numpy(a.copy()).unsqueeze(1))  # (N, 1, H, W) uint8
+    as_images = (lambda a: torch.from_numpy(a).unsqueeze(1))  # (N, 1, H, W) uint8, shared
     as_labels = (lambda a: torch.from_numpy(a.astype(np.int64)))
     return Dataset(name, "image8", as_images(arrays["train_x"]), as_images(arrays["test_x"]),
                    as_labels(arrays["train_y"]), as_labels(arrays["test_y"]),
