@@ -67,3 +67,35 @@ def test_presets_fill_only_unset_fields():
     assert TrainConfig(data="fashion-mnist").with_presets().batch_size == 128
     assert TrainConfig(epochs=2).with_presets().epochs == 2
     assert TrainConfig(data="my.npy").with_presets().epochs == 20
+
+
+def test_model_family_options_parse_and_round_trip():
+    values = parse("--objective", "iwae", "--iwae-samples", "50", "--prior", "vamp",
+                   "--prior-components", "100", "--likelihood", "logistic-mixture",
+                   "--likelihood-components", "5", "--conditional")
+    assert values == {"objective": "iwae", "iwae_samples": 50, "prior": "vamp",
+                      "prior_components": 100, "likelihood": "logistic-mixture",
+                      "likelihood_components": 5, "conditional": True}
+    values = parse("--kl-schedule", "cyclical", "--kl-cycle-epochs", "2.5", "--kl-cycle-ratio",
+                   "0.25", "--free-bits", "0.5", "--free-bits-group-size", "4")
+    config = TrainConfig(**values).validate()
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"objective": "vi"}, "elbo, iwae"),
+    ({"iwae_samples": 0}, "--iwae-samples must be at least 1"),
+    ({"kl_schedule": "cosine"}, "constant, linear, cyclical"),
+    ({"kl_warmup_epochs": 0.0}, "--kl-warmup-epochs must be greater than 0"),
+    ({"kl_cycle_ratio": 1.5}, "--kl-cycle-ratio must be at most 1"),
+    ({"free_bits": -1.0}, "--free-bits must be greater than 0"),
+    ({"likelihood": "poisson"}, "logistic-mixture"),
+    ({"objective": "iwae", "beta": 2.0}, "--beta weights the ELBO's KL term"),
+    ({"objective": "iwae", "free_bits": 1.0}, "--free-bits weights"),
+    ({"prior": "vamp", "conditional": True}, "cannot be --conditional"),
+    ({"prior": "vamp", "free_bits": 1.0}, "--free-bits-group-size 20"),
+])
+def test_model_family_invalid_values(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+    TrainConfig(prior="vamp", free_bits=1.0, free_bits_group_size=20).validate()  # one group

@@ -58,8 +58,22 @@ def valid_value(name: str) -> st.SearchStrategy:
     return (st.none() | strategy) if optional else strategy
 
 
+def within_cross_field_rules(values: dict) -> dict:
+    """Fields valid one by one can still clash; keep the draws inside the rules that relate them
+    (TrainConfig.validate): IWAE has no KL term to weight, the VampPrior cannot be conditional,
+    and free bits per group need a factorised prior (else one group over all dimensions)."""
+    if values["objective"] == "iwae":
+        values.update(beta=1.0, kl_schedule="constant", free_bits=None)
+    if values["prior"] == "vamp":
+        values["conditional"] = False
+    if values["free_bits"] is not None and values["prior"] not in ("normal", "uniform"):
+        values["free_bits_group_size"] = max(values["free_bits_group_size"],
+                                             values["latent_dim"])
+    return values
+
+
 configs = st.fixed_dictionaries({name: valid_value(name) for name in FIELDS}).map(
-    lambda values: TrainConfig(**values))
+    lambda values: TrainConfig(**within_cross_field_rules(values)))
 
 
 @FAST

@@ -228,3 +228,29 @@ def test_values_outside_the_likelihood_range_are_refused(tmp_path):
     data = load_dataset(str(tmp_path / "r.npy"))
     with pytest.raises(DataError, match=r"\[0, 1\].*--likelihood gaussian"):
         Pipeline.build(data, "bernoulli", "dynamic", 0)
+
+
+def test_levels_pipeline_keeps_every_8_bit_value():
+    data = load_digits()
+    for likelihood in ("discretized-logistic", "logistic-mixture", "categorical"):
+        pipeline = Pipeline.build(data, likelihood, "dynamic", 0)
+        assert pipeline.mode == "levels" and not pipeline.noisy
+        assert pipeline.log_jacobian == 0 and "log-probability of the 8-bit" in pipeline.description
+        x = pipeline.fixed(data.test_x[:50], 0)
+        assert torch.equal(x * 255, data.test_x[:50].float())  # exactly the levels k / 255
+        assert torch.equal(pipeline.display(x), x)
+
+
+def test_level_likelihoods_refuse_real_arrays(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((20, 3)).astype(np.float32))
+    data = load_dataset(str(tmp_path / "x.npy"))
+    with pytest.raises(DataError, match="8-bit images"):
+        Pipeline.build(data, "categorical", "dynamic", 0)
+
+
+def test_npz_with_a_test_split_names_its_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((20, 4)), y=rng.integers(0, 3, 20),
+             x_test=rng.random((6, 4)), y_test=np.array([0, 1, 2, 3, 1, 0]))
+    data = load_dataset(str(tmp_path / "d.npz"))
+    assert data.label_names == ["0", "1", "2", "3"]  # class 3 appears in the test split only

@@ -24,7 +24,7 @@ from vaekit.distributed import DistContext, ProcessFailed, _parse_test_failures
 from vaekit.errors import ConfigError, VaekitError
 from vaekit.randomness import epoch_permutation
 from vaekit.runs import latest_checkpoint, tensors_from_file
-from vaekit.train import build_model, train
+from vaekit.train import STEP_COLUMNS, build_model, train
 
 SMALL = ["--hidden", "32", "--latent-dim", "3", "--no-progress", "--checkpoint-every-minutes",
          "60"]
@@ -190,7 +190,7 @@ def test_one_update_step_is_the_same_on_two_processes(tmp_path):
     assert max_difference(weights(two), weights(one)) < 1e-6
     step_two = tensors_from_file(latest_checkpoint(two) / "optimizer.safetensors")["step_log"]
     step_one = tensors_from_file(latest_checkpoint(one) / "optimizer.safetensors")["step_log"]
-    assert step_two.shape == step_one.shape == (1, 3)  # loss, reconstruction, KL of the step
+    assert step_two.shape == step_one.shape == (1, len(STEP_COLUMNS))  # loss, terms, beta...
     torch.testing.assert_close(step_two, step_one, rtol=1e-6, atol=1e-5)  # summed, not rank 0's
 
 

@@ -15,21 +15,26 @@ import torch
 from conftest import train_tiny
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from vaekit.data import Pipeline
+from vaekit.data import Pipeline, load_digits
 from vaekit.distributed import DistContext
 from vaekit.distributions import draw_from_noise, reparameterize
 from vaekit.estimate import (
     FixedInputs,
     LogMeanExp,
+    bits_per_dim,
+    elbo_per_example,
     elbo_gradient,
     evaluate,
     evaluate_run,
     gradient_variance,
+    iwae_per_example,
     log_likelihood,
     log_mean_exp,
     log_weights,
     map_examples,
 )
+from vaekit.model import ModelConfig, build_vae
+from vaekit.objectives import elbo_terms, iwae_terms
 from vaekit.oracle import (
     exact_elbo,
     exact_log_px,
@@ -38,8 +43,7 @@ from vaekit.oracle import (
     sample_data,
     set_exact_posterior,
 )
-from vaekit.model import ModelConfig, build_vae
-from vaekit.randomness import FIXED_BLOCK, per_example_normal
+from vaekit.randomness import FIXED_BLOCK, fixed_normal, per_example_normal
 from vaekit.runs import load_run, load_run_dataset
 
 ORACLE = Pipeline("identity", "real", 0, description="oracle data (model space)")
@@ -238,18 +242,21 @@ def bernoulli(tiny_run):
 
 
 def decoders():
-    """Models whose log p(x|z) takes each path of log_likelihood, with binary data for them."""
+    """Models whose log p(x|z) takes each path of log_likelihood, with binary data (and class
+    labels for the conditional one)."""
     torch.manual_seed(0)
     binary = (torch.rand(6, 1, 6, 6) < 0.4).float()  # (6, 1, 6, 6)
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
     configs = {
         "mlp relu": dict(hidden=[16]),
         "mlp tanh, two layers": dict(hidden=[16, 8], activation="tanh"),
         "linear": dict(hidden=[]),
+        "conditional mlp": dict(hidden=[16], num_classes=3),
         "conv": dict(net="conv", hidden=[16]),
     }
     for name, config in configs.items():
         model = build_vae(ModelConfig(data_shape=(1, 6, 6), latent_dim=3, **config)).eval()
-        yield name, model, binary
+        yield name, model, binary, labels if model.conditional else None
 
 
 @pytest.mark.parametrize("samples_per_pass", [1, 7, 60])
@@ -258,13 +265,13 @@ def test_log_likelihood_in_slices_equals_decoding_every_sample_at_once(oracle, b
     import vaekit.estimate as estimate
 
     model, raw, pipeline = bernoulli
-    cases = [("oracle (Gaussian)", oracle[0], oracle[1][:6]),
-             ("trained digits MLP", model, pipeline.fixed(raw[:6], 0)), *decoders()]
-    for name, net, x in cases:
+    cases = [("oracle (Gaussian)", oracle[0], oracle[1][:6], None),
+             ("trained digits MLP", model, pipeline.fixed(raw[:6], 0), None), *decoders()]
+    for name, net, x, y in cases:
         with torch.inference_mode():
-            z = net.encode(x).sample((60,))  # (60, 6, D)
-            expected = net.decode(z).log_prob(x)  # (60, 6)
-            sliced = log_likelihood(net, z, x, samples_per_pass)
+            z = net.encode(x, y).sample((60,))  # (60, 6, D)
+            expected = net.decode(z, y).log_prob(x)  # (60, 6)
+            sliced = log_likelihood(net, z, x, samples_per_pass, y)
         assert sliced.shape == expected.shape, name
         assert torch.allclose(sliced, expected, rtol=1e-6, atol=1e-4), name
         # MLP decoders can run layer by layer into reused buffers; conv decoders as modules
@@ -272,7 +279,7 @@ def test_log_likelihood_in_slices_equals_decoding_every_sample_at_once(oracle, b
 
 
 def test_log_likelihood_with_gradients_takes_the_distribution_path():
-    _, model, x = next(decoders())
+    _, model, x, _ = next(decoders())
     z = model.encode(x).rsample((5,))  # (5, 6, 3), differentiable in the encoder
     value = log_likelihood(model, z, x, 2)
     assert torch.allclose(value, model.decode(z).log_prob(x))
@@ -472,3 +479,92 @@ def test_a_proposal_that_misses_the_posterior_is_flagged_by_its_effective_sample
     assert summary["log_px_ess_min"] < 10
     # ... and rightly so: the estimate is too low by far more than its error bar says
     assert float(exact_log_px(model, x).mean()) - summary["log_px"] > 5 * summary["log_px_se"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels of a conditional model, the IWAE bound, bits/dim
+
+
+def _conditional_digits():
+    torch.manual_seed(0)
+    data = load_digits()
+    pipeline = Pipeline.build(data, "bernoulli", "dynamic", 0)
+    model = build_vae(ModelConfig(data_shape=(1, 8, 8), latent_dim=3, hidden=[16],
+                                  num_classes=10))
+    return data, pipeline, model
+
+
+def test_elbo_per_example_passes_each_example_its_label_whatever_the_chunking():
+    data, pipeline, model = _conditional_digits()
+    raw, labels = data.test_x[:40], data.test_y[:40]
+    whole = elbo_per_example(model, raw, pipeline, labels=labels)
+    chunked = elbo_per_example(model, raw, pipeline, labels=labels, batch_size=7)
+    assert torch.equal(whole, chunked)
+    x = pipeline.fixed(raw, 0)
+    eps = fixed_normal((3,), 0, 40, (0, "elbo-eps", "test"))
+    with torch.no_grad():
+        direct = elbo_terms(model, x, eps, labels)
+        wrong = elbo_terms(model, x, eps, (labels + 1) % 10)
+    assert torch.allclose(whole[:, 0].float(), direct.reconstruction, atol=1e-5)
+    assert not torch.allclose(whole[:, 0].float(), wrong.reconstruction, atol=1e-3)
+
+
+def test_iwae_per_example_is_the_bound_with_fixed_noise_and_above_the_elbo():
+    data, pipeline, model = _conditional_digits()
+    raw, labels = data.test_x[:30], data.test_y[:30]
+    bound = iwae_per_example(model, raw, pipeline, 50, labels=labels)
+    assert bound.shape == (30,) and bound.dtype == torch.float64
+    eps = fixed_normal((50, 3), 0, 30, (0, "iwae-eps", "test"))
+    with torch.no_grad():
+        direct = iwae_terms(model, pipeline.fixed(raw, 0), eps, labels).bound
+    assert torch.allclose(bound.float(), direct, atol=1e-4)
+    elbo = elbo_per_example(model, raw, pipeline, labels=labels)
+    gap = bound - (elbo[:, 0] - elbo[:, 1])  # (30,) IWAE_50 - ELBO, per example
+    assert gap.mean() > 4 * gap.std() / math.sqrt(30)
+
+
+def test_bits_per_dim():
+    assert abs(bits_per_dim(-784 * math.log(2), 784) - 1.0) < 1e-12
+    assert bits_per_dim(0.0, 10) == 0.0
+
+
+def test_evaluate_gives_a_conditional_model_its_labels():
+    data, pipeline, model = _conditional_digits()
+    raw, labels = data.test_x[:12], data.test_y[:12]
+    right = evaluate(model, raw, pipeline, k=50, labels=labels).per_example["log_px"]
+    wrong = evaluate(model, raw, pipeline, k=50, labels=(labels + 3) % 10).per_example["log_px"]
+    assert not torch.allclose(right, wrong)
+    # the same figure as the IWAE bound with the same number of samples, within its error
+    bound = iwae_per_example(model, raw, pipeline, 50, labels=labels)
+    difference = right - bound  # (12,) two independent estimates of E[IWAE_50]
+    assert abs(difference.mean()) < 5 * difference.std() / math.sqrt(12) + 1e-3
+
+
+@pytest.mark.parametrize("prior", ["mixture", "vamp"])
+def test_evaluate_with_a_prior_that_does_not_factorise(prior):
+    torch.manual_seed(1)
+    data = load_digits()
+    pipeline = Pipeline.build(data, "bernoulli", "dynamic", 0)
+    model = build_vae(ModelConfig(data_shape=(1, 8, 8), latent_dim=3, hidden=[16], prior=prior,
+                                  prior_components=5))
+    raw = data.test_x[:10]
+    evaluation = evaluate(model, raw, pipeline, k=200)
+    per = evaluation.per_example
+    assert torch.isfinite(per["log_px"]).all() and torch.isfinite(per["log_px_naive"]).all()
+    assert torch.isnan(per["kl_per_dim"]).all()  # no per-dimension KL without a factorised p(z)
+    gap = per["log_px"] - per["elbo"]  # IS_200 >= ELBO on average
+    assert gap.mean() > 0
+    # the ELBO agrees with the library's one-sample ELBO averaged over many draws
+    x = pipeline.fixed(raw, 0)
+    with torch.no_grad():
+        elbos = torch.stack([elbo_terms(model, x).elbo for _ in range(400)]).double()  # (400, 10)
+    se = (per["elbo_var"].sqrt() ** 2 + elbos.var(0) / 400).sqrt()
+    assert torch.all((per["elbo"] - elbos.mean(0)).abs() < 5 * se)
+
+
+def test_evaluate_run_of_a_conditional_run_reports_log_p_x_given_y(tmp_path):
+    run_dir = train_tiny(tmp_path / "cond", conditional=True, epochs=1)
+    run = load_run(run_dir)
+    result = evaluate_run(run, load_run_dataset(run), k=20, limit=30)
+    assert result["conditional"] is True and "log p(x | y)" in result["likelihood_of"]
+    assert result["log_px"] >= result["elbo"] - 3 * result["elbo_se"]

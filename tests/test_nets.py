@@ -51,3 +51,30 @@ def test_decoder_params_shape_may_have_extra_leading_dims():
     """A likelihood with several numbers per pixel (e.g. mixtures) asks for (K, C, H, W)."""
     decoder = ConvDecoder(3, [8], params_shape=(5, 1, 12, 12), data_shape=(1, 12, 12))
     assert decoder(torch.randn(2, 3)).shape == (2, 5, 1, 12, 12)
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (32, 32), (64, 64), (128, 128), (48, 80), (31, 17)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv_nets_with_a_condition_and_a_mixture_likelihood(hw, channels):
+    """The sizes users bring, square or not, grey or RGB, with 2 * C + 1 numbers per component
+    (the logistic mixture's parameters) and a one-hot label joined to features and to z."""
+    from vaekit.distributions import LogisticMixtureLikelihood
+
+    data_shape = (channels, *hw)
+    params_shape = LogisticMixtureLikelihood(data_shape, components=2).params_shape
+    encoder = ConvEncoder(data_shape, [16], out_features=6, condition_features=5)
+    decoder = ConvDecoder(3, [16], params_shape, data_shape, condition_features=5)
+    condition = torch.nn.functional.one_hot(torch.tensor([1, 4]), 5).float()
+    assert encoder(torch.rand(2, *data_shape), condition).shape == (2, 6)
+    assert decoder(torch.randn(2, 3), condition).shape == (2, *params_shape)
+    assert decoder(torch.randn(4, 2, 3), condition).shape == (4, 2, *params_shape)
+
+
+def test_mlp_nets_join_the_condition():
+    encoder = MLPEncoder((1, 4, 4), [8], out_features=6, condition_features=3)
+    decoder = MLPDecoder(2, [8], params_shape=(1, 4, 4), condition_features=3)
+    condition = torch.eye(3)[[0, 2]]  # (2, 3)
+    assert encoder(torch.rand(2, 1, 4, 4), condition).shape == (2, 6)
+    assert decoder(torch.randn(5, 2, 2), condition).shape == (5, 2, 1, 4, 4)
+    with pytest.raises(RuntimeError):
+        encoder(torch.rand(2, 1, 4, 4))  # built for a condition, called without one

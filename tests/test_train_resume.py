@@ -32,7 +32,7 @@ from vaekit.runs import (
     tensors_from_file,
     verify_checkpoint,
 )
-from vaekit.train import Trainer, build_model, prepare_data, train
+from vaekit.train import STEP_COLUMNS, Trainer, build_model, prepare_data, train
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(data="digits", epochs=2, batch_size=64, hidden=[32], latent_dim=3, progress=False,
@@ -60,7 +60,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name} {key}"
     steps = load_step_log(mine)
-    assert steps.shape == (STEPS, 3) and torch.equal(steps, load_step_log(theirs))
+    assert steps.shape == (STEPS, len(STEP_COLUMNS)) and torch.equal(steps, load_step_log(theirs))
     assert untimed_metrics(run) == untimed_metrics(reference)
 
 

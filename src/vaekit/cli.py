@@ -112,6 +112,11 @@ def build_parser() -> Parser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     sample.add_argument("--draw", action="store_true", help="show x drawn from p(x|z) instead "
                         "of its mean E[x|z]")
+    sample.add_argument("--label", metavar="CLASS", help="conditional runs: draw this class (its "
+                        "name, e.g. Sandal, or its index); default: a grid with one row per class")
+    sample.add_argument("--per-class", type=positive_int, default=8, metavar="N",
+                        help="conditional runs without --label: samples in each class's row "
+                        "(default: 8)")
     sample.add_argument("--save-array", metavar="FILE.npy", help="also save the samples as a "
                         "numeric array (data units)")
     sample.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -320,19 +325,33 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from .viz import examples_image, save_png
+    from .viz import class_rows_image, examples_image, save_png
 
     run = _load(args.run_dir, args.device)
-    pipeline = run.pipeline
-    out = Path(args.out) if args.out else run.path / f"samples-{args.n}-seed{args.seed}.png"
+    pipeline, names = run.pipeline, run.label_names
+    if args.label is not None and names is None:
+        raise VaekitError(f"{run.path} is not a conditional run, so --label has no meaning; "
+                          "drop it, or train with --conditional")
+    label = None if args.label is None else resolve_label(args.label, names)
+    grid = names is not None and label is None  # one row per class
+    count = len(names) * args.per_class if grid else args.n
+    tag = f"-label{label}" if label is not None else "-classes" if grid else ""
+    out = Path(args.out) if args.out else run.path / f"samples-{count}{tag}-seed{args.seed}.png"
     _check_output(out, ".png")
+    device = next(run.model.parameters()).device
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        samples = run.model.sample(args.n, mean=not args.draw)  # (n, *shape)
+        if grid:
+            y = torch.arange(len(names), device=device).repeat_interleave(args.per_class)
+        else:
+            y = None if label is None else torch.full((count,), label, device=device)
+        samples = run.model.sample(count, y, mean=not args.draw)  # (count, *shape)
     shown = pipeline.display(samples)
-    save_png(examples_image(shown), out)
-    print(f"wrote {out} ({args.n} samples, {'drawn from' if args.draw else 'mean of'} p(x|z), "
-          f"z ~ p(z) {run.config.prior})")
+    save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
+    given = f", y = {names[label]} (class {label})" if label is not None else \
+        f", one row per class ({len(names)} classes)" if grid else ""
+    print(f"wrote {out} ({count} samples, {'drawn from' if args.draw else 'mean of'} p(x|z), "
+          f"z ~ p(z) {run.config.prior}{given})")
     if args.save_array:
         target = Path(args.save_array)
         _check_output(target, ".npy")
@@ -350,15 +369,29 @@ def cmd_reconstruct(args) -> int:
     run = _load(args.run_dir, args.device)
     dataset, pipeline = load_run_dataset(run), run.pipeline
     raw = (dataset.test_x if args.split == "test" else dataset.train_x)[:args.n]
+    labels = (dataset.test_y if args.split == "test" else dataset.train_y)[:args.n] \
+        if run.config.conditional else None
     out = Path(args.out) if args.out else run.path / f"reconstructions-{args.split}.png"
     _check_output(out, ".png")
     device = next(run.model.parameters()).device
     with torch.inference_mode():
         x = pipeline.fixed(raw.to(device), 0, args.split)
-        reconstructions = run.model.reconstruct(x)
+        y = None if labels is None else labels.to(device)
+        reconstructions = run.model.reconstruct(x, y)
     save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions)), out)
     print(f"wrote {out} ({len(raw)} {args.split} examples above their reconstructions)")
     return 0
+
+
+def resolve_label(text: str, names: list[str]) -> int:
+    """A class given by name (first) or by index -> its index."""
+    if text in names:
+        return names.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+        return int(text)
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    raise VaekitError(f"--label {text!r} is not a class of this run: give a name ({shown}) or an "
+                      f"index 0..{len(names) - 1}")
 
 
 def cmd_evaluate(args) -> int:
@@ -429,6 +462,8 @@ def _progress_bar(total: int, what: str, enabled: bool):
 
     return tqdm(total=total, desc=what, unit="example", leave=False, dynamic_ncols=True,
                 mininterval=1.0, file=sys.stderr)
+
+
 def _latent_space(args):
     from .viz import LatentSpace
 

@@ -70,7 +70,8 @@ class TrainConfig:
                          "use one fixed seeded binarisation (fixed)", choices=("dynamic", "fixed"),
                          group="data")
     # --- model ---
-    net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (square images)",
+    net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (images (C, H, W) of "
+                    "any size, square or not; stride-2 stages adapt to it)",
                     choices=("mlp", "conv"), group="model")
     hidden: list = _opt([400], "hidden layer sizes, comma separated (MLP layers; for conv, the dense "
                         "layers after the convolutions); 'none' for a linear map", metavar="N[,N...]",
@@ -84,26 +85,72 @@ class TrainConfig:
     latent_dim: int = _opt(20, "dimensions of z (20 as in Kingma & Welling's MNIST runs; unused "
                            "dimensions collapse to the prior and cost nothing)", minimum=1,
                            group="model")
-    prior: str = _opt("normal", "p(z): normal (standard Gaussian) or uniform (on the unit cube; the "
-                      "posterior is then a sigmoid-transformed Gaussian and the KL is estimated by "
-                      "Monte Carlo)", choices=("normal", "uniform"), group="model")
+    prior: str = _opt("normal", "p(z): normal (standard Gaussian), uniform (on the unit cube; the "
+                      "posterior is then a sigmoid-transformed Gaussian), mixture (learned mixture "
+                      "of Gaussians) or vamp (VampPrior, Tomczak & Welling 2018: the posterior "
+                      "mixed over learned pseudo-inputs); the KL of all but normal is estimated "
+                      "by Monte Carlo", choices=("normal", "uniform", "mixture", "vamp"),
+                      group="model")
+    prior_components: Optional[int] = _opt(None, "components of the mixture prior, pseudo-inputs "
+                                           "of the vamp prior (default: mixture 10, vamp 500)",
+                                           minimum=1, group="model")
     likelihood: str = _opt("auto", "p(x|z): bernoulli (binary data; grey levels are binarised), "
                            "continuous-bernoulli (grey levels in [0, 1]), gaussian (real values; "
-                           "8-bit images are dequantised); auto: bernoulli for images and data in "
-                           "[0, 1], gaussian otherwise",
-                           choices=("auto", "bernoulli", "continuous-bernoulli", "gaussian"),
+                           "8-bit images are dequantised), discretized-logistic, logistic-mixture "
+                           "(Salimans et al. 2017) or categorical (256-way softmax; small grey "
+                           "images): probabilities of the 8-bit levels of images; auto: bernoulli "
+                           "for images and data in [0, 1], gaussian otherwise",
+                           choices=("auto", "bernoulli", "continuous-bernoulli", "gaussian",
+                                    "discretized-logistic", "logistic-mixture", "categorical"),
                            group="model")
+    likelihood_components: Optional[int] = _opt(None, "logistics per pixel of the "
+                                                "logistic-mixture likelihood (default: 10, as "
+                                                "PixelCNN++)", minimum=1, group="model")
     gaussian_scale: Optional[float] = _opt(None, "fixed standard deviation of the Gaussian "
                                            "likelihood; default: learned, one per data dimension",
                                            minimum=0.0, exclusive_minimum=True, group="model")
+    conditional: bool = _opt(False, "condition encoder and decoder on the class label (a "
+                             "conditional VAE): the data need labels (class sub-folders, a label "
+                             "column, y arrays, or a built-in labelled set); the ELBO then bounds "
+                             "log p(x | y)", group="model")
+    # --- objective ---
+    objective: str = _opt("elbo", "training objective: elbo (with --beta, --kl-schedule, "
+                          "--free-bits) or iwae (the importance-weighted bound with "
+                          "--iwae-samples k, Burda et al. 2016; the ELBO is still reported)",
+                          choices=("elbo", "iwae"), group="objective")
+    iwae_samples: int = _opt(5, "k, the samples of z per example of the iwae objective",
+                             minimum=1, group="objective")
     # --- training ---
     epochs: Optional[int] = _opt(None, "passes over the training set (default: the dataset's "
                                  "preset: digits 150, mnist/fashion-mnist 10, others 20)", minimum=1)
     batch_size: Optional[int] = _opt(None, "examples per update, over all processes (default: "
                                      "digits 64, others 128)", minimum=1)
     lr: float = _opt(1e-3, "Adam learning rate", minimum=0.0, exclusive_minimum=True)
-    beta: float = _opt(1.0, "weight of the KL term (1 is the ELBO; other values train a beta-VAE "
-                       "and the ELBO is still reported)", minimum=0.0)
+    lr_decay: float = _opt(1.0, "multiply the learning rate by this after every epoch (1: "
+                           "constant; 0.9 gives a tenth of it after 22 epochs)", minimum=0.0,
+                           exclusive_minimum=True, maximum=1.0)
+    beta: float = _opt(1.0, "weight of the KL term (1 is the ELBO; other values train a beta-VAE, "
+                       "Higgins et al. 2017, and the ELBO is still reported); with a schedule, "
+                       "the value it rises to", minimum=0.0, group="objective")
+    kl_schedule: str = _opt("constant", "how the KL weight moves: constant (--beta throughout), "
+                            "linear (warm-up from 0 to --beta over --kl-warmup-epochs) or "
+                            "cyclical (Fu et al. 2019: repeated warm-ups, each cycle of "
+                            "--kl-cycle-epochs rising for its first --kl-cycle-ratio); the beta "
+                            "used is logged each epoch", choices=("constant", "linear", "cyclical"),
+                            group="objective")
+    kl_warmup_epochs: float = _opt(10.0, "epochs of the linear KL warm-up (fractions allowed)",
+                                   minimum=0.0, exclusive_minimum=True, group="objective")
+    kl_cycle_epochs: float = _opt(10.0, "epochs per cycle of the cyclical schedule", minimum=0.0,
+                                  exclusive_minimum=True, group="objective")
+    kl_cycle_ratio: float = _opt(0.5, "share of each cycle during which beta rises (Fu et al.: "
+                                 "0.5)", minimum=0.0, exclusive_minimum=True, maximum=1.0,
+                                 group="objective")
+    free_bits: Optional[float] = _opt(None, "free bits (Kingma et al. 2016): nats of KL per group "
+                                      "of latent dimensions that cost the floor, not more; a "
+                                      "group under it gets no KL gradient", minimum=0.0,
+                                      exclusive_minimum=True, metavar="NATS", group="objective")
+    free_bits_group_size: int = _opt(1, "latent dimensions per free-bits group (1: a floor on "
+                                     "each dimension)", minimum=1, group="objective")
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value",
                                       minimum=0.0, exclusive_minimum=True)
     seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
@@ -139,6 +186,22 @@ class TrainConfig:
                                                or any(c < 1 for c in self.conv_channels)):
             raise ConfigError("--conv-channels must be positive integers, for example "
                               "--conv-channels 32,64")
+        if self.objective == "iwae":
+            weighting = [flag for flag, used in (
+                ("--beta", self.beta != 1.0), ("--kl-schedule", self.kl_schedule != "constant"),
+                ("--free-bits", self.free_bits is not None)) if used]
+            if weighting:
+                raise ConfigError(f"{weighting[0]} weights the ELBO's KL term, which the iwae "
+                                  "bound does not have; drop it or use --objective elbo")
+        if self.conditional and self.prior == "vamp":
+            raise ConfigError("--prior vamp mixes the posterior over unlabelled pseudo-inputs and "
+                              "cannot be --conditional; use --prior normal or mixture")
+        if self.free_bits is not None and self.prior not in ("normal", "uniform") \
+                and self.free_bits_group_size < self.latent_dim:
+            raise ConfigError(f"--free-bits per group needs a --prior that factorises over "
+                              f"dimensions (normal, uniform), not {self.prior}; use "
+                              f"--free-bits-group-size {self.latent_dim} (at least --latent-dim: "
+                              "one floor on the whole KL)")
         return self
 
     def with_presets(self) -> "TrainConfig":

@@ -9,6 +9,8 @@ A `Pipeline` maps a raw batch to what the likelihood scores, and says what that 
 
     binarize     x = 1[u < v]  with v = raw / 255 (or raw in [0, 1]), u ~ U[0, 1)   (Bernoulli)
     scale        x = raw / 255                                       (continuous Bernoulli)
+    levels       x = raw / 255, the 256 levels k / 255 scored as such (discretised logistic
+                 and its mixture, categorical: probabilities of the 8-bit images)
     dequantize   x = (raw + u) / 256                                 (Gaussian on 8-bit images)
     standardize  x = (raw - mean) / std, train-set statistics        (Gaussian on real arrays)
     identity     x = raw
@@ -29,6 +31,7 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -68,7 +71,7 @@ class Dataset:
         digest = hashlib.sha256()
         for tensor in (self.train_x, self.test_x, self.train_y, self.test_y):
             if tensor is not None:
-                digest.update(tensor.contiguous().numpy().tobytes())
+                digest.update(tensor.contiguous().numpy())  # the buffer itself, no copy
         return digest.hexdigest()
 
     def info(self) -> dict:
@@ -176,10 +179,12 @@ def cache_dir() -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (raw or .gz) of unsigned bytes, checking its header against its length."""
     try:
-        raw = path.read_bytes()
         if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            with gzip.open(path, "rb") as stream:
+                raw = bytearray(stream.read())  # writable: the array below is not copied again
+        else:
+            raw = bytearray(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); replace the file with a fresh copy") from None
     if not raw:
         raise DataError(f"{path}: the file is empty (0 bytes); replace it with the original file")
@@ -285,7 +290,7 @@ def load_idx_dataset(name: str, data_dir: str | None = None, download: bool = Tr
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{paths[split + '_x']}: expected images (N, H, W) and N labels, got "
                             f"{images.shape} and {labels.shape}; check the files are {name}'s")
-    as_images = (lambda a: torch.from_numpy(a.copy()).unsqueeze(1))  # (N, 1, H, W) uint8
+    as_images = (lambda a: torch.from_numpy(a).unsqueeze(1))  # (N, 1, H, W) uint8, shared
     as_labels = (lambda a: torch.from_numpy(a.astype(np.int64)))
     return Dataset(name, "image8", as_images(arrays["train_x"]), as_images(arrays["test_x"]),
                    as_labels(arrays["train_y"]), as_labels(arrays["test_y"]),
@@ -395,7 +400,9 @@ def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Datase
         test_y = _labels_to_tensor(test_y, len(test_x), path, "y_test")
         if (y is None) != (test_y is None):
             raise DataError(f"{path}: give labels for both splits (y and y_test) or for neither")
-        return Dataset(name, kind, x, test_x, y, test_y, None, source=str(path.resolve()))
+        if y is not None:
+            label_names = [str(v) for v in range(int(max(y.max(), test_y.max())) + 1)]
+        return Dataset(name, kind, x, test_x, y, test_y, label_names, source=str(path.resolve()))
     if y is not None and label_names is None:
         label_names = [str(v) for v in range(int(y.max()) + 1)]
     return _split(name, kind, x, y, label_names, test_fraction, split_seed,
@@ -536,7 +543,9 @@ def _labels_to_tensor(labels, n: int, path: Path, key: str) -> Tensor | None:
 # The pipeline from raw data to what the likelihood scores
 
 
-LIKELIHOODS_FOR_KIND = {"image8": ("bernoulli", "continuous-bernoulli", "gaussian"),
+LEVEL_LIKELIHOODS = ("discretized-logistic", "logistic-mixture", "categorical")
+LIKELIHOODS_FOR_KIND = {"image8": ("bernoulli", "continuous-bernoulli", "gaussian",
+                                   *LEVEL_LIKELIHOODS),
                         "real": ("bernoulli", "continuous-bernoulli", "gaussian")}
 
 
@@ -554,7 +563,7 @@ def resolve_likelihood(requested: str, dataset: Dataset) -> str:
 class Pipeline:
     """Raw batch -> likelihood input. See the module docstring for the modes."""
 
-    mode: str  # binarize | scale | dequantize | standardize | identity
+    mode: str  # binarize | scale | levels | dequantize | standardize | identity
     kind: str  # image8 | real
     split_seed: int
     mean: Tensor | None = None  # (1, *shape) standardize only
@@ -572,14 +581,20 @@ class Pipeline:
         dims = math.prod(shape)
         train_x = dataset.train_x
         if likelihood not in LIKELIHOODS_FOR_KIND[kind]:
-            raise DataError(f"likelihood {likelihood!r} cannot score {kind} data: use one of "
-                            f"{', '.join(LIKELIHOODS_FOR_KIND[kind])}")
+            why = " (it scores the 256 levels of 8-bit images)" \
+                if likelihood in LEVEL_LIKELIHOODS else ""
+            raise DataError(f"likelihood {likelihood!r} cannot score {kind} data{why}: use one "
+                            f"of {', '.join(LIKELIHOODS_FOR_KIND[kind])}")
         if kind == "image8":
             if likelihood == "bernoulli":
                 how = "dynamically binarised" if binarize == "dynamic" else "binarised (fixed)"
                 return Pipeline("binarize", kind, split_seed,
                                 description=f"{how} pixels (test set: one fixed seeded "
                                 "binarisation), Bernoulli: log-probability of the binary images")
+            if likelihood in LEVEL_LIKELIHOODS:
+                return Pipeline("levels", kind, split_seed,
+                                description=f"8-bit levels scaled to k / 255, {likelihood}: "
+                                "log-probability of the 8-bit images")
             if likelihood == "continuous-bernoulli":
                 return Pipeline("scale", kind, split_seed,
                                 description="grey levels scaled to [0, 1], continuous Bernoulli: "
@@ -637,7 +652,7 @@ class Pipeline:
             return (u < probability).float()
         if self.mode == "dequantize":
             return (raw.float() + u) / 256.0
-        if self.mode == "scale":
+        if self.mode in ("scale", "levels"):
             return raw.float() / 255.0
         if self.mode == "standardize":
             return (raw - self.mean) / self.std

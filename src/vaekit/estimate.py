@@ -26,7 +26,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, TransformedDistribution, kl_divergence
+from torch.distributions import (
+    Distribution,
+    MixtureSameFamily,
+    TransformedDistribution,
+    kl_divergence,
+)
 
 from .data import Pipeline, batches
 from .distributed import DistContext
@@ -37,8 +42,8 @@ from .distributions import (
     reparameterize,
 )
 from .model import VAE
-from .nets import MLPDecoder
-from .objectives import elbo_terms
+from .nets import MLPDecoder, join_condition
+from .objectives import elbo_terms, iwae_terms
 from .randomness import FIXED_BLOCK, SAMPLE_BLOCK, fixed_normal, per_example_normal
 
 CHUNK_ELEMENTS = 2 ** 24  # float32 numbers one chunk's tensors may hold (~64 MiB)
@@ -109,16 +114,41 @@ class FixedInputs:
 
 def elbo_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
                      seed: int = 0, batch_size: int = 1000, device: torch.device | None = None,
-                     dist: DistContext | None = None) -> Tensor:
-    """(N, 2) float64: reconstruction and KL of every example, one fixed z sample each."""
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N, 2) float64: reconstruction and KL of every example, one fixed z sample each.
+
+    labels (N,): the class of each example, for a conditional model (the ELBO of log p(x|y)).
+    """
     device = device or next(model.parameters()).device
 
     def terms(x: Tensor, start: int, stop: int) -> Tensor:
         eps = fixed_normal((model.latent_dim,), start, stop, (seed, "elbo-eps", split))
-        result = elbo_terms(model, x, eps.to(device))
+        y = None if labels is None else labels[start:stop].to(device)
+        result = elbo_terms(model, x, eps.to(device), y)
         return torch.stack([result.reconstruction, result.kl], dim=1)  # (b, 2)
 
     return map_examples(terms, raw, pipeline, split, batch_size, device, dist, outputs=2)
+
+
+def iwae_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, samples: int, *,
+                     split: str = "test", seed: int = 0, device: torch.device | None = None,
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N,) float64: the IWAE bound with `samples` z per example (Burda et al. 2016), noise
+    fixed per example index; chunks hold about 20,000 samples of z so memory stays bounded."""
+    device = device or next(model.parameters()).device
+    batch_size = max(1, 20_000 // samples)
+
+    def bound(x: Tensor, start: int, stop: int) -> Tensor:
+        eps = fixed_normal((samples, model.latent_dim), start, stop, (seed, "iwae-eps", split))
+        y = None if labels is None else labels[start:stop].to(device)
+        return iwae_terms(model, x, eps.to(device), y).bound  # (b,)
+
+    return map_examples(bound, raw, pipeline, split, batch_size, device, dist).squeeze(1)
+
+
+def bits_per_dim(log_p: float, dims: int) -> float:
+    """A log-probability (nats per example) as bits per dimension: -log2 p / dims."""
+    return -log_p / (dims * math.log(2.0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,10 +295,11 @@ def noise_chunks(model: VAE, start: int, examples: int, k: int, key: tuple, bloc
         yield from eps.split(block)
 
 
-def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | None = None
-                   ) -> Tensor:
-    """log p(x | z_j) of every example of x (B, *shape) under each of its codes z (S, B, D):
-    (S, B), equal to model.decode(z).log_prob(x).
+def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | None = None,
+                   y: Tensor | None = None) -> Tensor:
+    """log p(x | z_j [, y]) of every example of x (B, *shape) under each of its codes z
+    (S, B, D): (S, B), equal to model.decode(z, y).log_prob(x). y (B,): the labels of a
+    conditional model.
 
     The decoder runs on `samples_per_pass` samples of every example at a time (default:
     decode_samples), so that its activations stay in cache instead of streaming through
@@ -277,6 +308,7 @@ def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | Non
     also writes every layer into buffers reused from pass to pass (_mlp_pass).
     """
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
+    condition = model.condition(y)  # (B, classes) one-hot, or None
     make_scorer = None if torch.is_grad_enabled() else getattr(model.likelihood, "scorer", None)
     layers = _mlp_layers(model) if make_scorer is not None else None
     if layers is not None:  # the last layer's bias joins the scorer's first pass
@@ -290,10 +322,11 @@ def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | Non
     for first in range(0, len(z), samples_per_pass):
         codes = z[first:first + samples_per_pass]  # (s, B, D)
         if layers is not None:
-            params = _mlp_pass(layers, codes, buffers).view(
+            inputs = join_condition(codes, condition)  # (s, B, D [+ classes])
+            params = _mlp_pass(layers, inputs, buffers).view(
                 *codes.shape[:-1], *model.likelihood.params_shape)  # (s, B, *params_shape)
         else:
-            params = model.decoder(codes)  # (s, B, *params_shape)
+            params = model.decoder(codes, condition)  # (s, B, *params_shape)
         part = score(params)  # (s, B)
         if result is None:
             result = part.new_empty(z.shape[:-1])  # (S, B)
@@ -302,11 +335,13 @@ def log_likelihood(model: VAE, z: Tensor, x: Tensor, samples_per_pass: int | Non
 
 
 def _mlp_layers(model: VAE) -> nn.Sequential | None:
-    """The layers of an MLP decoder of z alone, whose last layer, a Linear with a bias, gives
-    the likelihood's parameters; None for other decoders."""
+    """The layers of an MLP decoder (of z, joined to the condition of a conditional model)
+    whose last layer, a Linear with a bias, gives the likelihood's parameters; None for other
+    decoders."""
     net = model.decoder.net if isinstance(model.decoder, MLPDecoder) else None
+    inputs = model.latent_dim + (model.num_classes or 0)
     if not isinstance(net, nn.Sequential) or not isinstance(net[0], nn.Linear) or \
-            net[0].in_features != model.latent_dim:
+            net[0].in_features != inputs:
         return None
     head = net[-1]
     if not isinstance(head, nn.Linear) or head.bias is None:
@@ -338,42 +373,57 @@ def _mlp_pass(layers: nn.Sequential, codes: Tensor, buffers: dict) -> Tensor:
 
 
 def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
-                      block: int, samples_per_pass: int | None = None
-                      ) -> Iterator[ImportanceBlock]:
+                      block: int, y: Tensor | None = None,
+                      samples_per_pass: int | None = None) -> Iterator[ImportanceBlock]:
     """k samples z_j ~ q(z|x) per example of x (B, *shape), in blocks of `block` samples.
 
-    Example start + i of the split gets the noise of that index (see the module doc).
+    Example start + i of the split gets the noise of that index (see the module doc). y (B,):
+    the labels of a conditional model, whose weights then estimate log p(x | y). A prior that
+    does not factorise over dimensions (mixture, vamp) has no per-dimension KL: NaN there.
     samples_per_pass: samples of each example decoded at once (see log_likelihood).
     """
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    q = model.encode(x)  # batch (B,), event (D,)
+    q = model.encode(x, y)  # batch (B,), event (D,)
     prior = model.prior
+    factorised = not isinstance(prior, MixtureSameFamily)
     for eps in noise_chunks(model, start, len(x), k, (seed, "importance", split), block,
                             x.device):
         z = reparameterize(q, eps)  # (S, B, D)
-        log_px_given_z = log_likelihood(model, z, x, samples_per_pass)  # (S, B)
-        # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
-        kl_per_dim = log_ratio_per_dimension(q, prior, z, eps)  # (S, B, D)
-        log_weight = log_px_given_z - kl_per_dim.sum(-1)  # (S, B)
+        log_px_given_z = log_likelihood(model, z, x, samples_per_pass, y)  # (S, B)
+        if factorised:
+            # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
+            kl_per_dim = log_ratio_per_dimension(q, prior, z, eps)  # (S, B, D)
+            log_ratio = kl_per_dim.sum(-1)  # (S, B)
+        else:
+            log_ratio = q.log_prob(z) - prior.log_prob(z)  # (S, B)
+            kl_per_dim = torch.full_like(z, math.nan)  # (S, B, D)
+        log_weight = log_px_given_z - log_ratio  # (S, B)
         yield ImportanceBlock(z, log_px_given_z, log_weight, kl_per_dim)
 
 
 def prior_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
-                 block: int, samples_per_pass: int | None = None) -> Iterator[Tensor]:
-    """log p(x | z_j) with z_j ~ p(z), k per example of x, in blocks: (S, B) each."""
+                 block: int, y: Tensor | None = None,
+                 samples_per_pass: int | None = None) -> Iterator[Tensor]:
+    """log p(x | z_j) with z_j ~ p(z), k per example of x, in blocks: (S, B) each.
+
+    A mixture prior picks each draw's component with a second noise stream of its own key."""
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
     prior = model.prior
-    for eps in noise_chunks(model, start, len(x), k, (seed, "naive", split), block, x.device):
-        z = draw_from_noise(prior, eps)  # (S, B, D)
-        yield log_likelihood(model, z, x, samples_per_pass)  # (S, B)
+    chunks = noise_chunks(model, start, len(x), k, (seed, "naive", split), block, x.device)
+    choices = noise_chunks(model, start, len(x), k, (seed, "naive-component", split), block,
+                           x.device) if isinstance(prior, MixtureSameFamily) else None
+    for eps in chunks:
+        choice = None if choices is None else next(choices)[..., 0]  # (S, B)
+        z = draw_from_noise(prior, eps, choice)  # (S, B, D)
+        yield log_likelihood(model, z, x, samples_per_pass, y)  # (S, B)
 
 
 def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
                 split: str = "test", proposal: str = "posterior",
-                block: int | None = None) -> Tensor:
+                block: int | None = None, y: Tensor | None = None) -> Tensor:
     """All k log weights of every example of x, (k, B) float64: log p(x,z)/q(z|x) with z ~ q
     (proposal "posterior") or log p(x|z) with z ~ p(z) (proposal "prior", the naive estimator).
-    For sweeps over k on a few examples; `evaluate` streams instead."""
+    For sweeps over k on a few examples; `evaluate` streams instead. y: labels (conditional)."""
     if proposal not in ("posterior", "prior"):
         raise ValueError(f"unknown proposal {proposal!r}: choose one of posterior, prior")
     block = block or sample_block(model, k, len(x))
@@ -381,11 +431,11 @@ def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
     with torch.inference_mode():
         if proposal == "posterior":
             parts = [b.log_weight.double() for b in importance_blocks(
-                model, x, start, k, seed=seed, split=split, block=block,
+                model, x, start, k, seed=seed, split=split, block=block, y=y,
                 samples_per_pass=samples_per_pass)]
         else:
             parts = [b.double() for b in prior_blocks(
-                model, x, start, k, seed=seed, split=split, block=block,
+                model, x, start, k, seed=seed, split=split, block=block, y=y,
                 samples_per_pass=samples_per_pass)]
     return torch.cat(parts)  # (k, B)
 
@@ -417,7 +467,9 @@ def decoded_elements_per_sample(model: VAE) -> int:
     try:
         device = next(model.parameters()).device
         with torch.inference_mode():
-            model.decoder(torch.zeros(1, model.latent_dim, device=device))
+            condition = None if model.num_classes is None else \
+                torch.zeros(1, model.num_classes, device=device)  # a conditional decoder's label
+            model.decoder(torch.zeros(1, model.latent_dim, device=device), condition)
     finally:
         for hook in hooks:
             hook.remove()
@@ -461,13 +513,14 @@ SCALARS = ("log_px", "log_px_var", "log_px_ess", "elbo", "elbo_var", "elbo_gap_v
 
 def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, split: str,
                    naive: bool = True, block: int | None = None,
-                   samples_per_pass: int | None = None) -> Tensor:
+                   y: Tensor | None = None, samples_per_pass: int | None = None) -> Tensor:
     """Every per-example figure of x (B, *shape) as columns (B, len(SCALARS) + 2 D): SCALARS,
     then the posterior mean E_q[z] (D columns) and the KL per latent dimension (D columns).
-    Model space: the pipeline's log-Jacobian is not added here."""
+    Model space: the pipeline's log-Jacobian is not added here. y (B,): labels of a
+    conditional model (the figures are then of log p(x | y))."""
     block = block or sample_block(model, k, len(x))
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    q = model.encode(x)
+    q = model.encode(x, y)
     exact_kl = _exact_kl_per_dim(q, model.prior)  # (B, D) or None
     weights, likelihood, kl_sums = LogMeanExp(), MeanSums(), MeanSums()
     kl_dims = torch.zeros(len(x), model.latent_dim, dtype=torch.float64, device=x.device)
@@ -476,7 +529,7 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
         z_sum = None
     except NotImplementedError:  # a transformed Gaussian: E_q[z] by the same samples
         posterior_mean, z_sum = None, torch.zeros_like(kl_dims)
-    for b in importance_blocks(model, x, start, k, seed=seed, split=split, block=block,
+    for b in importance_blocks(model, x, start, k, seed=seed, split=split, block=block, y=y,
                                samples_per_pass=samples_per_pass):
         if exact_kl is not None:
             # The ELBO's summand with the KL in closed form: lower variance than log w.
@@ -484,7 +537,7 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
         else:
             summand = b.log_weight
             kl_dims += b.kl_per_dim.double().sum(0)
-            kl_sums.add(b.kl_per_dim.sum(-1))
+            kl_sums.add(b.log_likelihood - b.log_weight)  # log q(z|x) - log p(z)
         weights.add(b.log_weight, companion=summand)
         likelihood.add(b.log_likelihood)
         if z_sum is not None:
@@ -508,7 +561,7 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
     if naive:
         prior_weights = LogMeanExp()
         for log_px_given_z in prior_blocks(model, x, start, k, seed=seed, split=split,
-                                           block=block, samples_per_pass=samples_per_pass):
+                                           block=block, y=y, samples_per_pass=samples_per_pass):
             prior_weights.add(log_px_given_z)
         columns.update(log_px_naive=prior_weights.estimate,
                        log_px_naive_var=prior_weights.variance,
@@ -585,8 +638,8 @@ class Evaluation:
                           log_px_naive_se=se("log_px_naive_var"),
                           log_px_naive_ess=float(per["log_px_naive_ess"].mean()))
         if self.discrete:
-            per_dim = self.data_dims * math.log(2)
-            result.update(bits_per_dim=-log_px / per_dim, bits_per_dim_se=log_px_se / per_dim)
+            result.update(bits_per_dim=bits_per_dim(log_px, self.data_dims),
+                          bits_per_dim_se=-bits_per_dim(log_px_se, self.data_dims))
         result.update(
             active_units=int((spread > threshold).sum()), latent_dim=len(spread),
             active_threshold=[float(t) for t in threshold],
@@ -614,9 +667,12 @@ def discrete_likelihood(model: VAE, pipeline: Pipeline) -> bool:
 def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test", k: int = 5000,
              seed: int = 0, naive: bool = True, batch_size: int | None = None,
              device: torch.device | None = None, dist: DistContext | None = None,
-             progress: Callable[[int], None] | None = None) -> Evaluation:
+             progress: Callable[[int], None] | None = None,
+             labels: Tensor | None = None) -> Evaluation:
     """Estimate log p(x), the ELBO and the rest on every example of raw (a split's raw data).
 
+    labels (N,): the classes of a conditional model's examples; every figure is then of
+    log p(x | y).
     batch_size: examples per chunk (default: examples_per_chunk).
     Under torchrun pass DistContext.from_env(): chunks are shared out, results are identical.
     """
@@ -631,8 +687,9 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
     model.eval()
 
     def fn(x: Tensor, start: int, stop: int) -> Tensor:
+        y = None if labels is None else labels[start:stop].to(x.device)
         return evaluate_batch(model, x, start, k=k, seed=seed, split=split, naive=naive,
-                              block=block, samples_per_pass=samples_per_pass)
+                              block=block, y=y, samples_per_pass=samples_per_pass)
 
     try:
         table = map_examples(fn, raw, pipeline, split, batch_size, device, dist,
@@ -643,7 +700,8 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
     per_example["posterior_mean"] = table[:, len(SCALARS): len(SCALARS) + latent]
     per_example["kl_per_dim"] = table[:, len(SCALARS) + latent:]
     with torch.inference_mode():
-        q = model.encode(pipeline.fixed(raw[:1].to(device), 0, split))
+        y = None if labels is None else labels[:1].to(device)
+        q = model.encode(pipeline.fixed(raw[:1].to(device), 0, split), y)
         kl_exact = _exact_kl_per_dim(q, model.prior) is not None
         prior_variance = [float(v) for v in model.prior.variance.cpu()]
     return Evaluation(per_example, k, seed, split, naive, pipeline.log_jacobian,
@@ -755,14 +813,21 @@ def evaluate_run(run, dataset, *, split: str = "test", k: int = 5000, limit: int
     if split not in ("test", "train"):
         raise ValueError(f"unknown split {split!r}: choose one of test, train")
     raw = dataset.test_x if split == "test" else dataset.train_x
+    labels = (dataset.test_y if split == "test" else dataset.train_y) \
+        if run.config.conditional else None
     if limit is not None:
         raw = raw[:limit]
+        labels = None if labels is None else labels[:limit]
     device = next(run.model.parameters()).device
     started = time.monotonic()
     evaluation = evaluate(run.model, raw, run.pipeline, split=split, k=k, seed=seed, naive=naive,
-                          batch_size=batch_size, device=device, dist=dist, progress=progress)
+                          batch_size=batch_size, device=device, dist=dist, progress=progress,
+                          labels=labels)
     seconds = time.monotonic() - started
     result = evaluation.summary()
+    if labels is not None:  # a conditional model: every figure is of log p(x | y)
+        result["likelihood_of"] += ", given each example's class label y: log p(x | y)"
+    result["conditional"] = labels is not None
     dist = dist or DistContext()
     result.update(run=str(run.path), data=run.data["name"], data_shape=run.data["shape"],
                   likelihood=run.config.likelihood, prior=run.config.prior, net=run.config.net,

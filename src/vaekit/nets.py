@@ -2,12 +2,17 @@
 
 They know nothing of distributions: an encoder returns the numbers a posterior family asks for
 (`params_per_example`), a decoder returns a tensor of the likelihood's `params_shape`.
+
+A conditional model passes a `condition` (B, F), a one-hot class label, to both: the encoder
+joins it to its flattened input (MLP) or to the flattened convolutional features (conv), the
+decoder to z. Built with condition_features=0 (the default), the nets take no condition.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
@@ -31,29 +36,37 @@ def mlp(in_features: int, hidden: list[int], out_features: int, act: str) -> nn.
     return nn.Sequential(*layers)
 
 
+def join_condition(features: Tensor, condition: Tensor | None) -> Tensor:
+    """features (..., B, F1) and condition (B, F2) -> (..., B, F1 + F2); no condition: unchanged."""
+    if condition is None:
+        return features
+    return torch.cat([features, condition.expand(*features.shape[:-1], -1)], dim=-1)
+
+
 class MLPEncoder(nn.Module):
-    """x (B, *data_shape) -> flatten -> MLP -> (B, out_features)."""
+    """x (B, *data_shape) [+ condition (B, F)] -> flatten -> MLP -> (B, out_features)."""
 
     def __init__(self, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
-                 act: str = "relu"):
+                 act: str = "relu", condition_features: int = 0):
         super().__init__()
-        self.net = mlp(math.prod(data_shape), hidden, out_features, act)
+        self.net = mlp(math.prod(data_shape) + condition_features, hidden, out_features, act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))  # (B, out_features)
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        return self.net(join_condition(x.flatten(1), condition))  # (B, out_features)
 
 
 class MLPDecoder(nn.Module):
-    """z (B, D) -> MLP -> (B, *params_shape)."""
+    """z (..., B, D) [+ condition (B, F)] -> MLP -> (..., B, *params_shape)."""
 
     def __init__(self, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
-                 act: str = "relu"):
+                 act: str = "relu", condition_features: int = 0):
         super().__init__()
         self.params_shape = tuple(params_shape)
-        self.net = mlp(latent_dim, list(reversed(hidden)), math.prod(params_shape), act)
+        self.net = mlp(latent_dim + condition_features, list(reversed(hidden)),
+                       math.prod(params_shape), act)
 
-    def forward(self, z: Tensor) -> Tensor:
-        out = self.net(z)  # (..., P)
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        out = self.net(join_condition(z, condition))  # (..., P)
         return out.view(*z.shape[:-1], *self.params_shape)  # (..., *params_shape)
 
 
@@ -79,10 +92,11 @@ def conv_plan(image_hw: tuple[int, int], channels: list[int] | None) -> tuple[li
 
 
 class ConvEncoder(nn.Module):
-    """x (B, C, H, W) -> stride-2 convolutions -> flatten -> MLP -> (B, out_features)."""
+    """x (B, C, H, W) -> stride-2 convolutions -> flatten [+ condition] -> MLP -> (B, out)."""
 
     def __init__(self, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
-                 act: str = "relu", channels: list[int] | None = None):
+                 act: str = "relu", channels: list[int] | None = None,
+                 condition_features: int = 0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"conv nets need images shaped (C, H, W), got {tuple(data_shape)}")
@@ -95,15 +109,16 @@ class ConvEncoder(nn.Module):
             in_channels = out_channels
         self.features = nn.Sequential(*layers)
         final_h, final_w = sizes[-1]
-        self.head = mlp(in_channels * final_h * final_w, hidden, out_features, act)
+        self.head = mlp(in_channels * final_h * final_w + condition_features, hidden,
+                        out_features, act)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
         features = self.features(x)  # (B, C_last, h, w)
-        return self.head(features.flatten(1))  # (B, out_features)
+        return self.head(join_condition(features.flatten(1), condition))  # (B, out_features)
 
 
 class ConvDecoder(nn.Module):
-    """z (B, D) -> MLP -> (B, C_last, h, w) -> stride-2 transposed convolutions -> params.
+    """z (B, D) [+ condition] -> MLP -> (B, C_last, h, w) -> transposed convolutions -> params.
 
     Mirrors ConvEncoder: each transposed convolution doubles a side, with output_padding 0 or 1
     chosen per stage so the sizes retrace the encoder's exactly (7 -> 14 -> 28, 4 -> 7, ...).
@@ -112,14 +127,15 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
                  data_shape: tuple[int, ...], act: str = "relu",
-                 channels: list[int] | None = None):
+                 channels: list[int] | None = None, condition_features: int = 0):
         super().__init__()
         _, height, width = data_shape
         channels, sizes = conv_plan((height, width), channels)
         self.params_shape = tuple(params_shape)
         out_channels = math.prod(params_shape) // (height * width)
         self.start_shape = (channels[-1], *sizes[-1])
-        self.head = mlp(latent_dim, list(reversed(hidden)), math.prod(self.start_shape), act)
+        self.head = mlp(latent_dim + condition_features, list(reversed(hidden)),
+                        math.prod(self.start_shape), act)
         layers: list[nn.Module] = [activation(act)]
         stage_outputs = list(reversed(channels[:-1])) + [out_channels]
         in_channels = channels[-1]
@@ -133,29 +149,34 @@ class ConvDecoder(nn.Module):
             in_channels = next_channels
         self.features = nn.Sequential(*layers)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         batch_shape = z.shape[:-1]
-        hidden = self.head(z.reshape(-1, z.shape[-1]))  # (N, C_last * h * w)
+        inputs = join_condition(z, condition)  # (..., B, D + F)
+        hidden = self.head(inputs.reshape(-1, inputs.shape[-1]))  # (N, C_last * h * w)
         maps = self.features(hidden.view(-1, *self.start_shape))  # (N, P, H, W)
         return maps.reshape(*batch_shape, *self.params_shape)  # (..., *params_shape)
 
 
 def build_encoder(net: str, data_shape: tuple[int, ...], hidden: list[int], out_features: int,
-                  act: str, conv_channels: list[int] | None = None) -> nn.Module:
+                  act: str, conv_channels: list[int] | None = None,
+                  condition_features: int = 0) -> nn.Module:
     if net == "mlp":
-        return MLPEncoder(data_shape, hidden, out_features, act)
+        return MLPEncoder(data_shape, hidden, out_features, act, condition_features)
     if net == "conv":
-        return ConvEncoder(data_shape, hidden, out_features, act, conv_channels)
+        return ConvEncoder(data_shape, hidden, out_features, act, conv_channels,
+                           condition_features)
     raise ValueError(f"unknown net {net!r}: choose one of mlp, conv")
 
 
 def build_decoder(net: str, latent_dim: int, hidden: list[int], params_shape: tuple[int, ...],
                   data_shape: tuple[int, ...], act: str,
-                  conv_channels: list[int] | None = None) -> nn.Module:
+                  conv_channels: list[int] | None = None,
+                  condition_features: int = 0) -> nn.Module:
     if net == "mlp":
-        return MLPDecoder(latent_dim, hidden, params_shape, act)
+        return MLPDecoder(latent_dim, hidden, params_shape, act, condition_features)
     if net == "conv":
-        return ConvDecoder(latent_dim, hidden, params_shape, data_shape, act, conv_channels)
+        return ConvDecoder(latent_dim, hidden, params_shape, data_shape, act, conv_channels,
+                           condition_features)
     raise ValueError(f"unknown net {net!r}: choose one of mlp, conv")
 
 

@@ -1,17 +1,26 @@
 """Objectives: pure functions of a model and a batch, returning per-example log-quantities.
 
-    ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))  <=  log p(x)
+    ELBO(x)     = E_q[log p(x|z)] - KL(q(z|x) || p(z))                     <=  log p(x)
+    beta-ELBO   = E_q[log p(x|z)] - beta * KL            (Higgins et al. 2017; beta may follow a
+                                                          schedule: KLSchedule)
+    free bits   = E_q[log p(x|z)] - sum_groups max(lambda, KL_group)         (Kingma et al. 2016)
+    IWAE_k(x)   = E[log (1/k) sum_i p(x, z_i) / q(z_i|x)],  z_i ~ q(z|x)    (Burda et al. 2016)
+                  ELBO = IWAE_1 <= IWAE_k <= IWAE_{k+1} <= log p(x)
 
-The training loss is `-objective.mean()` and is formed in train.py alone.
+For a conditional model every term is conditioned on the label y, and the bounds are bounds on
+log p(x | y). The training loss is `-objective.mean()` and is formed in train.py alone.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-from .distributions import kl_or_estimate, reparameterize
+from .distributions import kl_or_estimate, kl_per_dimension, reparameterize
 from .model import VAE
 
 
@@ -20,6 +29,7 @@ class ELBOTerms(NamedTuple):
 
     reconstruction: Tensor  # (B,) E_q[log p(x|z)], the "x in, x out" view (one-sample estimate)
     kl: Tensor  # (B,) KL(q(z|x) || p(z)), the variational-inference view
+    kl_dimensions: Tensor | None = None  # (B, D) KL of each latent dimension, when asked for
 
     @property
     def elbo(self) -> Tensor:
@@ -30,14 +40,125 @@ class ELBOTerms(NamedTuple):
         return self.reconstruction - beta * self.kl  # (B,)
 
 
-def elbo_terms(model: VAE, x: Tensor, eps: Tensor | None = None) -> ELBOTerms:
-    """One-sample ELBO of each example in x (B, *data_shape).
+def elbo_terms(model: VAE, x: Tensor, eps: Tensor | None = None, y: Tensor | None = None, *,
+               per_dimension: bool = False) -> ELBOTerms:
+    """One-sample ELBO of each example in x (B, *data_shape) [given labels y (B,)].
 
     z is drawn by the reparameterisation trick, z = mu + sigma * eps, so the reconstruction term
     is differentiable in the encoder's parameters. eps (B, D) may be given to fix the noise.
+    per_dimension=True also returns the KL of each latent dimension (factorised priors only),
+    which free bits needs.
     """
-    q = model.encode(x)
+    q = model.encode(x, y)
     z = q.rsample() if eps is None else reparameterize(q, eps)  # (B, D)
-    reconstruction = model.decode(z).log_prob(x)  # (B,)
-    kl = kl_or_estimate(q, model.prior, z)  # (B,)
-    return ELBOTerms(reconstruction, kl)
+    reconstruction = model.decode(z, y).log_prob(x)  # (B,)
+    prior = model.prior
+    if per_dimension:
+        kl_dimensions = kl_per_dimension(q, prior, z)  # (B, D)
+        return ELBOTerms(reconstruction, kl_dimensions.sum(-1), kl_dimensions)
+    return ELBOTerms(reconstruction, kl_or_estimate(q, prior, z))
+
+
+class IWAETerms(NamedTuple):
+    """The importance-weighted bound of each example, and the ELBO from the same k samples."""
+
+    bound: Tensor  # (B,) log (1/k) sum_i w_i: the IWAE_k bound (one draw of it)
+    reconstruction: Tensor  # (B,) mean over the k samples of log p(x|z_i)
+    kl: Tensor  # (B,) mean over the k samples of log q(z_i|x) - log p(z_i)
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.reconstruction - self.kl  # (B,) the k-sample average ELBO estimate
+
+
+def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, y: Tensor | None = None
+                           ) -> tuple[Tensor, Tensor]:
+    """log p(x|z_i) and log q(z_i|x) - log p(z_i) for z_i = reparameterize(q(z|x), eps_i).
+
+    eps (k, B, D) -> two tensors (k, B); log w_i is their difference.
+    """
+    q = model.encode(x, y)
+    z = reparameterize(q, eps)  # (k, B, D)
+    log_px_z = model.decode(z, y).log_prob(x)  # (k, B)
+    log_ratio = q.log_prob(z) - model.prior.log_prob(z)  # (k, B)
+    return log_px_z, log_ratio
+
+
+def iwae_terms(model: VAE, x: Tensor, eps: Tensor, y: Tensor | None = None) -> IWAETerms:
+    """The IWAE bound of each example in x (B, *data_shape) with k samples of z each.
+
+    eps (B, k, D): the noise of each example's k samples, example first (as training draws it
+    for the global batch, so that each process takes its rows). Gradients flow through the
+    reparameterised samples, as in Burda et al. 2016.
+    """
+    k = eps.shape[1]
+    log_px_z, log_ratio = log_importance_weights(model, x, eps.transpose(0, 1), y)  # (k, B) x2
+    log_w = log_px_z - log_ratio  # (k, B)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)  # (B,)
+    return IWAETerms(bound, log_px_z.mean(0), log_ratio.mean(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Free bits
+
+
+def kl_groups(kl_dimensions: Tensor, group_size: int) -> Tensor:
+    """(B, D) -> (B, G): the KL of consecutive groups of group_size dimensions (the last may be
+    smaller); group_size 1 keeps every dimension, group_size >= D gives one group."""
+    return torch.stack([chunk.sum(-1) for chunk in kl_dimensions.split(group_size, dim=-1)],
+                       dim=-1)
+
+
+def free_bits_kl(groups: Tensor, floor: float, group_means: Tensor | None = None) -> Tensor:
+    """The KL penalty with free bits (Kingma et al. 2016), per example. (B, G) -> (B,)
+
+    The objective is E[log p(x|z)] - sum_g max(floor, E_batch[KL_g]): a group whose KL,
+    averaged over the batch, is under the floor costs the floor and gets no gradient, so the
+    model may spend up to `floor` nats on it for free. Per example that is KL_g where the group is
+    above the floor and the constant floor where it is not; the batch mean of the result is
+    exactly sum_g max(floor, mean KL_g). group_means (G,) may be given when the batch spans
+    several processes (the mean over the whole global batch).
+    """
+    if group_means is None:
+        group_means = groups.detach().mean(0)  # (G,)
+    above = group_means > floor  # (G,)
+    return torch.where(above, groups, torch.full_like(groups, floor)).sum(-1)  # (B,)
+
+
+# ------------------------------------------------------------------------------------------------
+# KL weight schedules
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+@dataclass(frozen=True)
+class KLSchedule:
+    """The weight beta of the KL term as a function of training progress (in epochs).
+
+    constant  beta throughout (beta = 1: the ELBO; other values: a beta-VAE)
+    linear    KL warm-up: beta * min(1, t / warmup_epochs), from 0 (Bowman et al. 2016;
+              Sonderby et al. 2016)
+    cyclical  cyclical annealing (Fu et al. 2019): the training is cut into cycles of
+              cycle_epochs; in each, beta rises linearly from 0 to its full value over the first
+              cycle_ratio of the cycle and stays there for the rest.
+    """
+
+    kind: str = "constant"
+    beta: float = 1.0
+    warmup_epochs: float = 10.0
+    cycle_epochs: float = 10.0
+    cycle_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in KL_SCHEDULES:
+            raise ValueError(f"unknown KL schedule {self.kind!r}: choose one of "
+                             f"{', '.join(KL_SCHEDULES)}")
+
+    def __call__(self, epochs: float) -> float:
+        """beta after `epochs` epochs of training (fractions count: step / steps per epoch)."""
+        if self.kind == "linear":
+            return self.beta * min(1.0, epochs / self.warmup_epochs)
+        if self.kind == "cyclical":
+            phase = (epochs % self.cycle_epochs) / self.cycle_epochs  # in [0, 1)
+            return self.beta * min(1.0, phase / self.cycle_ratio)
+        return self.beta

@@ -611,6 +611,11 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
 
     if k < 2 or examples < 2:
         raise ValueError("explain needs k >= 2 and at least 2 examples")
+    if run.config.conditional:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{run.path} is conditional; vaekit explain demonstrates the note on "
+                          "unconditional models (use vaekit evaluate for log p(x | y))")
     model = run.model
     was_training = model.training
     model.eval()

@@ -359,11 +359,23 @@ def load_step_log(checkpoint: Path) -> Tensor:
 # config.json and loading a run
 
 
-def model_config_for(config: TrainConfig, data_shape: tuple[int, ...]) -> ModelConfig:
+def model_config_for(config: TrainConfig, data_shape: tuple[int, ...],
+                     label_names: list[str] | None = None) -> ModelConfig:
+    """The model a training config builds on data of this shape (and these class labels)."""
+    num_classes = None
+    if config.conditional:
+        if not label_names:
+            raise DataError(f"{config.data} has no class labels, which --conditional needs: use "
+                            "an image folder with class sub-folders, a CSV with a label column, "
+                            "an .npz with y arrays, or a labelled built-in dataset")
+        num_classes = len(label_names)
     return ModelConfig(data_shape=tuple(data_shape), latent_dim=config.latent_dim, net=config.net,
                        hidden=list(config.hidden), conv_channels=config.conv_channels,
                        activation=config.activation, prior=config.prior,
-                       likelihood=config.likelihood, gaussian_scale=config.gaussian_scale)
+                       prior_components=config.prior_components, likelihood=config.likelihood,
+                       gaussian_scale=config.gaussian_scale,
+                       likelihood_components=config.likelihood_components,
+                       num_classes=num_classes)
 
 
 def run_document(config: TrainConfig, data_info: dict, pipeline: Pipeline) -> dict:
@@ -377,7 +389,7 @@ DATA_KEYS = {"name": str, "kind": str, "shape": list, "n_train": int, "n_test": 
              "label_names": (list, type(None)), "source": str, "fingerprint": str}
 PIPELINE_KEYS = {"mode": str, "kind": str, "split_seed": int, "description": str,
                  "log_jacobian": (int, float)}
-PIPELINE_MODES = ("binarize", "scale", "dequantize", "standardize", "identity")
+PIPELINE_MODES = ("binarize", "scale", "levels", "dequantize", "standardize", "identity")
 
 
 def _check_section(section, keys: dict, where: str) -> dict:
@@ -452,7 +464,12 @@ class Run:
 
     @property
     def model_config(self) -> ModelConfig:
-        return model_config_for(self.config, tuple(self.data["shape"]))
+        return model_config_for(self.config, tuple(self.data["shape"]), self.data["label_names"])
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names a conditional run's labels index; None for unconditional runs."""
+        return self.data["label_names"] if self.config.conditional else None
 
     @property
     def name(self) -> str:
@@ -492,7 +509,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
                        "epoch yet, or the file was removed (resume with vaekit train --resume)")
     config = document["config"]
     try:
-        model = build_vae(model_config_for(config, tuple(document["data"]["shape"])))
+        model = build_vae(model_config_for(config, tuple(document["data"]["shape"]),
+                                           document["data"]["label_names"]))
     except ValueError as exc:
         raise ConfigError(f"{run_dir / 'config.json'}: {exc}") from None
     load_state(model, tensors_from_file(weights), weights)

@@ -3,6 +3,11 @@
 One step:   raw batch (uint8) --pipeline--> x --encode--> q(z|x) --eps--> z --decode--> p(x|z)
             loss = -(E_q[log p(x|z)] - beta * KL).mean()      (the only minus sign)
 
+The objective is the ELBO, weighted by beta (constant or following a KLSchedule), optionally
+with free bits, or the IWAE bound with k samples of z per example (objectives.py); a
+conditional model gets each example's label with it. Every epoch logs the ELBO (beta = 1)
+beside the objective, and the beta used.
+
 Exact resume: the data order of an epoch is a function of (seed, epoch) and the noise of a step
 of (seed, step) (see randomness.py); a checkpoint stores weights, optimizer state and the
 counters, so a resumed run replays the same batches and noise bit for bit.
@@ -15,6 +20,7 @@ the gradient of the global mean. The run is the same computation for any number 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import sys
@@ -30,9 +36,9 @@ from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError, TrainingError
-from .estimate import elbo_per_example
+from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
 from .model import VAE, build_vae
-from .objectives import elbo_terms
+from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
 from .randomness import StepNoise, derive_seed, epoch_permutation
 from .runs import (
     RunLock,
@@ -60,16 +66,38 @@ SYNC_EVERY = 20  # steps between cross-process agreements (stop, checkpoint) whe
 PICTURE_EVERY = 10.0  # seconds between refreshes of samples.png, reconstructions.png, curves.png
 
 
-class ELBOObjective(nn.Module):
-    """The model's ELBO as a module: DistributedDataParallel synchronises only through forward()."""
+# Columns of the per-step log kept in every checkpoint (optimizer.safetensors "step_log").
+STEP_COLUMNS = ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor")
 
-    def __init__(self, model: VAE):
+
+class TrainingObjective(nn.Module):
+    """The model's per-example training terms as a module: DistributedDataParallel
+    synchronises only through forward().
+
+    forward(x, y, eps) -> (reconstruction (B,), kl (B,), extra): the ELBO's two terms, and
+    extra = the IWAE bound (B,) for objective iwae, the KL of each free-bits group (B, G) with
+    free bits, else None. eps is (B, D), or (B, k, D) for iwae.
+    """
+
+    def __init__(self, model: VAE, config: TrainConfig):
         super().__init__()
         self.model = model
+        self.iwae = config.objective == "iwae"
+        self.group_size = config.free_bits_group_size if config.free_bits is not None else None
 
-    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-        terms = elbo_terms(self.model, x, eps)
-        return terms.reconstruction, terms.kl  # (B,), (B,)
+    def forward(self, x: Tensor, y: Tensor | None, eps: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.iwae:
+            terms = iwae_terms(self.model, x, eps, y)
+            return terms.reconstruction, terms.kl, terms.bound
+        if self.group_size is None:
+            terms = elbo_terms(self.model, x, eps, y)
+            return terms.reconstruction, terms.kl, None
+        if self.group_size >= self.model.latent_dim:  # one group: any prior, the whole KL
+            terms = elbo_terms(self.model, x, eps, y)
+            return terms.reconstruction, terms.kl, terms.kl.unsqueeze(-1)  # (B, 1)
+        terms = elbo_terms(self.model, x, eps, y, per_dimension=True)
+        return terms.reconstruction, terms.kl, kl_groups(terms.kl_dimensions, self.group_size)
 
 
 @dataclass
@@ -129,11 +157,12 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     return dataset, pipeline, config
 
 
-def build_model(config: TrainConfig, data_shape: tuple[int, ...]) -> VAE:
+def build_model(config: TrainConfig, data_shape: tuple[int, ...],
+                label_names: list[str] | None = None) -> VAE:
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        return build_vae(model_config_for(config, data_shape))
+        return build_vae(model_config_for(config, data_shape, label_names))
 
 
 class Trainer:
@@ -160,8 +189,12 @@ class Trainer:
             self.train_mode = "identity"
         else:
             self.train_mode = pipeline.mode
+        self.train_y = dataset.train_y.to(device) if config.conditional else None
+        self.test_y = dataset.test_y if config.conditional else None
+        self.schedule = KLSchedule(config.kl_schedule, config.beta, config.kl_warmup_epochs,
+                                   config.kl_cycle_epochs, config.kl_cycle_ratio)
         self.model.to(device)
-        self.objective = ELBOObjective(self.model)
+        self.objective = TrainingObjective(self.model, config)
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -169,7 +202,7 @@ class Trainer:
                 self.objective, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = make_adam(self.model.parameters(), config.lr)
         self.progress = Progress()
-        self.step_log: list[Tensor] = []  # (steps, 3) per-step loss, reconstruction, KL
+        self.step_log: list[Tensor] = []  # (steps, len(STEP_COLUMNS)) per-step values
         self.stop_signal: int | None = None
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
         # On one CPU process every step's loss and gradients are checked as they come (it costs
@@ -240,25 +273,44 @@ class Trainer:
         return None
 
     def step_history(self) -> Tensor:
-        return torch.cat(self.step_log).cpu() if self.step_log else torch.zeros(0, 3)
+        return torch.cat(self.step_log).cpu() if self.step_log \
+            else torch.zeros(0, len(STEP_COLUMNS))
 
     # --- the loop ---------------------------------------------------------------------------
-    def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor) -> Tensor:
-        """One update; returns detached (loss, mean reconstruction, mean KL)."""
+    def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor, *,
+                   y: Tensor | None = None, beta: float | None = None) -> Tensor:
+        """One update; returns the detached row of the step log (see STEP_COLUMNS).
+
+        y: the batch's labels (conditional models); beta: the KL weight of this step (default:
+        the configured --beta).
+        """
+        beta = self.config.beta if beta is None else beta
         x = self.pipeline.apply(raw, u) if self.train_mode != "identity" else raw.float()
-        reconstruction, kl = self.objective(x, eps)  # (B,), (B,)
-        loss = -(reconstruction - self.config.beta * kl).mean()
+        reconstruction, kl, extra = self.objective(x, y, eps)  # (B,), (B,), ...
+        at_floor = torch.zeros((), device=x.device)
+        if self.config.objective == "iwae":
+            objective = extra  # (B,) the IWAE bound
+        elif self.config.free_bits is not None:
+            # the floor applies to each group's KL averaged over the whole global batch
+            group_means = self.dist.all_reduce_sum(extra.detach().mean(0)) / self.dist.world_size
+            floored = free_bits_kl(extra, self.config.free_bits, group_means)  # (B,)
+            objective = reconstruction - beta * floored
+            at_floor = (group_means <= self.config.free_bits).sum().to(x.dtype)
+        else:
+            objective = reconstruction - beta * kl  # (B,)
+        loss = -objective.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # A finite loss can still give non-finite gradients; caught here, before the update, so
         # the message can say which term's gradient it was (a non-finite loss is reported by
         # _check_finite, which names the term of the loss).
         if self.check_each_step and bool(torch.isfinite(loss)) and not self._gradients_finite():
-            raise self._gradient_error(x, eps)
+            raise self._gradient_error(x, y, eps)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean()])
+        return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(),
+                            torch.tensor(beta, dtype=x.dtype, device=x.device), at_floor])
 
     def _gradients_finite(self) -> bool:
         # One multi-tensor norm (NaN and inf survive it) costs ~0.05 ms; isfinite on each
@@ -266,12 +318,12 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
 
-    def _gradient_error(self, x: Tensor, eps: Tensor) -> TrainingError:
+    def _gradient_error(self, x: Tensor, y: Tensor | None, eps: Tensor) -> TrainingError:
         """Name the term whose gradient is non-finite, by differentiating each term alone."""
         bad = []
         for name, pick in (("the reconstruction term", 0), ("the KL term", 1)):
             self.optimizer.zero_grad(set_to_none=True)
-            term = self.objective(x, eps)[pick].mean()
+            term = self.objective(x, y, eps)[pick].mean()
             term.backward()
             if not self._gradients_finite():
                 bad.append(name)
@@ -282,6 +334,10 @@ class Trainer:
                              f"non-finite although the loss was finite; {self._saved_note()}. Try "
                              f"--grad-clip 1.0, a lower --lr (now {self.config.lr:g})"
                              f"{self._scale_advice()}")
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of a (0-based) epoch: --lr decayed by --lr-decay per epoch."""
+        return self.config.lr * self.config.lr_decay ** epoch
 
     def _saved_note(self) -> str:
         if self.saved_step is None:
@@ -297,9 +353,11 @@ class Trainer:
         n_train = len(self.train_x)
         while self.progress.epoch < config.epochs:
             epoch = self.progress.epoch
+            for group in self.optimizer.param_groups:  # a function of the epoch: resumes exactly
+                group["lr"] = self.epoch_lr(epoch)
             order = epoch_permutation(n_train, config.seed, epoch, self.device)
-            epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch, 3,
-                                    device=self.device)
+            epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch,
+                                    len(STEP_COLUMNS), device=self.device)
             logged = 0
             bar = self._progress_bar(epoch)
             epoch_started = shown = time.monotonic()
@@ -308,11 +366,16 @@ class Trainer:
                 offset = b * self.batch_size
                 index = order[offset + self.rows.start: offset + self.rows.stop]
                 raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                y = None if self.train_y is None else self.train_y.index_select(0, index)
                 noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
                                   self.rows, self.device)
                 u = noise.uniform(shape) if self.train_mode in ("binarize", "dequantize") else None
-                eps = noise.normal(self.model.latent_dim)  # (B_local, D)
-                epoch_log[logged] = self.train_step(raw, u, eps)
+                if config.objective == "iwae":  # k samples per example, example first
+                    eps = noise.normal(config.iwae_samples, self.model.latent_dim)  # (B_l, k, D)
+                else:
+                    eps = noise.normal(self.model.latent_dim)  # (B_local, D)
+                beta = self.schedule(self.progress.global_step / self.steps_per_epoch)
+                epoch_log[logged] = self.train_step(raw, u, eps, y=y, beta=beta)
                 logged += 1
                 self.progress.step_in_epoch += 1
                 self.progress.global_step += 1
@@ -370,9 +433,11 @@ class Trainer:
 
     def _show(self, bar, rows: Tensor) -> None:
         if len(rows):
-            _, rec, kl = rows[-50:].mean(0).tolist()
+            _, rec, kl, beta, _ = rows[-50:].mean(0).tolist()
             rec += self.pipeline.log_jacobian
-            bar.set_postfix_str(f"ELBO {rec - kl:.2f}  rec {rec:.2f}  KL {kl:.2f}", refresh=False)
+            weight = f"  beta {beta:.3g}" if self.config.kl_schedule != "constant" else ""
+            bar.set_postfix_str(f"ELBO {rec - kl:.2f}  rec {rec:.2f}  KL {kl:.2f}{weight}",
+                                refresh=False)
 
     def _record_steps(self, rows: Tensor, started: float) -> None:
         """Keep the per-step log and the training time of the steps just taken."""
@@ -411,16 +476,31 @@ class Trainer:
                            f"--resume {self.run_dir}", 128 + self.stop_signal)
 
     def evaluate(self) -> dict:
-        """Test-set ELBO and its terms (nats per example, in the data's own units)."""
+        """Test-set ELBO and its terms (nats per example, in the data's own units); the IWAE
+        bound for iwae runs; bits per dimension where the model scores 8-bit images. For a
+        conditional model these bound log p(x | y)."""
         self.model.eval()
         started = time.monotonic()
         terms = elbo_per_example(self.model, self.dataset.test_x, self.pipeline,
-                                 seed=self.config.split_seed, device=self.device, dist=self.dist)
+                                 seed=self.config.split_seed, device=self.device, dist=self.dist,
+                                 labels=self.test_y)
+        record = {}
+        if self.config.objective == "iwae":
+            bound = iwae_per_example(self.model, self.dataset.test_x, self.pipeline,
+                                     self.config.iwae_samples, seed=self.config.split_seed,
+                                     device=self.device, dist=self.dist, labels=self.test_y)
+            record["test_iwae"] = bound.mean().item() + self.pipeline.log_jacobian
         self.model.train()
         reconstruction = terms[:, 0].mean().item() + self.pipeline.log_jacobian
         kl = terms[:, 1].mean().item()
-        return {"test_elbo": reconstruction - kl, "test_reconstruction": reconstruction,
-                "test_kl": kl, "eval_seconds": time.monotonic() - started}
+        record = {"test_elbo": reconstruction - kl, "test_reconstruction": reconstruction,
+                  "test_kl": kl, **record}
+        if self.pipeline.mode in ("levels", "dequantize"):  # log-probabilities of 8-bit images
+            dims = math.prod(self.dataset.shape)
+            best = record.get("test_iwae", record["test_elbo"])
+            record["test_bits_per_dim"] = bits_per_dim(best, dims)
+        record["eval_seconds"] = time.monotonic() - started
+        return record
 
     def end_of_epoch(self, complete: bool) -> None:
         steps = self.step_history()
@@ -428,14 +508,20 @@ class Trainer:
         record = {"epoch": self.progress.epoch if complete else self.progress.epoch + 1,
                   "step": self.progress.global_step, "complete": complete}
         if len(epoch_steps):
-            _, rec, kl = epoch_steps.double().mean(0).tolist()
+            loss, rec, kl, beta, at_floor = epoch_steps.double().mean(0).tolist()
             rec += self.pipeline.log_jacobian
-            record.update(train_elbo=rec - kl, train_reconstruction=rec, train_kl=kl)
+            record.update(train_elbo=rec - kl, train_reconstruction=rec, train_kl=kl,
+                          train_objective=-loss + self.pipeline.log_jacobian)
+            if self.config.objective == "elbo":  # the KL weights used this epoch
+                record.update(beta=beta, beta_last=float(epoch_steps[-1, 3]))
+            if self.config.free_bits is not None:  # groups held at the floor, per step
+                record["kl_groups_at_floor"] = at_floor
         record.update(self.evaluate())
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(
             len(epoch_steps) * self.batch_size / seconds if seconds > 0 else None),
-            beta=self.config.beta, lr=self.config.lr)
+            objective=self.config.objective,
+            lr=self.epoch_lr(self.progress.epoch - 1 if complete else self.progress.epoch))
         if self.progress.inexact_resume:
             record["inexact_resume"] = True
         self.progress.metrics.append(record)
@@ -500,20 +586,29 @@ class Trainer:
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
-        from .viz import curves_image, examples_image, reconstruction_image, save_png
+        from .viz import (class_rows_image, curves_image, examples_image, reconstruction_image,
+                          save_png)
 
         n = self.config.num_samples
+        names = self.dataset.label_names if self.config.conditional else None
         self.model.eval()
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.config.seed, "samples"))
-            z = self.model.prior.sample((n,)).to(self.device)  # (n, D)
-            samples = self.pipeline.display(self.model.decode(z).mean)
+            if names:  # one row per class, about n images in all
+                per_class = max(1, round(n / len(names)))
+                y = torch.arange(len(names), device=self.device).repeat_interleave(per_class)
+            else:
+                y = None
+            z = self.model.prior.sample((n if y is None else len(y),)).to(self.device)  # (n, D)
+            samples = self.pipeline.display(self.model.decode(z, y).mean)
             raw = self.dataset.test_x[:n].to(self.device)
+            y_test = None if self.test_y is None else self.test_y[:n].to(self.device)
             x = self.pipeline.fixed(raw, 0)
             originals = self.pipeline.display(x)  # what the model encodes
-            reconstructions = self.pipeline.display(self.model.reconstruct(x))
+            reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
         self.model.train()
-        save_png(examples_image(samples), self.run_dir / "samples.png")
+        image = class_rows_image(samples, names) if names else examples_image(samples)
+        save_png(image, self.run_dir / "samples.png")
         save_png(reconstruction_image(originals, reconstructions),
                  self.run_dir / "reconstructions.png")
         save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
@@ -600,7 +695,7 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
-    model = build_model(config, dataset.shape)
+    model = build_model(config, dataset.shape, dataset.label_names)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     with dist.same_outcome("run folder"):
@@ -708,10 +803,21 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
 
     procs = f" x {dist.world_size} process{'es' if dist.world_size > 1 else ''} ({dist.backend})" \
         if dist.enabled else ""
+    if config.objective == "iwae":
+        objective = f"IWAE bound, k = {config.iwae_samples}"
+    else:
+        objective = "ELBO" if config.beta == 1 else f"beta-ELBO, beta = {config.beta:g}"
+        if config.kl_schedule != "constant":
+            objective += f", {config.kl_schedule} KL schedule"
+        if config.free_bits is not None:
+            objective += f", free bits {config.free_bits:g} nats per " \
+                f"{config.free_bits_group_size} dimension(s)"
+    condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
+        "log p(x | y)" if config.conditional else ""
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
             f"shape {'x'.join(map(str, dataset.shape))}) | {config.net} VAE, z in R^"
             f"{config.latent_dim}, prior {config.prior}, likelihood {config.likelihood}, "
             f"{count_parameters(model):,} parameters | {config.epochs} epochs, batch "
-            f"{config.batch_size}, {device}{procs}\n  scoring: {pipeline.description}\n"
-            f"  run folder: {run_dir}")
+            f"{config.batch_size}, {device}{procs}\n  objective: {objective}\n"
+            f"  scoring: {pipeline.description}{condition}\n  run folder: {run_dir}")
 

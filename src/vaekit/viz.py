@@ -85,6 +85,25 @@ def examples_image(x: Tensor, columns: int | None = None) -> Image.Image:
     return vector_rows(x)
 
 
+def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Image:
+    """One row per class, its name at the left: images (len(names) * m, ...) class by class."""
+    per_class = len(images) // len(names)
+    if not is_image_shape(tuple(images.shape[1:])):
+        grid = vector_rows(images)
+    else:
+        grid = image_grid(images, columns=per_class, pad=pad)
+    label_font = font(13)
+    measure = ImageDraw.Draw(grid)
+    margin = int(max(measure.textlength(name, font=label_font) for name in names)) + 12
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = grid.height / len(names)
+    for row, name in enumerate(names):
+        draw.text((6, row * row_height + row_height / 2 - 8), name, fill="black", font=label_font)
+    return canvas
+
+
 def reconstruction_image(originals: Tensor, reconstructions: Tensor,
                          columns: int = 8) -> Image.Image:
     """Pairs of rows: inputs above their reconstructions."""
@@ -125,15 +144,28 @@ def stack_vertically(images: list[Image.Image]) -> Image.Image:
 
 
 def curves_image(metrics: list[dict]) -> Image.Image:
-    """ELBO, reconstruction and KL per epoch, train and test: the note's two views over time."""
+    """ELBO, reconstruction and KL per epoch, train and test: the note's two views over time.
+
+    Runs trained on another objective add its curve (IWAE bound), and runs whose KL weight
+    moves add the beta used, so the effect of a schedule can be read off beside the KL.
+    """
     rows = [m for m in metrics if "test_elbo" in m]
     epochs = [m["epoch"] for m in rows]
     panels = []
     for key, label in (("elbo", "ELBO"), ("reconstruction", "reconstruction E_q[log p(x|z)]"),
                        ("kl", "KL(q(z|x) || p(z))")):
         chart = Chart(title=f"{label} per example", xlabel="epoch", ylabel="nats", height=300)
-        chart.add(epochs, [m[f"train_{key}"] for m in rows], label="train")
+        chart.add(epochs, [m.get(f"train_{key}", math.nan) for m in rows], label="train")
         chart.add(epochs, [m[f"test_{key}"] for m in rows], label="test")
+        if key == "elbo" and any("test_iwae" in m for m in rows):
+            chart.add(epochs, [m.get("test_iwae", math.nan) for m in rows],
+                      label="test IWAE bound")
+        panels.append(chart.render())
+    betas = [m.get("beta", math.nan) for m in rows]
+    if len({round(b, 12) for b in betas if not math.isnan(b)}) > 1:
+        chart = Chart(title="KL weight beta (mean over the epoch's steps)", xlabel="epoch",
+                      ylabel="beta", height=240)
+        chart.add(epochs, betas, label="beta", style="line+points")
         panels.append(chart.render())
     return stack_vertically(panels)
 
@@ -264,9 +296,21 @@ class LatentSpace:
 
     @classmethod
     def of_run(cls, run, dataset=None) -> "LatentSpace":
-        """The run's model with its test set (loaded and checked against the run if not given)."""
+        """The run's model with its test set (loaded and checked against the run if not given).
+
+        Latent steering decodes codes without a class label and lays them out dimension by
+        dimension, so it takes unconditional runs whose prior factorises (normal, uniform).
+        """
+        from .distributions import FACTORISED_PRIORS
         from .runs import load_run_dataset
 
+        if run.config.conditional or run.config.prior not in FACTORISED_PRIORS:
+            what = "is conditional" if run.config.conditional else \
+                f"has prior {run.config.prior}"
+            raise ConfigError(f"{run.path} {what}; latent steering (traverse, manifold, "
+                              "interpolate, embed, explore) needs an unconditional run with a "
+                              "prior that factorises over dimensions "
+                              f"({', '.join(FACTORISED_PRIORS)})")
         dataset = dataset if dataset is not None else load_run_dataset(run)
         return cls(run.model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
 
