@@ -43,7 +43,7 @@ def reference_as_vaekit(weights: Path):
     net.load_state_dict(load_file(weights))
 
     class Encoder(nn.Module):
-        def forward(self, x):
+        def forward(self, x, condition=None):  # condition: unused (not a conditional model)
             mu, logvar = net.encode(x.view(-1, 784))
             return torch.cat([mu, logvar], -1)
 
