@@ -237,3 +237,33 @@ def test_learning_rate_decays_per_epoch_and_resumes_exactly(tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     constant = train_tiny(tmp_path / "constant", epochs=3, lr=2e-3)
     assert not torch.equal(weights(constant)["encoder.net.0.weight"], w1["encoder.net.0.weight"])
+
+
+def test_bf16_autocast_learns_like_fp32_and_keeps_float32_weights(tiny_run, tmp_path):
+    run = train_tiny(tmp_path / "bf16", precision="bf16")
+    rows, reference = metrics(run), metrics(tiny_run)
+    trained = weights(run)
+    assert all(tensor.dtype == torch.float32 for tensor in trained.values())
+    # the matrix products ran in bfloat16: other numbers than the fp32 run, the same learning
+    assert not torch.equal(trained["encoder.net.0.weight"],
+                           weights(tiny_run)["encoder.net.0.weight"])
+    assert rows[-1]["test_elbo"] > rows[0]["test_elbo"] + 1.0
+    assert rows[-1]["test_elbo"] == pytest.approx(reference[-1]["test_elbo"], abs=0.5)
+
+
+def test_compiled_step_computes_what_the_eager_step_does(tiny_run, tmp_path):
+    run = train_tiny(tmp_path / "compiled", compile=True)
+    eager, compiled = weights(tiny_run), weights(run)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-4)
+    assert [r["test_elbo"] for r in metrics(run)] == pytest.approx(
+        [r["test_elbo"] for r in metrics(tiny_run)], abs=1e-3)
+
+
+def test_compile_without_a_cpu_compiler_is_refused_up_front(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        train_tiny(tmp_path / "run", compile=True)
+    assert not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ CONFIG_FORMAT = "vaekit-config/1"
 # Fields a resumed run may change: they alter how long or where it runs, never what it computes.
 RESUMABLE_OVERRIDES = (
     "epochs", "time_limit", "device", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "keep_checkpoints", "progress",
+    "keep_checkpoints", "progress", "compile",
 )
 
 # Per-dataset defaults for fields left unset; the chosen values are written to config.json.
@@ -155,6 +155,12 @@ class TrainConfig:
                                       minimum=0.0, exclusive_minimum=True)
     seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", metavar="DEVICE")
+    precision: str = _opt("fp32", "arithmetic of the networks while training: fp32, or bf16 "
+                          "(autocast: matrix products in bfloat16, distributions, losses and "
+                          "weights in float32; pays on GPUs with bfloat16 units, rarely on CPUs)",
+                          choices=("fp32", "bf16"))
+    compile: bool = _opt(False, "compile the training step with torch.compile (a one-off cost of "
+                         "seconds to a minute; pays on GPUs, where small kernels are fused)")
     time_limit: Optional[float] = _opt(None, "stop training after this many seconds (checked "
                                        "after every step; the run is saved and can be resumed)",
                                        minimum=0.0, exclusive_minimum=True, metavar="SECONDS")

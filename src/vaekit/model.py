@@ -50,6 +50,13 @@ class ModelConfig:
         return values
 
 
+def _full_precision(params: Tensor) -> Tensor:
+    """Network outputs in float32 when autocast made them bfloat16/float16: the distributions'
+    log-densities, KLs and sums over hundreds of dimensions need float32's mantissa. A no-op on
+    float32 and float64 outputs."""
+    return params.float() if params.dtype in (torch.bfloat16, torch.float16) else params
+
+
 class VAE(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
                  posterior: nn.Module, likelihood: nn.Module, num_classes: int | None = None):
@@ -95,11 +102,11 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> Distribution:
         """q(z|x[, y]) for a batch x (B, *data_shape); batch shape (B,), event shape (D,)."""
-        return self.posterior(self.encoder(x, self.condition(y)))
+        return self.posterior(_full_precision(self.encoder(x, self.condition(y))))
 
     def decode(self, z: Tensor, y: Tensor | None = None) -> Distribution:
         """p(x|z[, y]) for codes z (..., B, D) and labels y (B,); event shape data_shape."""
-        return self.likelihood(self.decoder(z, self.condition(y)))
+        return self.likelihood(_full_precision(self.decoder(z, self.condition(y))))
 
     def sample(self, n: int, y: Tensor | int | None = None, *, mean: bool = False) -> Tensor:
         """n new examples: z ~ p(z), then x ~ p(x|z[, y]) (or E[x|z] with mean=True).
