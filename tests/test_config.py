@@ -59,7 +59,7 @@ def test_from_dict_is_strict():
     with pytest.raises(ConfigError, match="'hidden' must be a list of integers"):
         TrainConfig.from_dict({**good, "hidden": [1.5]})
     with pytest.raises(ConfigError, match="must not be null"):
-        TrainConfig.from_dict({**good, "lr": None})
+        TrainConfig.from_dict({**good, "beta": None})
 
 
 def test_presets_fill_only_unset_fields():
@@ -67,6 +67,10 @@ def test_presets_fill_only_unset_fields():
     assert TrainConfig(data="fashion-mnist").with_presets().batch_size == 128
     assert TrainConfig(epochs=2).with_presets().epochs == 2
     assert TrainConfig(data="my.npy").with_presets().epochs == 20
+    fashion = TrainConfig(data="fashion-mnist").with_presets()
+    assert (fashion.epochs, fashion.lr, fashion.lr_decay) == (30, 3e-3, 0.9)
+    assert TrainConfig(data="fashion-mnist", lr=1e-3, lr_decay=1.0).with_presets().lr_decay == 1.0
+    assert (TrainConfig().with_presets().lr, TrainConfig().with_presets().lr_decay) == (1e-3, 1.0)
 
 
 def test_model_family_options_parse_and_round_trip():

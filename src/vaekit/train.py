@@ -37,7 +37,7 @@ from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError, TrainingError
-from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
+from .estimate import bits_per_dim, elbo_per_example, flush_denormals, iwae_per_example
 from .model import VAE, build_vae
 from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
 from .randomness import StepNoise, derive_seed, epoch_permutation
@@ -694,7 +694,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     try:
         with dist.stop_together(Interrupted):  # one process failing stops all, with its message
             device = resolve_device(config.device, dist)
-            return _train(config, resume, dist, device, inexact_resume, log)
+            with flush_denormals(device):
+                return _train(config, resume, dist, device, inexact_resume, log)
     finally:
         dist.shutdown()
 
