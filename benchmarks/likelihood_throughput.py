@@ -86,7 +86,8 @@ def brief_model(epochs: int, scratch: str) -> str:
 
     return str(train(TrainConfig(data="fashion-mnist", epochs=epochs, batch_size=128,
                                  hidden=[400], latent_dim=20, likelihood="bernoulli",
-                                 progress=False, out=str(Path(scratch) / "run")),
+                                 lr=1e-3, lr_decay=1.0, progress=False,
+                                 out=str(Path(scratch) / "run")),
                      log=lambda *a, **k: None))
 
 
