@@ -304,17 +304,6 @@ def draw_from_noise(p: Distribution, eps: Tensor, choice: Tensor | None = None) 
     return base.icdf(Normal(0.0, 1.0).cdf(eps))  # (*sample_shape, D)
 
 
-def per_dimension(p: Distribution) -> Distribution:
-    """The same distribution with its latent dimension as a batch dimension: log_prob gives one
-    number per dimension (an Independent over one dim, possibly inside elementwise transforms)."""
-    if isinstance(p, Independent) and p.reinterpreted_batch_ndims == 1:
-        return p.base_dist
-    if isinstance(p, TransformedDistribution):
-        return TransformedDistribution(per_dimension(p.base_dist), p.transforms,
-                                       validate_args=False)
-    raise TypeError(f"per_dimension needs an Independent distribution over one dim, got {p}")
-
-
 def log_ratio_per_dimension(q: Distribution, prior: Distribution, z: Tensor,
                             eps: Tensor) -> Tensor:
     """log q(z_d | x) - log p(z_d) per latent dimension (..., B, D) at z = reparameterize(q, eps).

@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from torch.distributions import (
     Distribution,
     MixtureSameFamily,
-    TransformedDistribution,
     kl_divergence,
 )
 
 from .data import Pipeline, batches
 from .distributed import DistContext
 from .distributions import (
+    base_normal,
     draw_from_noise,
     log_ratio_per_dimension,
     per_dimension,
@@ -782,8 +782,7 @@ def _score_log_prob(q: Distribution, eps: Tensor) -> Tensor:
     For a transformed Gaussian, z = t(g) with g Gaussian: log q(z) = log N(g) - log|t'(g)|, and
     the second term does not depend on the parameters at fixed g, so d log q = d log N(g).
     """
-    gaussian = q.base_dist if isinstance(q, TransformedDistribution) else q
-    normal = gaussian.base_dist  # Independent(Normal) -> Normal
+    normal = base_normal(q)  # loc, scale (B, D)
     pre_image = (normal.loc + normal.scale * eps).detach()  # (S, B, D)
     return normal.log_prob(pre_image).sum(-1)  # (S, B)
 
@@ -867,10 +866,6 @@ def kl_per_dimension(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str 
     examples it says how much each dimension is used: near 0, q(z_d | x) is the prior whatever x
     is, and z_d carries no information (a collapsed, inactive unit).
     """
-    from torch.distributions import kl_divergence
-
-    from .distributions import per_dimension, reparameterize
-
     device = device or next(model.parameters()).device
     prior = per_dimension(model.prior)  # batch (D,)
     dims = model.latent_dim
