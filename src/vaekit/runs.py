@@ -39,7 +39,10 @@ from .model import VAE, ModelConfig, build_vae
 
 RUN_FORMAT = "vaekit-run/1"
 CHECKPOINT_PREFIX = "step-"
-STEP_LOG_COLUMNS = ("loss", "reconstruction", "kl")  # per-step means, nats (optimizer.safetensors)
+# Columns of the per-step log kept in every checkpoint (optimizer.safetensors "step_log"): the
+# loss, the batch means of the two ELBO terms (nats), the KL weight beta of the step, and the
+# free-bits groups at their floor.
+STEP_LOG_COLUMNS = ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor")
 
 # mkstemp/mkdtemp create owner-only files; run folders get the modes `open` would give them.
 # The umask can only be read by setting it, so it is read once, at import.
@@ -343,10 +346,11 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 
 
 def load_step_log(checkpoint: Path) -> Tensor:
-    """The per-step training log kept in a checkpoint: (steps, 3) float32, STEP_LOG_COLUMNS.
+    """The per-step training log kept in a checkpoint: (steps, len(STEP_LOG_COLUMNS)) float32.
 
-    Row i is step i + 1: the loss minimised (-(reconstruction - beta KL)), and the batch means
-    of the reconstruction term E_q[log p(x|z)] and of KL(q(z|x) || p(z)), in nats.
+    Row i is step i + 1: the loss minimised (-(reconstruction - beta KL)), the batch means of
+    the reconstruction term E_q[log p(x|z)] and of KL(q(z|x) || p(z)) in nats, beta, and the
+    free-bits groups at their floor (0 without free bits).
     """
     tensors = tensors_from_file(Path(checkpoint) / "optimizer.safetensors")
     if "step_log" not in tensors:

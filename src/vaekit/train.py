@@ -42,6 +42,7 @@ from .model import VAE, build_vae
 from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
 from .randomness import StepNoise, derive_seed, epoch_permutation
 from .runs import (
+    STEP_LOG_COLUMNS,
     RunLock,
     atomic_write_bytes,
     atomic_write_json,
@@ -67,8 +68,7 @@ SYNC_EVERY = 20  # steps between cross-process agreements (stop, checkpoint) whe
 PICTURE_EVERY = 10.0  # seconds between refreshes of samples.png, reconstructions.png, curves.png
 
 
-# Columns of the per-step log kept in every checkpoint (optimizer.safetensors "step_log").
-STEP_COLUMNS = ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor")
+STEP_COLUMNS = STEP_LOG_COLUMNS  # the rows train_step returns (defined with the run folder)
 
 
 class TrainingObjective(nn.Module):
@@ -314,8 +314,10 @@ class Trainer:
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        # beta is filled on the device: a tensor built on the host and copied would make a GPU
+        # step wait for the copy.
         return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(),
-                            torch.tensor(beta, dtype=x.dtype, device=x.device), at_floor])
+                            loss.detach().new_full((), beta), at_floor])  # (len(STEP_COLUMNS),)
 
     def autocast(self) -> torch.autocast:
         """--precision bf16: the networks' matrix products in bfloat16 (VAE.encode and decode
@@ -454,14 +456,14 @@ class Trainer:
     def _record_steps(self, rows: Tensor, started: float) -> None:
         """Keep the per-step log and the training time of the steps just taken."""
         if len(rows):
-            rows = self.dist.mean_over_processes(rows, self.local_batch)  # (steps, 3) global
+            rows = self.dist.mean_over_processes(rows, self.local_batch)  # (steps, columns) global
             if not self.check_each_step:
                 self._check_finite(rows, self.progress.global_step - len(rows))
             self.step_log.append(rows.detach().cpu())
         self.progress.train_seconds += time.monotonic() - started
 
     def _check_finite(self, rows: Tensor, first_step: int) -> None:
-        finite = torch.isfinite(rows)  # (steps, 3)
+        finite = torch.isfinite(rows)  # (steps, len(STEP_COLUMNS))
         if bool(finite.all()):
             return
         bad = int((~finite.all(1)).nonzero()[0])
