@@ -78,3 +78,14 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_conv_run(tmp_path_factory) -> Path:
     """A digits conv run of 2 short epochs (read-only)."""
     return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-conv", net="conv", epochs=2)
+
+
+def imperfect(model, shift: float, shrink: float):
+    """Move the encoder off the exact posterior: wider scales, shrunken means."""
+    import torch
+
+    latent = model.latent_dim
+    with torch.no_grad():
+        model.encoder.net[0].bias[latent:] += shift
+        model.encoder.net[0].weight[:latent] *= shrink
+    return model

@@ -315,7 +315,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _load(run_dir: str, device: str):
-    from .train import resolve_device
+    from .device import resolve_device
     from .runs import load_run
 
     return load_run(run_dir, resolve_device(device))
@@ -402,7 +402,7 @@ def cmd_evaluate(args) -> int:
     from .estimate import evaluate_run
     from .report import evaluation_table
     from .runs import atomic_write_json, describe_os_error, load_run, load_run_dataset
-    from .train import resolve_device
+    from .device import resolve_device
 
     device = resolve_device(args.device)
     dist = DistContext.from_env(device.type)

@@ -347,6 +347,14 @@ def has_exact_kl(q: Distribution, p: Distribution) -> bool:
         return False
 
 
+def exact_kl_per_dimension(q: Distribution, p: Distribution) -> Tensor | None:
+    """KL(q || p) per latent dimension (B, D) where torch knows it in closed form, else None."""
+    try:
+        return kl_divergence(per_dimension(q), per_dimension(p))
+    except (NotImplementedError, TypeError):
+        return None
+
+
 def kl_per_dimension(q: Distribution, p: Distribution, z: Tensor) -> Tensor:
     """KL(q(z_d|x) || p(z_d)) of each latent dimension d; sums to the KL of kl_or_estimate.
 

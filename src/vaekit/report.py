@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .distributions import posterior_mean_code
-from .estimate import gradient_variance, log_mean_exp, log_weights
+from .estimate import log_mean_exp, log_weights
+from .gradients import gradient_variance
 from .plot import Chart
 from .viz import (
     curves_image,

@@ -37,7 +37,8 @@ from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError, TrainingError
-from .estimate import bits_per_dim, elbo_per_example, flush_denormals, iwae_per_example
+from .device import flush_denormals, resolve_device
+from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
 from .model import VAE, build_vae
 from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
 from .randomness import StepNoise, derive_seed, epoch_permutation
@@ -119,24 +120,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device "
-                              "cpu (or install a CUDA build of PyTorch)")
-        if name == "cuda" and dist is not None and dist.enabled:
-            name = f"cuda:{dist.local_rank}"
-        elif dist is not None and dist.world_size > 1:
-            raise ConfigError(f"--device {name} would put every process on one GPU; pass --device "
-                              "cuda (each process takes the GPU of its LOCAL_RANK)")
-        index = torch.device(name).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return torch.device(name)
 
 
 def default_run_dir(config: TrainConfig) -> Path:

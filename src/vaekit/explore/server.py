@@ -622,7 +622,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0):
 def build(run_dir, allowed_hosts=(), device: str = "cpu"):
     """(run, app) for a run folder: the model, its test set and the explorer over them."""
     from ..runs import load_run
-    from ..train import resolve_device
+    from ..device import resolve_device
 
     run = load_run(run_dir, resolve_device(device))
     space = LatentSpace.of_run(run)

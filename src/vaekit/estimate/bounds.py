@@ -1,0 +1,79 @@
+"""Bounds of every example of a split with fixed noise: the ELBO's terms, the IWAE bound, and the
+KL of each latent dimension (what training's test figures and the latent-space tools use)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributions import kl_divergence
+
+from ..data import Pipeline
+from ..distributed import DistContext
+from ..distributions import per_dimension, reparameterize
+from ..model import VAE
+from ..objectives import elbo_terms, iwae_terms
+from ..randomness import fixed_normal
+from .chunks import map_examples
+
+
+def elbo_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
+                     seed: int = 0, batch_size: int = 1000, device: torch.device | None = None,
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N, 2) float64: reconstruction and KL of every example, one fixed z sample each.
+
+    labels (N,): the class of each example, for a conditional model (the ELBO of log p(x|y)).
+    """
+    device = device or next(model.parameters()).device
+
+    def terms(x: Tensor, start: int, stop: int) -> Tensor:
+        eps = fixed_normal((model.latent_dim,), start, stop, (seed, "elbo-eps", split))
+        y = None if labels is None else labels[start:stop].to(device)
+        result = elbo_terms(model, x, eps.to(device), y)
+        return torch.stack([result.reconstruction, result.kl], dim=1)  # (b, 2)
+
+    return map_examples(terms, raw, pipeline, split, batch_size, device, dist, outputs=2)
+
+
+def iwae_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, samples: int, *,
+                     split: str = "test", seed: int = 0, device: torch.device | None = None,
+                     dist: DistContext | None = None, labels: Tensor | None = None) -> Tensor:
+    """(N,) float64: the IWAE bound with `samples` z per example (Burda et al. 2016), noise
+    fixed per example index; chunks hold about 20,000 samples of z so memory stays bounded."""
+    device = device or next(model.parameters()).device
+    batch_size = max(1, 20_000 // samples)
+
+    def bound(x: Tensor, start: int, stop: int) -> Tensor:
+        eps = fixed_normal((samples, model.latent_dim), start, stop, (seed, "iwae-eps", split))
+        y = None if labels is None else labels[start:stop].to(device)
+        return iwae_terms(model, x, eps.to(device), y).bound  # (b,)
+
+    return map_examples(bound, raw, pipeline, split, batch_size, device, dist).squeeze(1)
+
+
+
+def kl_per_dimension(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
+                     seed: int = 0, samples: int = 16, batch_size: int = 1000,
+                     device: torch.device | None = None,
+                     dist: DistContext | None = None) -> Tensor:
+    """(N, D) float64: KL(q(z_d | x) || p(z_d)) of every example and latent dimension, in nats.
+
+    Posterior and prior factorise over dimensions, so the rows sum to each example's KL. Exact
+    where `kl_divergence` knows the pair (Gaussian posterior, normal prior); otherwise the mean
+    of `samples` reparameterised draws per example, fixed by (seed, example index). Averaged over
+    examples it says how much each dimension is used: near 0, q(z_d | x) is the prior whatever x
+    is, and z_d carries no information (a collapsed, inactive unit).
+    """
+    device = device or next(model.parameters()).device
+    prior = per_dimension(model.prior)  # batch (D,)
+    dims = model.latent_dim
+
+    def kl(x: Tensor, start: int, stop: int) -> Tensor:
+        q = per_dimension(model.encode(x))  # batch (b, D)
+        try:
+            return kl_divergence(q, prior)  # (b, D)
+        except NotImplementedError:
+            eps = fixed_normal((samples, dims), start, stop, (seed, "kl-dim-eps", split))
+            z = reparameterize(q, eps.transpose(0, 1).to(device))  # (S, b, D)
+            return (q.log_prob(z) - prior.log_prob(z)).mean(0)  # (b, D)
+
+    return map_examples(kl, raw, pipeline, split, batch_size, device, dist, outputs=dims)

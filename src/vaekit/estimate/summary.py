@@ -1,0 +1,115 @@
+"""The summary of an evaluation: dataset means with standard errors, as evaluation.json holds.
+
+Per-example figures (model space) come in; the summary adds the pipeline's log-Jacobian to
+log-densities, forms standard errors from the per-example variances, counts active units and
+says in words what every figure was computed from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data import Pipeline
+from ..model import VAE
+from .statistics import bits_per_dim
+
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E_q[z_d]) > 0.01
+# Examples whose importance weights have an effective sample size below this are flagged: a
+# few draws carry the estimate, which is then likely too low and its error bar too small.
+LOW_ESS = 10.0
+
+
+@dataclass
+class Evaluation:
+    """Per-example figures of one split (model space) and what is needed to report them."""
+
+    per_example: dict[str, Tensor]  # SCALARS -> (N,); posterior_mean, kl_per_dim -> (N, D)
+    k: int
+    seed: int
+    split: str
+    naive: bool
+    log_jacobian: float  # added to log-densities to give the data's own units
+    data_dims: int
+    discrete: bool  # the likelihood scores discrete data (bits per dimension make sense)
+    kl_exact: bool
+    prior_variance: list[float]  # per latent dimension: the scale of the active-unit threshold
+    description: str  # what log p(x) is a likelihood of
+
+    @property
+    def n(self) -> int:
+        return len(self.per_example["log_px"])
+
+    def data_units(self, name: str) -> Tensor:
+        """A per-example log-quantity in the data's own units (log-densities get the Jacobian)."""
+        values = self.per_example[name]
+        if name in ("log_px", "log_px_naive", "elbo", "reconstruction"):
+            return values + self.log_jacobian
+        return values
+
+    def summary(self) -> dict:
+        """Dataset means (nats per example) with Monte Carlo standard errors: the JSON report."""
+        n, k = self.n, self.k
+        per = self.per_example
+
+        def mean(name: str) -> float:
+            return float(self.data_units(name).mean())
+
+        def se(variance: str) -> float:
+            return float(per[variance].sum().sqrt() / n) if k > 1 else math.nan
+
+        gap = per["log_px"] - per["elbo"]  # the Jacobian cancels
+        posterior_mean = per["posterior_mean"]  # (N, D)
+        spread = posterior_mean.var(0) if n > 1 else torch.zeros(posterior_mean.shape[1],
+                                                                  dtype=torch.float64)
+        threshold = ACTIVE_THRESHOLD * torch.tensor(self.prior_variance, dtype=torch.float64)
+        log_px, log_px_se = mean("log_px"), se("log_px_var")
+        result = {
+            "format": "vaekit-evaluation/1", "split": self.split, "n": n, "k": k,
+            "seed": self.seed, "likelihood_of": self.description,
+            "units": "nats per example; log-densities in the data's own units",
+            "log_px": log_px, "log_px_se": log_px_se,
+            "log_px_sd": float(self.data_units("log_px").std()) if n > 1 else 0.0,
+            "log_px_ess": float(per["log_px_ess"].mean()),
+            "log_px_ess_min": float(per["log_px_ess"].min()),
+            "log_px_low_ess": int((per["log_px_ess"] < LOW_ESS).sum()),
+            "elbo": mean("elbo"), "elbo_se": se("elbo_var"),
+            "reconstruction": mean("reconstruction"),
+            "reconstruction_se": se("reconstruction_var"),
+            "kl": mean("kl"), "kl_se": 0.0 if self.kl_exact else se("kl_var"),
+            "kl_exact": self.kl_exact,
+            "elbo_gap": float(gap.mean()), "elbo_gap_se": se("elbo_gap_var"),
+        }
+        if self.naive:
+            result.update(log_px_naive=mean("log_px_naive"),
+                          log_px_naive_se=se("log_px_naive_var"),
+                          log_px_naive_ess=float(per["log_px_naive_ess"].mean()))
+        if self.discrete:
+            result.update(bits_per_dim=bits_per_dim(log_px, self.data_dims),
+                          bits_per_dim_se=-bits_per_dim(log_px_se, self.data_dims))
+        result.update(
+            active_units=int((spread > threshold).sum()), latent_dim=len(spread),
+            active_threshold=[float(t) for t in threshold],
+            posterior_mean_variance=[float(v) for v in spread],
+            kl_per_dim=[float(v) for v in per["kl_per_dim"].mean(0)],
+            samples={
+                "log_px": f"k = {k} importance samples per example from q(z|x) (IWAE bound)",
+                "log_px_naive": f"k = {k} samples per example from p(z)" if self.naive
+                else "not computed",
+                "elbo": f"the same k = {k} samples per example; KL "
+                + ("in closed form" if self.kl_exact else "estimated from them"),
+                "log_px_ess": "effective sample size (sum w)^2 / sum w^2 of the importance "
+                "weights: mean, minimum over examples, examples below 10",
+                "active_units": f"{n} examples (covariance over data of E_q[z])",
+            })
+        return result
+
+
+def discrete_likelihood(model: VAE, pipeline: Pipeline) -> bool:
+    """Whether log p(x) is (a bound on) the log-probability of discrete data: Bernoulli
+    likelihoods, or Gaussian densities of dequantised 8-bit pixels in pixel units."""
+    return bool(getattr(model.likelihood, "discrete", False)) or pipeline.mode == "dequantize"
+
