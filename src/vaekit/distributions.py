@@ -280,6 +280,20 @@ def per_dimension(d: Distribution) -> Distribution:
     raise TypeError(f"expected an Independent distribution over the last dim, got {d}")
 
 
+def factorised(d: Distribution) -> bool:
+    """Whether d is a product over the last dimension: an Independent over one dim, possibly
+    under elementwise transforms (a sigmoid). A flow or a full covariance is not."""
+    if isinstance(d, TransformedDistribution):
+        return all(t.domain.event_dim == 0 for t in d.transforms) and factorised(d.base_dist)
+    return isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1
+
+
+def factorises_against(q: Distribution, p: Distribution) -> bool:
+    """Whether log q - log p splits into one term per latent dimension (what free bits per
+    dimension and the per-dimension KL need): both factorise over the last dimension."""
+    return factorised(q) and factorised(p)
+
+
 def draw_from_noise(p: Distribution, eps: Tensor, choice: Tensor | None = None) -> Tensor:
     """A draw from p made of standard normal noise eps (*sample_shape, D) the caller owns.
 

@@ -9,6 +9,10 @@ A conditional VAE (Sohn et al. 2015) is the same model with a class label y give
 encode(x, y) -> q(z|x, y), decode(z, y) -> p(x|z, y), sample(n, y); the prior stays p(z), so
 its ELBO bounds log p(x | y). Unconditional models take y=None, as before.
 
+Consumers that must work for any latent structure (objectives, estimators, training) reach z
+through the interface of latent.py: `infer(x, y).draw(eps)`, `decode(code, y)`, `prior_draws()`;
+for this model it has one group, z, and the code the decoder reads is z itself.
+
 No loss is computed here: the ELBO lives in `objectives.py`.
 """
 
@@ -20,9 +24,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, MixtureSameFamily
 
-from .distributions import build_likelihood, build_posterior, build_prior, posterior_mean_code
+from .distributions import (
+    build_likelihood,
+    build_posterior,
+    build_prior,
+    draw_from_noise,
+    exact_kl_per_dimension,
+    posterior_mean_code,
+    reparameterize,
+)
+from .latent import Inference, LatentDraw, LatentGroup
 from .nets import build_decoder, build_encoder
 
 
@@ -82,6 +95,27 @@ class VAE(nn.Module):
     def data_shape(self) -> tuple[int, ...]:
         return self.likelihood.event_shape
 
+    # --- the latent interface (latent.py) ----------------------------------------------------
+    @property
+    def latent_groups(self) -> tuple[tuple[str, int], ...]:
+        return (("z", self.latent_dim),)  # one group
+
+    @property
+    def code_dim(self) -> int:
+        return self.latent_dim  # the decoder reads z
+
+    def infer(self, x: Tensor, y: Tensor | None = None) -> "SingleLatentInference":
+        """q(z|x[, y]) of a batch, ready to be drawn from noise (latent.Inference)."""
+        return SingleLatentInference(self, self.encode(x, y))
+
+    def prior_draws(self) -> "SingleLatentPrior":
+        """p(z), ready to be drawn from noise (the naive estimator's proposal)."""
+        return SingleLatentPrior(self.prior)
+
+    def prior_variance(self) -> Tensor:
+        """Var_p(z_d) of every latent dimension. (D,)"""
+        return self.prior.variance
+
     @property
     def conditional(self) -> bool:
         return self.num_classes is not None
@@ -122,6 +156,46 @@ class VAE(nn.Module):
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """E[x | z] at the posterior's central code: what the model keeps of x. (B, *data_shape)"""
         return self.decode(posterior_mean_code(self.encode(x, y)), y).mean
+
+
+class SingleLatentInference(Inference):
+    """The inference of a single-latent VAE: q(z|x) computed once, drawn from noise by the
+    reparameterisation z = loc + scale * eps (then the posterior's transform); p(z) made when
+    first needed and kept for every later draw."""
+
+    def __init__(self, model: VAE, q: Distribution):
+        self.model, self.q = model, q
+        self._prior: Distribution | None = None
+
+    def prior(self) -> Distribution:
+        if self._prior is None:
+            self._prior = self.model.prior
+        return self._prior
+
+    def draw(self, eps: Tensor) -> LatentDraw:
+        z = reparameterize(self.q, eps)  # (..., B, D)
+        return LatentDraw([LatentGroup("z", z, eps, self.q, self.prior)], code=z)
+
+    def exact_kl_per_dimension(self) -> Tensor | None:
+        return exact_kl_per_dimension(self.q, self.prior())  # (B, D) or None
+
+    def mean_code(self) -> Tensor | None:
+        try:
+            return self.q.mean  # (B, D)
+        except NotImplementedError:  # a transformed Gaussian: no closed form
+            return None
+
+
+class SingleLatentPrior:
+    """Codes z ~ p(z) made of noise (distributions.draw_from_noise); a mixture prior picks each
+    draw's component with a second normal per draw, `choice`."""
+
+    def __init__(self, prior: Distribution):
+        self.prior = prior
+        self.needs_choice = isinstance(prior, MixtureSameFamily)
+
+    def code(self, eps: Tensor, choice: Tensor | None = None) -> Tensor:
+        return draw_from_noise(self.prior, eps, choice)  # (..., B, D)
 
 
 def build_vae(config: ModelConfig) -> VAE:

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .distributions import kl_or_estimate, kl_per_dimension, reparameterize
 from .model import VAE
 
 
@@ -44,19 +43,23 @@ def elbo_terms(model: VAE, x: Tensor, eps: Tensor | None = None, y: Tensor | Non
                per_dimension: bool = False) -> ELBOTerms:
     """One-sample ELBO of each example in x (B, *data_shape) [given labels y (B,)].
 
-    z is drawn by the reparameterisation trick, z = mu + sigma * eps, so the reconstruction term
-    is differentiable in the encoder's parameters. eps (B, D) may be given to fix the noise.
-    per_dimension=True also returns the KL of each latent dimension (factorised priors only),
-    which free bits needs.
+    Written once for any latent structure (latent.py): the reconstruction term at one draw of
+    every latent group, minus the sum of the groups' KL terms (closed form where torch knows the
+    pair, else the estimate at the draw). The draw is reparameterised, z = mu + sigma * eps, so
+    the reconstruction term is differentiable in the encoder's parameters. eps (B, D), D the
+    model's latent_dim over all groups, may be given to fix the noise. per_dimension=True also
+    returns the KL of each latent dimension (posteriors and priors that factorise only), which
+    free bits needs.
     """
-    q = model.encode(x, y)
-    z = q.rsample() if eps is None else reparameterize(q, eps)  # (B, D)
-    reconstruction = model.decode(z, y).log_prob(x)  # (B,)
-    prior = model.prior
+    inference = model.infer(x, y)
+    if eps is None:
+        eps = torch.randn(len(x), model.latent_dim, device=x.device)  # (B, D)
+    draw = inference.draw(eps)
+    reconstruction = model.decode(draw.code, y).log_prob(x)  # (B,)
     if per_dimension:
-        kl_dimensions = kl_per_dimension(q, prior, z)  # (B, D)
+        kl_dimensions = draw.kl_per_dimension()  # (B, D)
         return ELBOTerms(reconstruction, kl_dimensions.sum(-1), kl_dimensions)
-    return ELBOTerms(reconstruction, kl_or_estimate(q, prior, z))
+    return ELBOTerms(reconstruction, draw.kl())
 
 
 class IWAETerms(NamedTuple):
@@ -73,14 +76,14 @@ class IWAETerms(NamedTuple):
 
 def log_importance_weights(model: VAE, x: Tensor, eps: Tensor, y: Tensor | None = None
                            ) -> tuple[Tensor, Tensor]:
-    """log p(x|z_i) and log q(z_i|x) - log p(z_i) for z_i = reparameterize(q(z|x), eps_i).
+    """log p(x|z_i) and log q(z_i|x) - log p(z_i) for the draws z_i made of noise eps_i, summed
+    over latent groups (latent.py).
 
     eps (k, B, D) -> two tensors (k, B); log w_i is their difference.
     """
-    q = model.encode(x, y)
-    z = reparameterize(q, eps)  # (k, B, D)
-    log_px_z = model.decode(z, y).log_prob(x)  # (k, B)
-    log_ratio = q.log_prob(z) - model.prior.log_prob(z)  # (k, B)
+    draw = model.infer(x, y).draw(eps)
+    log_px_z = model.decode(draw.code, y).log_prob(x)  # (k, B)
+    log_ratio = draw.log_ratio()  # (k, B)
     return log_px_z, log_ratio
 
 

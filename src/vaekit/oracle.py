@@ -5,7 +5,11 @@
     p(z | x)  = N(M^-1 W^T S^-1 (x - b), M^-1),                  when sigma varies by dimension)
                 M = I + W^T S^-1 W,  S = diag(sigma^2)
 
-It is built through the public API, ModelConfig(net="mlp", hidden=[], likelihood="gaussian",
+A second oracle, `LinearGaussianHierarchy`, has two latent groups (z2 -> z1 -> x, all
+linear-Gaussian) with an exact marginal and exact posteriors: the proof that objectives and
+estimators work for any latent structure through latent.py.
+
+The single-latent oracle is built through the public API, ModelConfig(net="mlp", hidden=[], likelihood="gaussian",
 gaussian_scale=sigma): both networks are then single linear maps, the encoder giving the
 posterior's mean and (through softplus) its scale. That makes it the test oracle for every
 estimator and bound: importance sampling must converge to `exact_log_px`, the ELBO of the
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 from .distributions import GaussianLikelihood, GaussianPosterior, StandardNormalPrior
+from .latent import Inference, LatentDraw, LatentGroup, split_noise
 from .model import VAE, ModelConfig, build_vae
+from .nets import build_decoder
 from .objectives import ELBOTerms
 from .randomness import derive_seed, seeded_generator
 
@@ -178,3 +184,208 @@ def sample_data(model: VAE, n: int, seed: int = 0) -> Tensor:
         torch.manual_seed(derive_seed(seed, "oracle-data"))
         return model.sample(n)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Two groups: the linear-Gaussian hierarchy z2 -> z1 -> x
+
+
+class LinearGaussianHierarchy(nn.Module):
+    """A model with two latent groups whose log p(x) and posteriors are known exactly.
+
+        z2 ~ N(0, I_D2),   z1 | z2 ~ N(A z2 + c, diag(s^2)),   x | z1 ~ N(W z1 + b, diag(sigma^2))
+        p(x) = N(x; W c + b, W (A A^T + diag(s^2)) W^T + diag(sigma^2))
+
+    Inference is top-down, q(z2 | x) q(z1 | x, z2), each a full-covariance Gaussian linear in its
+    inputs: the family that holds the exact posterior, so `set_exact_posterior` makes the ELBO
+    log p(x). It satisfies the latent interface of latent.py (two groups, the decoder reading
+    z1), which is all the objectives and estimators use: nothing in them knows it has two groups.
+    Every number is float64; the decoder and likelihood are the library's own modules.
+    """
+
+    def __init__(self, data_dim: int, top_dim: int, bottom_dim: int, sigma: float, *,
+                 seed: int = 0):
+        super().__init__()
+        self.top_dim, self.bottom_dim = top_dim, bottom_dim
+        self.num_classes = None
+        generator = seeded_generator(derive_seed(seed, "linear-gaussian-hierarchy"))
+
+        def draw(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+        # generative model: p(z1 | z2) and, through the library's decoder, p(x | z1)
+        self.top_to_bottom = nn.Parameter(draw(bottom_dim, top_dim))  # (D1, D2) A
+        self.bottom_offset = nn.Parameter(0.5 * draw(bottom_dim))  # (D1,) c
+        self.bottom_log_scale = nn.Parameter(torch.log(0.5 + torch.rand(
+            bottom_dim, generator=generator, dtype=torch.float64)))  # (D1,) log s
+        self.likelihood = GaussianLikelihood((data_dim,), sigma)
+        self.decoder = build_decoder("mlp", bottom_dim, [], self.likelihood.params_shape,
+                                     (data_dim,), "relu")
+        # inference: q(z2 | x) = N(R2 x + r2, L2 L2^T), q(z1 | x, z2) = N(R1 x + G z2 + r1, L1 L1^T)
+        self.top_weight = nn.Parameter(torch.zeros(top_dim, data_dim))
+        self.top_bias = nn.Parameter(torch.zeros(top_dim))
+        self.top_scale_tril = nn.Parameter(torch.eye(top_dim))
+        self.bottom_weight = nn.Parameter(torch.zeros(bottom_dim, data_dim))
+        self.bottom_from_top = nn.Parameter(torch.zeros(bottom_dim, top_dim))
+        self.bottom_bias = nn.Parameter(torch.zeros(bottom_dim))
+        self.bottom_scale_tril = nn.Parameter(torch.eye(bottom_dim))
+        self.double()
+        decoder = _linear_layer(self.decoder, "decoder")
+        with torch.no_grad():
+            decoder.weight.copy_(draw(data_dim, bottom_dim))
+            decoder.bias.copy_(draw(data_dim))
+        set_exact_posterior_hierarchy(self)
+
+    # --- the latent interface (latent.py) ----------------------------------------------------
+    @property
+    def latent_groups(self) -> tuple[tuple[str, int], ...]:
+        return (("z2", self.top_dim), ("z1", self.bottom_dim))  # top-down: z2 is drawn first
+
+    @property
+    def latent_dim(self) -> int:
+        return self.top_dim + self.bottom_dim
+
+    @property
+    def code_dim(self) -> int:
+        return self.bottom_dim  # the decoder reads z1
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.likelihood.event_shape
+
+    def condition(self, y: Tensor | None) -> None:
+        if y is not None:
+            raise ValueError("this model is not conditional: call it without y")
+        return None
+
+    def decode(self, code: Tensor, y: Tensor | None = None) -> Distribution:
+        """p(x | z1) for codes z1 (..., B, D1)."""
+        return self.likelihood(self.decoder(code, self.condition(y)))
+
+    def bottom_prior(self, z2: Tensor) -> MultivariateNormal:
+        """p(z1 | z2) for z2 (..., B, D2): batch (..., B), event (D1,)."""
+        loc = z2 @ self.top_to_bottom.T + self.bottom_offset  # (..., B, D1)
+        return MultivariateNormal(loc, scale_tril=torch.diag(self.bottom_log_scale.exp()),
+                                  validate_args=False)
+
+    def top_prior(self) -> MultivariateNormal:
+        """p(z2) = N(0, I)."""
+        eye = torch.eye(self.top_dim, dtype=torch.float64, device=self.top_bias.device)
+        return MultivariateNormal(torch.zeros_like(self.top_bias), scale_tril=eye,
+                                  validate_args=False)
+
+    def infer(self, x: Tensor, y: Tensor | None = None) -> "HierarchyInference":
+        self.condition(y)
+        return HierarchyInference(self, x.double().reshape(len(x), -1))
+
+    def prior_draws(self) -> "HierarchyPrior":
+        return HierarchyPrior(self)
+
+    def prior_variance(self) -> Tensor:
+        """Var_p of every latent coordinate, z2 then z1 (D,): 1, and diag(A A^T) + s^2."""
+        bottom = self.top_to_bottom.square().sum(-1) + (2 * self.bottom_log_scale).exp()
+        return torch.cat([torch.ones_like(self.top_bias), bottom]).detach()
+
+    def sample(self, n: int) -> Tensor:
+        """n examples x ~ p(x), ancestrally (the global RNG). (n, D_x)"""
+        eps = torch.randn(n, self.latent_dim, dtype=torch.float64)
+        return self.decode(self.prior_draws().code(eps)).sample()
+
+    # --- exact answers -----------------------------------------------------------------------
+    def gaussian_parts(self) -> dict[str, Tensor]:
+        """The generative model's numbers (detached): A, c, s^2, W, b, sigma^2."""
+        decoder = _linear_layer(self.decoder, "decoder")
+        return {"A": self.top_to_bottom.detach(), "c": self.bottom_offset.detach(),
+                "s2": (2 * self.bottom_log_scale.detach()).exp(), "W": decoder.weight.detach(),
+                "b": decoder.bias.detach(),
+                "sigma2": (2 * self.likelihood.log_scale.detach()).exp().reshape(-1)}
+
+    def exact_marginal(self) -> MultivariateNormal:
+        """p(x) = N(W c + b, W (A A^T + diag(s^2)) W^T + diag(sigma^2))."""
+        g = self.gaussian_parts()
+        bottom = g["A"] @ g["A"].T + torch.diag(g["s2"])  # (D1, D1) Cov(z1)
+        covariance = g["W"] @ bottom @ g["W"].T + torch.diag(g["sigma2"])  # (D_x, D_x)
+        return MultivariateNormal(g["W"] @ g["c"] + g["b"], covariance_matrix=covariance)
+
+    def exact_log_px(self, x: Tensor) -> Tensor:
+        """log p(x) for x (B, D_x), in nats. (B,) float64"""
+        return self.exact_marginal().log_prob(x.detach().double().reshape(len(x), -1))
+
+    def exact_posterior(self, x: Tensor) -> MultivariateNormal:
+        """p(z2, z1 | x) for x (B, D_x): one Gaussian over (z2, z1) side by side (D,)."""
+        gain, offset, covariance = _joint_posterior(self.gaussian_parts(), self.top_dim)
+        loc = x.detach().double().reshape(len(x), -1) @ gain.T + offset  # (B, D)
+        return MultivariateNormal(loc, covariance_matrix=covariance)
+
+
+class HierarchyInference(Inference):
+    """q(z2 | x) computed once; each draw then makes z2, q(z1 | x, z2) and z1 from the noise."""
+
+    def __init__(self, model: LinearGaussianHierarchy, x: Tensor):
+        self.model = model
+        self.x = x  # (B, D_x)
+        self.top = MultivariateNormal(x @ model.top_weight.T + model.top_bias,
+                                      scale_tril=torch.tril(model.top_scale_tril),
+                                      validate_args=False)  # batch (B,), event (D2,)
+
+    def draw(self, eps: Tensor) -> LatentDraw:
+        model = self.model
+        eps_top, eps_bottom = split_noise(eps.double(), [model.top_dim, model.bottom_dim])
+        z2 = self.top.loc + (self.top.scale_tril @ eps_top.unsqueeze(-1)).squeeze(-1)
+        loc = self.x @ model.bottom_weight.T + z2 @ model.bottom_from_top.T \
+            + model.bottom_bias  # (..., B, D1)
+        bottom = MultivariateNormal(loc, scale_tril=torch.tril(model.bottom_scale_tril),
+                                    validate_args=False)
+        z1 = loc + (bottom.scale_tril @ eps_bottom.unsqueeze(-1)).squeeze(-1)  # (..., B, D1)
+        return LatentDraw([LatentGroup("z2", z2, eps_top, self.top, model.top_prior()),
+                           LatentGroup("z1", z1, eps_bottom, bottom, model.bottom_prior(z2))],
+                          code=z1)
+
+
+class HierarchyPrior:
+    """Codes z1 ~ p(z1) drawn ancestrally from noise: z2 = eps_2, z1 = A z2 + c + s * eps_1."""
+
+    needs_choice = False
+
+    def __init__(self, model: LinearGaussianHierarchy):
+        self.model = model
+
+    def code(self, eps: Tensor, choice: Tensor | None = None) -> Tensor:
+        model = self.model
+        eps_top, eps_bottom = split_noise(eps.double(), [model.top_dim, model.bottom_dim])
+        return model.bottom_prior(eps_top).loc + model.bottom_log_scale.exp() * eps_bottom
+
+
+def _joint_posterior(g: dict[str, Tensor], top_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """p(u | x) = N(K x + k, P) for u = (z2, z1): returns K (D, D_x), k (D,), P (D, D)."""
+    a, c, w = g["A"], g["c"], g["W"]
+    bottom_dim = len(c)
+    prior_mean = torch.cat([torch.zeros(top_dim, dtype=torch.float64), c])  # (D,)
+    prior_cov = torch.cat([torch.cat([torch.eye(top_dim, dtype=torch.float64), a.T], 1),
+                           torch.cat([a, a @ a.T + torch.diag(g["s2"])], 1)])  # (D, D)
+    observe = torch.cat([torch.zeros(len(w), top_dim, dtype=torch.float64), w], 1)  # (D_x, D)
+    scaled = observe / g["sigma2"][:, None]  # (D_x, D) S^-1 H
+    prior_precision = torch.linalg.inv(prior_cov)
+    covariance = torch.linalg.inv(prior_precision + observe.T @ scaled)  # (D, D)
+    gain = covariance @ scaled.T  # (D, D_x)
+    offset = covariance @ (prior_precision @ prior_mean) - gain @ g["b"]  # (D,)
+    assert covariance.shape == (top_dim + bottom_dim,) * 2
+    return gain, offset, covariance
+
+
+def set_exact_posterior_hierarchy(model: LinearGaussianHierarchy) -> LinearGaussianHierarchy:
+    """Make q(z2 | x) q(z1 | x, z2) the exact posterior p(z2 | x) p(z1 | x, z2)."""
+    gain, offset, covariance = _joint_posterior(model.gaussian_parts(), model.top_dim)
+    t = model.top_dim
+    top_cov, cross = covariance[:t, :t], covariance[t:, :t]  # (D2, D2), (D1, D2)
+    from_top = cross @ torch.linalg.inv(top_cov)  # (D1, D2): E[z1 | x, z2] moves with z2
+    bottom_cov = covariance[t:, t:] - from_top @ cross.T  # (D1, D1)
+    with torch.no_grad():
+        model.top_weight.copy_(gain[:t])
+        model.top_bias.copy_(offset[:t])
+        model.top_scale_tril.copy_(torch.linalg.cholesky(top_cov))
+        model.bottom_from_top.copy_(from_top)
+        model.bottom_weight.copy_(gain[t:] - from_top @ gain[:t])
+        model.bottom_bias.copy_(offset[t:] - from_top @ offset[:t])
+        model.bottom_scale_tril.copy_(torch.linalg.cholesky(bottom_cov))
+    return model

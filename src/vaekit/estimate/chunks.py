@@ -97,7 +97,8 @@ def decoded_elements_per_sample(model: VAE) -> int:
         with torch.inference_mode():
             condition = None if model.num_classes is None else \
                 torch.zeros(1, model.num_classes, device=device)  # a conditional decoder's label
-            model.decoder(torch.zeros(1, model.latent_dim, device=device), condition)
+            model.decoder(torch.zeros(1, model.code_dim, device=device,
+                                      dtype=next(model.parameters()).dtype), condition)
     finally:
         for hook in hooks:
             hook.remove()

@@ -59,7 +59,7 @@ def _mlp_layers(model: VAE) -> nn.Sequential | None:
     whose last layer, a Linear with a bias, gives the likelihood's parameters; None for other
     decoders."""
     net = model.decoder.net if isinstance(model.decoder, MLPDecoder) else None
-    inputs = model.latent_dim + (model.num_classes or 0)
+    inputs = model.code_dim + (model.num_classes or 0)
     if not isinstance(net, nn.Sequential) or not isinstance(net[0], nn.Linear) or \
             net[0].in_features != inputs:
         return None

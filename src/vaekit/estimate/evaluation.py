@@ -16,7 +16,6 @@ from torch import Tensor
 from ..data import Pipeline
 from ..device import flush_denormals
 from ..distributed import DistContext
-from ..distributions import exact_kl_per_dimension
 from ..model import VAE
 from .chunks import decode_samples, examples_per_chunk, map_examples, sample_block
 from .importance import SCALARS, evaluate_batch
@@ -60,9 +59,9 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
     per_example["kl_per_dim"] = table[:, len(SCALARS) + latent:]
     with torch.inference_mode():
         y = None if labels is None else labels[:1].to(device)
-        q = model.encode(pipeline.fixed(raw[:1].to(device), 0, split), y)
-        kl_exact = exact_kl_per_dimension(q, model.prior) is not None
-        prior_variance = [float(v) for v in model.prior.variance.cpu()]
+        inference = model.infer(pipeline.fixed(raw[:1].to(device), 0, split), y)
+        kl_exact = inference.exact_kl_per_dimension() is not None
+        prior_variance = [float(v) for v in model.prior_variance().cpu()]
     return Evaluation(per_example, k, seed, split, naive, pipeline.log_jacobian,
                       math.prod(model.data_shape), discrete_likelihood(model, pipeline),
                       kl_exact, prior_variance, pipeline.description)

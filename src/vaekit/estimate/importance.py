@@ -21,14 +21,8 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.distributions import MixtureSameFamily
 
-from ..distributions import (
-    draw_from_noise,
-    exact_kl_per_dimension,
-    log_ratio_per_dimension,
-    reparameterize,
-)
+from ..latent import Inference
 from ..model import VAE
 from ..randomness import SAMPLE_BLOCK, per_example_normal
 from .chunks import decode_samples, sample_block
@@ -60,31 +54,33 @@ def noise_chunks(model: VAE, start: int, examples: int, k: int, key: tuple, bloc
 
 def importance_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
                       block: int, y: Tensor | None = None,
-                      samples_per_pass: int | None = None) -> Iterator[ImportanceBlock]:
+                      samples_per_pass: int | None = None,
+                      inference: Inference | None = None) -> Iterator[ImportanceBlock]:
     """k samples z_j ~ q(z|x) per example of x (B, *shape), in blocks of `block` samples.
 
-    Example start + i of the split gets the noise of that index (see the module doc). y (B,):
-    the labels of a conditional model, whose weights then estimate log p(x | y). A prior that
-    does not factorise over dimensions (mixture, vamp) has no per-dimension KL: NaN there.
-    samples_per_pass: samples of each example decoded at once (see log_likelihood).
+    Works from the model's latent interface (latent.py), whatever its groups: each block of noise
+    becomes one draw of every group, log p(x | code) is scored, and log q - log p is summed over
+    groups. Example start + i of the split gets the noise of that index (see the module doc).
+    y (B,): the labels of a conditional model, whose weights then estimate log p(x | y). Where a
+    group does not factorise over its dimensions (a mixture or vamp prior) there is no
+    per-dimension KL: NaN there. samples_per_pass: samples of each example decoded at once (see
+    log_likelihood). inference: model.infer(x, y), when the caller has it already.
     """
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    q = model.encode(x, y)  # batch (B,), event (D,)
-    prior = model.prior
-    factorised = not isinstance(prior, MixtureSameFamily)
+    inference = inference or model.infer(x, y)
     for eps in noise_chunks(model, start, len(x), k, (seed, "importance", split), block,
                             x.device):
-        z = reparameterize(q, eps)  # (S, B, D)
-        log_px_given_z = log_likelihood(model, z, x, samples_per_pass, y)  # (S, B)
-        if factorised:
-            # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
-            kl_per_dim = log_ratio_per_dimension(q, prior, z, eps)  # (S, B, D)
+        draw = inference.draw(eps)  # every group, (S, B, D_l) each
+        log_px_given_z = log_likelihood(model, draw.code, x, samples_per_pass, y)  # (S, B)
+        # log q(z|x) - log p(z) per dimension; the sum over dimensions gives the log weight.
+        kl_per_dim = draw.log_ratio_per_dimension()  # (S, B, D) or None
+        if kl_per_dim is not None:
             log_ratio = kl_per_dim.sum(-1)  # (S, B)
         else:
-            log_ratio = q.log_prob(z) - prior.log_prob(z)  # (S, B)
-            kl_per_dim = torch.full_like(z, math.nan)  # (S, B, D)
+            log_ratio = draw.log_ratio()  # (S, B)
+            kl_per_dim = torch.full_like(draw.z, math.nan)  # (S, B, D)
         log_weight = log_px_given_z - log_ratio  # (S, B)
-        yield ImportanceBlock(z, log_px_given_z, log_weight, kl_per_dim)
+        yield ImportanceBlock(draw.z, log_px_given_z, log_weight, kl_per_dim)
 
 
 def prior_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split: str,
@@ -92,16 +88,17 @@ def prior_blocks(model: VAE, x: Tensor, start: int, k: int, *, seed: int, split:
                  samples_per_pass: int | None = None) -> Iterator[Tensor]:
     """log p(x | z_j) with z_j ~ p(z), k per example of x, in blocks: (S, B) each.
 
-    A mixture prior picks each draw's component with a second noise stream of its own key."""
+    The codes come from the model's prior_draws (latent.py; ancestral for a hierarchy). A mixture
+    prior picks each draw's component with a second noise stream of its own key."""
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    prior = model.prior
+    prior = model.prior_draws()
     chunks = noise_chunks(model, start, len(x), k, (seed, "naive", split), block, x.device)
     choices = noise_chunks(model, start, len(x), k, (seed, "naive-component", split), block,
-                           x.device) if isinstance(prior, MixtureSameFamily) else None
+                           x.device) if prior.needs_choice else None
     for eps in chunks:
         choice = None if choices is None else next(choices)[..., 0]  # (S, B)
-        z = draw_from_noise(prior, eps, choice)  # (S, B, D)
-        yield log_likelihood(model, z, x, samples_per_pass, y)  # (S, B)
+        code = prior.code(eps, choice)  # (S, B, code_dim)
+        yield log_likelihood(model, code, x, samples_per_pass, y)  # (S, B)
 
 
 def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
@@ -145,17 +142,17 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
     conditional model (the figures are then of log p(x | y))."""
     block = block or sample_block(model, k, len(x))
     samples_per_pass = samples_per_pass or decode_samples(model, len(x))
-    q = model.encode(x, y)
-    exact_kl = exact_kl_per_dimension(q, model.prior)  # (B, D) or None
+    inference = model.infer(x, y)
+    exact_kl = inference.exact_kl_per_dimension()  # (B, D) or None
     weights, likelihood, kl_sums = LogMeanExp(), MeanSums(), MeanSums()
     kl_dims = torch.zeros(len(x), model.latent_dim, dtype=torch.float64, device=x.device)
-    try:
-        posterior_mean = q.mean.double()  # (B, D)
-        z_sum = None
-    except NotImplementedError:  # a transformed Gaussian: E_q[z] by the same samples
-        posterior_mean, z_sum = None, torch.zeros_like(kl_dims)
+    posterior_mean = inference.mean_code()  # (B, D) or None
+    if posterior_mean is not None:
+        posterior_mean, z_sum = posterior_mean.double(), None
+    else:  # a transformed Gaussian, a hierarchy: E_q[z] by the same samples
+        z_sum = torch.zeros_like(kl_dims)
     for b in importance_blocks(model, x, start, k, seed=seed, split=split, block=block, y=y,
-                               samples_per_pass=samples_per_pass):
+                               samples_per_pass=samples_per_pass, inference=inference):
         if exact_kl is not None:
             # The ELBO's summand with the KL in closed form: lower variance than log w.
             summand = b.log_likelihood.double() - exact_kl.double().sum(-1)  # (S, B)
