@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from vaekit.model import ModelConfig, build_vae
+from vaekit.config import TrainConfig
 from vaekit.objectives import (
+    FreeBitsObjective,
+    IWAEObjective,
     KLSchedule,
+    Objective,
+    build_objective,
     elbo_terms,
     free_bits_kl,
     iwae_terms,
@@ -235,3 +240,46 @@ def test_conditional_elbo_depends_on_the_label():
     assert bound.shape == (4,)
     with pytest.raises(ValueError, match="conditional"):
         elbo_terms(model, x, eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Objective objects: what training asks of an objective
+
+
+def test_build_objective_gives_one_object_per_objective_with_its_noise_and_columns():
+    plain = build_objective(TrainConfig(beta=2.0, kl_schedule="linear", kl_warmup_epochs=4.0))
+    assert type(plain) is Objective and plain.noise_shape(6) == (6,) and plain.log_columns == ()
+    assert plain.beta(1.0) == pytest.approx(0.5) and plain.beta(8.0) == 2.0
+    assert plain.describe() == "beta-ELBO, beta = 2, linear KL schedule"
+    free = build_objective(TrainConfig(free_bits=0.5, free_bits_group_size=2))
+    assert isinstance(free, FreeBitsObjective) and free.log_columns == ("kl_groups_at_floor",)
+    assert free.describe() == "ELBO, free bits 0.5 nats per 2 dimension(s)"
+    iwae = build_objective(TrainConfig(objective="iwae", iwae_samples=7))
+    assert isinstance(iwae, IWAEObjective) and iwae.noise_shape(6) == (7, 6)
+    assert iwae.describe() == "IWAE bound, k = 7" and iwae.epoch_record({}, {}) == {}
+
+
+def test_objective_objects_compute_the_documented_per_example_objectives():
+    torch.manual_seed(0)
+    model = build_vae(ModelConfig(data_shape=(10,), latent_dim=4, hidden=[8]))
+    x = torch.rand(6, 10).round()
+    eps = torch.randn(6, 4)
+
+    def mean(t):  # one process: the global mean is the mean
+        return t
+
+    terms = Objective().terms(model, x, None, eps)
+    reference = elbo_terms(model, x, eps)
+    assert torch.equal(terms[0], reference.reconstruction) and terms[2] is None
+    value, logged = Objective(KLSchedule(beta=3.0)).per_example(terms, 3.0, mean)
+    assert torch.equal(value, reference.weighted(3.0)) and logged == {}
+    free = FreeBitsObjective(KLSchedule(), floor=0.2, group_size=1)
+    terms = free.terms(model, x, None, eps)
+    value, logged = free.per_example(terms, 1.0, mean)
+    groups = elbo_terms(model, x, eps, per_dimension=True).kl_dimensions  # (B, D)
+    assert torch.allclose(value, reference.reconstruction - free_bits_kl(groups, 0.2))
+    assert float(logged["kl_groups_at_floor"]) == float((groups.mean(0) <= 0.2).sum())
+    iwae = IWAEObjective(3)
+    eps_k = torch.randn(6, 3, 4)
+    value, _ = iwae.per_example(iwae.terms(model, x, None, eps_k), 1.0, mean)
+    assert torch.equal(value, iwae_terms(model, x, eps_k).bound)

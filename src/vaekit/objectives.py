@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -167,3 +167,138 @@ class KLSchedule:
             phase = (epochs % self.cycle_epochs) / self.cycle_epochs  # in [0, 1)
             return self.beta * min(1.0, phase / self.cycle_ratio)
         return self.beta
+
+
+# ------------------------------------------------------------------------------------------------
+# Training objectives: one object each
+
+
+class Objective:
+    """What training maximises, as one object: the noise it needs, the per-example terms it
+    computes from a batch, the per-example objective (the loss is minus its mean, formed in
+    train.py alone), what it adds to the step log and to each epoch's record, and how it reads
+    in a run's summary. The training loop asks these questions and never which objective it has.
+
+    terms(model, x, y, eps) -> (reconstruction (B,), kl (B,), extra): the ELBO's two terms and
+    what the objective needs besides (None for the plain ELBO). It runs inside the module that
+    DistributedDataParallel wraps, so everything with a gradient is computed there.
+    """
+
+    name = "elbo"
+    log_columns: tuple[str, ...] = ()  # step-log columns it fills beyond loss, terms and beta
+
+    def __init__(self, schedule: KLSchedule | None = None):
+        self.schedule = schedule or KLSchedule()
+
+    def noise_shape(self, latent_dim: int) -> tuple[int, ...]:
+        """The standard normal noise of one example, after the batch dimension."""
+        return (latent_dim,)
+
+    def beta(self, epochs: float) -> float:
+        """The KL weight after `epochs` epochs of training (fractions count)."""
+        return self.schedule(epochs)
+
+    def terms(self, model: VAE, x: Tensor, y: Tensor | None, eps: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        terms = elbo_terms(model, x, eps, y)
+        return terms.reconstruction, terms.kl, None
+
+    def per_example(self, terms: tuple[Tensor, Tensor, Tensor | None], beta: float,
+                    global_mean: Callable[[Tensor], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective of each example (B,), and the values of its own log columns.
+        global_mean(t) averages a tensor over all processes' equal shares of the batch."""
+        reconstruction, kl, _ = terms
+        return reconstruction - beta * kl, {}  # (B,)
+
+    def epoch_record(self, means: dict[str, float], last: dict[str, float]) -> dict:
+        """What an epoch's record adds from its steps' log (means, and the last step's row)."""
+        return {"beta": means["beta"], "beta_last": last["beta"]}  # the KL weights used
+
+    def test_record(self, iwae_bound: Callable[[int], Tensor]) -> dict[str, float]:
+        """Test-set figures beyond the ELBO (model space). iwae_bound(k): the test set's IWAE
+        bound with k samples per example (N,), as the training loop computes it."""
+        return {}
+
+    def describe(self) -> str:
+        schedule = self.schedule
+        text = "ELBO" if schedule.beta == 1 else f"beta-ELBO, beta = {schedule.beta:g}"
+        if schedule.kind != "constant":
+            text += f", {schedule.kind} KL schedule"
+        return text
+
+
+class FreeBitsObjective(Objective):
+    """The ELBO with free bits (Kingma et al. 2016): a floor of `floor` nats on the KL of each
+    group of `group_size` latent dimensions, averaged over the whole global batch."""
+
+    log_columns = ("kl_groups_at_floor",)
+
+    def __init__(self, schedule: KLSchedule, floor: float, group_size: int):
+        super().__init__(schedule)
+        self.floor, self.group_size = floor, group_size
+
+    def terms(self, model: VAE, x: Tensor, y: Tensor | None, eps: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.group_size >= model.latent_dim:  # one group: any latents, the whole KL
+            terms = elbo_terms(model, x, eps, y)
+            return terms.reconstruction, terms.kl, terms.kl.unsqueeze(-1)  # (B, 1)
+        terms = elbo_terms(model, x, eps, y, per_dimension=True)
+        return terms.reconstruction, terms.kl, kl_groups(terms.kl_dimensions, self.group_size)
+
+    def per_example(self, terms, beta, global_mean):
+        reconstruction, _, groups = terms
+        # the floor applies to each group's KL averaged over the whole global batch
+        group_means = global_mean(groups.detach().mean(0))  # (G,)
+        floored = free_bits_kl(groups, self.floor, group_means)  # (B,)
+        at_floor = (group_means <= self.floor).sum().to(reconstruction.dtype)
+        return reconstruction - beta * floored, {"kl_groups_at_floor": at_floor}
+
+    def epoch_record(self, means, last):
+        # groups held at the floor, per step
+        return {**super().epoch_record(means, last),
+                "kl_groups_at_floor": means["kl_groups_at_floor"]}
+
+    def describe(self) -> str:
+        return f"{super().describe()}, free bits {self.floor:g} nats per {self.group_size} " \
+            "dimension(s)"
+
+
+class IWAEObjective(Objective):
+    """The importance-weighted bound with k samples of z per example (Burda et al. 2016); the
+    ELBO of the same samples is logged beside it."""
+
+    name = "iwae"
+
+    def __init__(self, samples: int):
+        super().__init__()
+        self.samples = samples
+
+    def noise_shape(self, latent_dim: int) -> tuple[int, ...]:
+        return (self.samples, latent_dim)  # k samples per example, example first
+
+    def terms(self, model, x, y, eps):
+        terms = iwae_terms(model, x, eps, y)
+        return terms.reconstruction, terms.kl, terms.bound
+
+    def per_example(self, terms, beta, global_mean):
+        return terms[2], {}  # (B,) the IWAE bound
+
+    def epoch_record(self, means, last):
+        return {}
+
+    def test_record(self, iwae_bound):
+        return {"test_iwae": iwae_bound(self.samples).mean().item()}
+
+    def describe(self) -> str:
+        return f"IWAE bound, k = {self.samples}"
+
+
+def build_objective(config) -> Objective:
+    """The objective a TrainConfig asks for."""
+    if config.objective == "iwae":
+        return IWAEObjective(config.iwae_samples)
+    schedule = KLSchedule(config.kl_schedule, config.beta, config.kl_warmup_epochs,
+                          config.kl_cycle_epochs, config.kl_cycle_ratio)
+    if config.free_bits is not None:
+        return FreeBitsObjective(schedule, config.free_bits, config.free_bits_group_size)
+    return Objective(schedule)

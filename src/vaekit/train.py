@@ -40,7 +40,7 @@ from .errors import ConfigError, DataError, RunError, TrainingError
 from .device import flush_denormals, resolve_device
 from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
 from .model import VAE, build_vae
-from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
+from .objectives import Objective, build_objective
 from .randomness import StepNoise, derive_seed, epoch_permutation
 from .runs import (
     STEP_LOG_COLUMNS,
@@ -72,34 +72,27 @@ PICTURE_EVERY = 10.0  # seconds between refreshes of samples.png, reconstruction
 STEP_COLUMNS = STEP_LOG_COLUMNS  # the rows train_step returns (defined with the run folder)
 
 
+def step_columns(row: Tensor) -> dict:
+    """One row of the step log (len(STEP_COLUMNS),) as {column name: Python number}."""
+    return dict(zip(STEP_COLUMNS, row.tolist()))
+
+
 class TrainingObjective(nn.Module):
     """The model's per-example training terms as a module: DistributedDataParallel
     synchronises only through forward().
 
-    forward(x, y, eps) -> (reconstruction (B,), kl (B,), extra): the ELBO's two terms, and
-    extra = the IWAE bound (B,) for objective iwae, the KL of each free-bits group (B, G) with
-    free bits, else None. eps is (B, D), or (B, k, D) for iwae.
+    forward(x, y, eps) -> objective.terms(model, x, y, eps): (reconstruction (B,), kl (B,),
+    extra), see objectives.Objective; eps has the objective's noise shape after the batch.
     """
 
-    def __init__(self, model: VAE, config: TrainConfig):
+    def __init__(self, model: VAE, objective: Objective):
         super().__init__()
         self.model = model
-        self.iwae = config.objective == "iwae"
-        self.group_size = config.free_bits_group_size if config.free_bits is not None else None
+        self.objective = objective
 
     def forward(self, x: Tensor, y: Tensor | None, eps: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.iwae:
-            terms = iwae_terms(self.model, x, eps, y)
-            return terms.reconstruction, terms.kl, terms.bound
-        if self.group_size is None:
-            terms = elbo_terms(self.model, x, eps, y)
-            return terms.reconstruction, terms.kl, None
-        if self.group_size >= self.model.latent_dim:  # one group: any prior, the whole KL
-            terms = elbo_terms(self.model, x, eps, y)
-            return terms.reconstruction, terms.kl, terms.kl.unsqueeze(-1)  # (B, 1)
-        terms = elbo_terms(self.model, x, eps, y, per_dimension=True)
-        return terms.reconstruction, terms.kl, kl_groups(terms.kl_dimensions, self.group_size)
+        return self.objective.terms(self.model, x, eps=eps, y=y)
 
 
 @dataclass
@@ -175,10 +168,9 @@ class Trainer:
             self.train_mode = pipeline.mode
         self.train_y = dataset.train_y.to(device) if config.conditional else None
         self.test_y = dataset.test_y if config.conditional else None
-        self.schedule = KLSchedule(config.kl_schedule, config.beta, config.kl_warmup_epochs,
-                                   config.kl_cycle_epochs, config.kl_cycle_ratio)
+        self.training_objective = build_objective(config)
         self.model.to(device)
-        self.objective = TrainingObjective(self.model, config)
+        self.objective = TrainingObjective(self.model, self.training_objective)
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -274,18 +266,8 @@ class Trainer:
         beta = self.config.beta if beta is None else beta
         x = self.pipeline.apply(raw, u) if self.train_mode != "identity" else raw.float()
         with self.autocast():
-            reconstruction, kl, extra = self.objective(x, y, eps)  # (B,), (B,), ... float32
-        at_floor = torch.zeros((), device=x.device)
-        if self.config.objective == "iwae":
-            objective = extra  # (B,) the IWAE bound
-        elif self.config.free_bits is not None:
-            # the floor applies to each group's KL averaged over the whole global batch
-            group_means = self.dist.all_reduce_sum(extra.detach().mean(0)) / self.dist.world_size
-            floored = free_bits_kl(extra, self.config.free_bits, group_means)  # (B,)
-            objective = reconstruction - beta * floored
-            at_floor = (group_means <= self.config.free_bits).sum().to(x.dtype)
-        else:
-            objective = reconstruction - beta * kl  # (B,)
+            terms = self.objective(x, y, eps)  # (B,), (B,), ... float32
+        objective, logged = self.training_objective.per_example(terms, beta, self._global_mean)
         loss = -objective.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,9 +280,16 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         # beta is filled on the device: a tensor built on the host and copied would make a GPU
-        # step wait for the copy.
-        return torch.stack([loss.detach(), reconstruction.detach().mean(), kl.detach().mean(),
-                            loss.detach().new_full((), beta), at_floor])  # (len(STEP_COLUMNS),)
+        # step wait for the copy. Columns the objective does not fill are 0.
+        reconstruction, kl, _ = terms
+        row = {"loss": loss.detach(), "reconstruction": reconstruction.detach().mean(),
+               "kl": kl.detach().mean(), "beta": loss.detach().new_full((), beta), **logged}
+        zero = torch.zeros((), device=x.device)
+        return torch.stack([row.get(name, zero) for name in STEP_COLUMNS])  # (len(STEP_COLUMNS),)
+
+    def _global_mean(self, values: Tensor) -> Tensor:
+        """The mean of a per-process value over all processes (equal shares of the batch)."""
+        return self.dist.all_reduce_sum(values) / self.dist.world_size
 
     def autocast(self) -> torch.autocast:
         """--precision bf16: the networks' matrix products in bfloat16 (VAE.encode and decode
@@ -367,11 +356,10 @@ class Trainer:
                 noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
                                   self.rows, self.device)
                 u = noise.uniform(shape) if self.train_mode in ("binarize", "dequantize") else None
-                if config.objective == "iwae":  # k samples per example, example first
-                    eps = noise.normal(config.iwae_samples, self.model.latent_dim)  # (B_l, k, D)
-                else:
-                    eps = noise.normal(self.model.latent_dim)  # (B_local, D)
-                beta = self.schedule(self.progress.global_step / self.steps_per_epoch)
+                # (B_local, D), or (B_local, k, D) for k samples per example
+                eps = noise.normal(*self.training_objective.noise_shape(self.model.latent_dim))
+                beta = self.training_objective.beta(self.progress.global_step
+                                                    / self.steps_per_epoch)
                 epoch_log[logged] = self.train_step(raw, u, eps, y=y, beta=beta)
                 logged += 1
                 self.progress.step_in_epoch += 1
@@ -430,7 +418,8 @@ class Trainer:
 
     def _show(self, bar, rows: Tensor) -> None:
         if len(rows):
-            _, rec, kl, beta, _ = rows[-50:].mean(0).tolist()
+            recent = step_columns(rows[-50:].mean(0))
+            rec, kl, beta = recent["reconstruction"], recent["kl"], recent["beta"]
             rec += self.pipeline.log_jacobian
             weight = f"  beta {beta:.3g}" if self.config.kl_schedule != "constant" else ""
             bar.set_postfix_str(f"ELBO {rec - kl:.2f}  rec {rec:.2f}  KL {kl:.2f}{weight}",
@@ -450,7 +439,8 @@ class Trainer:
         if bool(finite.all()):
             return
         bad = int((~finite.all(1)).nonzero()[0])
-        rec_ok, kl_ok = bool(finite[bad, 1]), bool(finite[bad, 2])
+        ok = step_columns(finite[bad])
+        rec_ok, kl_ok = ok["reconstruction"], ok["kl"]
         term = {(True, False): "the KL term", (False, True): "the reconstruction term",
                 (False, False): "both terms (reconstruction and KL)",
                 (True, True): "the loss (its two terms are finite)"}[(rec_ok, kl_ok)]
@@ -481,12 +471,12 @@ class Trainer:
         terms = elbo_per_example(self.model, self.dataset.test_x, self.pipeline,
                                  seed=self.config.split_seed, device=self.device, dist=self.dist,
                                  labels=self.test_y)
-        record = {}
-        if self.config.objective == "iwae":
-            bound = iwae_per_example(self.model, self.dataset.test_x, self.pipeline,
-                                     self.config.iwae_samples, seed=self.config.split_seed,
-                                     device=self.device, dist=self.dist, labels=self.test_y)
-            record["test_iwae"] = bound.mean().item() + self.pipeline.log_jacobian
+        record = self.training_objective.test_record(
+            lambda samples: iwae_per_example(self.model, self.dataset.test_x, self.pipeline,
+                                             samples, seed=self.config.split_seed,
+                                             device=self.device, dist=self.dist,
+                                             labels=self.test_y))
+        record = {name: value + self.pipeline.log_jacobian for name, value in record.items()}
         self.model.train()
         reconstruction = terms[:, 0].mean().item() + self.pipeline.log_jacobian
         kl = terms[:, 1].mean().item()
@@ -505,14 +495,13 @@ class Trainer:
         record = {"epoch": self.progress.epoch if complete else self.progress.epoch + 1,
                   "step": self.progress.global_step, "complete": complete}
         if len(epoch_steps):
-            loss, rec, kl, beta, at_floor = epoch_steps.double().mean(0).tolist()
-            rec += self.pipeline.log_jacobian
-            record.update(train_elbo=rec - kl, train_reconstruction=rec, train_kl=kl,
-                          train_objective=-loss + self.pipeline.log_jacobian)
-            if self.config.objective == "elbo":  # the KL weights used this epoch
-                record.update(beta=beta, beta_last=float(epoch_steps[-1, 3]))
-            if self.config.free_bits is not None:  # groups held at the floor, per step
-                record["kl_groups_at_floor"] = at_floor
+            means = step_columns(epoch_steps.double().mean(0))
+            rec = means["reconstruction"] + self.pipeline.log_jacobian
+            record.update(train_elbo=rec - means["kl"], train_reconstruction=rec,
+                          train_kl=means["kl"],
+                          train_objective=-means["loss"] + self.pipeline.log_jacobian)
+            record.update(self.training_objective.epoch_record(
+                means, step_columns(epoch_steps[-1])))
         record.update(self.evaluate())
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(
@@ -815,15 +804,7 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
 
     procs = f" x {dist.world_size} process{'es' if dist.world_size > 1 else ''} ({dist.backend})" \
         if dist.enabled else ""
-    if config.objective == "iwae":
-        objective = f"IWAE bound, k = {config.iwae_samples}"
-    else:
-        objective = "ELBO" if config.beta == 1 else f"beta-ELBO, beta = {config.beta:g}"
-        if config.kl_schedule != "constant":
-            objective += f", {config.kl_schedule} KL schedule"
-        if config.free_bits is not None:
-            objective += f", free bits {config.free_bits:g} nats per " \
-                f"{config.free_bits_group_size} dimension(s)"
+    objective = build_objective(config).describe()
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
