@@ -94,7 +94,8 @@ def in_process_latency(run: Path, repeats: int = 2000) -> dict:
 
     from vaekit.explore.server import data_url
     from vaekit.runs import load_run
-    from vaekit.viz import LatentSpace, png_bytes, single_image
+    from vaekit.latent_space import LatentSpace
+    from vaekit.viz import png_bytes, single_image
 
     loaded = load_run(run)
     space = LatentSpace.of_run(loaded)

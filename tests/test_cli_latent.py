@@ -17,7 +17,8 @@ from conftest import train_tiny
 from PIL import Image
 
 from vaekit.runs import load_run
-from vaekit.viz import LatentSpace, cell_size, image_grid
+from vaekit.latent_space import LatentSpace
+from vaekit.viz import cell_size, image_grid
 
 
 @pytest.fixture(scope="module")

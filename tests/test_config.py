@@ -44,6 +44,21 @@ def test_invalid_values_name_the_option(changes, message):
         TrainConfig(**changes).validate()
 
 
+def test_posterior_is_checked_against_the_prior_in_one_line():
+    assert TrainConfig(prior="uniform").validate().posterior == "auto"
+    TrainConfig(prior="uniform", posterior="sigmoid-gaussian").validate()
+    with pytest.raises(ConfigError, match="^--posterior gaussian cannot be paired with --prior "
+                                          "uniform: valid pairs are .*--prior uniform with "
+                                          "--posterior sigmoid-gaussian$"):
+        TrainConfig(prior="uniform", posterior="gaussian").validate()
+
+
+def test_a_run_written_before_posterior_existed_loads_with_the_family_it_used():
+    values = TrainConfig(prior="uniform").to_dict()
+    del values["posterior"]
+    assert TrainConfig.from_dict(values).posterior == "auto"
+
+
 def test_from_dict_is_strict():
     good = TrainConfig().to_dict()
     with pytest.raises(ConfigError, match="unknown key 'colour'"):

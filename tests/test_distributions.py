@@ -23,6 +23,7 @@ from vaekit.distributions import (
     StandardNormalPrior,
     UniformPrior,
     build_likelihood,
+    build_posterior,
     build_prior,
     has_exact_kl,
     kl_or_estimate,
@@ -536,3 +537,44 @@ def test_mixture_draws_from_noise_follow_the_mixture():
     assert torch.all((counts - weights).abs() < 5 * (weights * (1 - weights) / n).sqrt())
     with pytest.raises(ValueError, match="choice"):
         draw_from_noise(mixture, torch.randn(3, 2))
+
+
+# --- posterior families answer for themselves --------------------------------------------------
+
+
+def test_posterior_families_draw_and_give_codes_and_score_terms_of_their_own():
+    torch.manual_seed(3)
+    params = torch.randn(4, 6)  # (B, 2 D) encoder outputs, D = 3
+    eps = torch.randn(5, 4, 3)
+    gaussian = GaussianPosterior(3)(params)
+    squashed = SigmoidGaussianPosterior(3)(params)
+    normal = gaussian.base_dist
+    assert torch.equal(gaussian.draw(eps), normal.loc + normal.scale * eps)
+    assert torch.equal(squashed.draw(eps), torch.sigmoid(normal.loc + normal.scale * eps))
+    assert torch.equal(gaussian.point_code(), gaussian.mean)
+    assert torch.equal(squashed.point_code(), torch.sigmoid(normal.loc))
+    prior = StandardNormalPrior(3)()
+    mixture = MixturePrior(3, 2)()
+    assert gaussian.factorises_against(prior) and not gaussian.factorises_against(mixture)
+    assert squashed.factorises_against(UniformPrior(3)())
+    # the score-function term: log q at fixed draws, its gradient only through q's parameters
+    params.requires_grad_(True)
+    for family in (GaussianPosterior(3), SigmoidGaussianPosterior(3)):
+        q = family(params)
+        score = q.score_log_prob(eps)  # (S, B)
+        z = q.draw(eps).detach()
+        gaussian_part = normal.log_prob(torch.logit(z) if family.name == "sigmoid-gaussian"
+                                        else z).sum(-1)
+        assert torch.allclose(score, gaussian_part, atol=1e-3)
+        assert torch.autograd.grad(score.sum(), params)[0].abs().sum() > 0
+
+
+def test_the_posterior_family_is_chosen_by_name_and_checked_against_the_prior():
+    assert type(build_posterior("auto", 3, "normal")) is GaussianPosterior
+    assert type(build_posterior("auto", 3, "uniform")) is SigmoidGaussianPosterior
+    assert type(build_posterior("sigmoid-gaussian", 3, "uniform")) is SigmoidGaussianPosterior
+    with pytest.raises(ValueError, match="cannot be paired with --prior uniform: valid pairs "
+                                         "are --prior normal with --posterior gaussian"):
+        build_posterior("gaussian", 3, "uniform")
+    with pytest.raises(ValueError, match="unknown posterior 'iaf': choose one of auto, gaussian"):
+        build_posterior("iaf", 3, "normal")

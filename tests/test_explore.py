@@ -34,7 +34,7 @@ from vaekit.explore.server import (  # noqa: E402
     build,
     running,
 )
-from vaekit.viz import LatentSpace  # noqa: E402
+from vaekit.latent_space import LatentSpace  # noqa: E402
 
 
 # Starlette's test client (also schemathesis's) notes that it prefers httpx2 to httpx: noise here.

@@ -18,6 +18,7 @@ from vaekit.runs import (
     load_run,
     verify_checkpoint,
     write_checkpoint,
+    writing,
 )
 
 
@@ -27,6 +28,21 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
     atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"new content"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_writing_turns_an_os_error_into_one_line_with_its_advice(tmp_path):
+    import errno
+
+    saved = ["nothing"]
+    with pytest.raises(RunError) as caught:
+        with writing("could not save step 3", tmp_path, lambda: f"{saved[0]} is saved"):
+            saved[0] = "step 2"  # advice given as a function says what holds when it fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(caught.value) == f"could not save step 3: the disk holding {tmp_path} is full; " \
+        "step 2 is saved"
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    with writing("cannot write", tmp_path, "never said"):  # no error: nothing happens
+        (tmp_path / "ok").write_text("fine")
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

@@ -398,10 +398,9 @@ def cmd_evaluate(args) -> int:
     import json
 
     from .distributed import DistContext
-    from .errors import RunError
     from .estimate import evaluate_run
     from .report import evaluation_table
-    from .runs import atomic_write_json, describe_os_error, load_run, load_run_dataset
+    from .runs import atomic_write_json, load_run, load_run_dataset, writing
     from .device import resolve_device
 
     device = resolve_device(args.device)
@@ -423,11 +422,8 @@ def cmd_evaluate(args) -> int:
         if not dist.is_main:
             return 0
         target = run.path / "evaluation.json"
-        try:
+        with writing("cannot write the evaluation", target, "make the run folder writable"):
             atomic_write_json(target, result)
-        except OSError as exc:
-            raise RunError(f"cannot write the evaluation: {describe_os_error(exc, target)}; make "
-                           "the run folder writable") from None
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -465,7 +461,7 @@ def _progress_bar(total: int, what: str, enabled: bool):
 
 
 def _latent_space(args):
-    from .viz import LatentSpace
+    from .latent_space import LatentSpace
 
     run = _load(args.run_dir, args.device)
     return run, LatentSpace.of_run(run)

@@ -16,8 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .names import (
+    ACTIVATIONS,
+    KL_SCHEDULES,
+    LIKELIHOODS,
+    NETS,
+    OBJECTIVES,
+    POSTERIORS,
+    PRIORS,
+    posterior_problem,
+)
 
 CONFIG_FORMAT = "vaekit-config/1"
+# Keys added to the format after runs were written without them, with the value those runs
+# meant (what they computed): --posterior auto is the family each prior always used.
+ADDED_KEYS = {"posterior": "auto"}
 
 # Fields a resumed run may change: they alter how long or where it runs, never what it computes.
 RESUMABLE_OVERRIDES = (
@@ -75,7 +88,7 @@ class TrainConfig:
     # --- model ---
     net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (images (C, H, W) of "
                     "any size, square or not; stride-2 stages adapt to it)",
-                    choices=("mlp", "conv"), group="model")
+                    choices=NETS, group="model")
     hidden: list = _opt([400], "hidden layer sizes, comma separated (MLP layers; for conv, the dense "
                         "layers after the convolutions); 'none' for a linear map", metavar="N[,N...]",
                         group="model")
@@ -83,8 +96,7 @@ class TrainConfig:
                                          "separated; default: 32, doubling, until the feature map "
                                          "is at most 8 x 8", metavar="C[,C...]", group="model")
     activation: str = _opt("relu", "nonlinearity of the networks",
-                           choices=("relu", "elu", "gelu", "silu", "tanh", "softplus"),
-                           group="model")
+                           choices=ACTIVATIONS, group="model")
     latent_dim: int = _opt(20, "dimensions of z (20 as in Kingma & Welling's MNIST runs; unused "
                            "dimensions collapse to the prior and cost nothing)", minimum=1,
                            group="model")
@@ -92,8 +104,11 @@ class TrainConfig:
                       "posterior is then a sigmoid-transformed Gaussian), mixture (learned mixture "
                       "of Gaussians) or vamp (VampPrior, Tomczak & Welling 2018: the posterior "
                       "mixed over learned pseudo-inputs); the KL of all but normal is estimated "
-                      "by Monte Carlo", choices=("normal", "uniform", "mixture", "vamp"),
-                      group="model")
+                      "by Monte Carlo", choices=PRIORS, group="model")
+    posterior: str = _opt("auto", "q(z|x): gaussian (diagonal) or sigmoid-gaussian (a diagonal "
+                          "Gaussian squashed into the unit cube); auto: what the prior needs "
+                          "(gaussian for normal, mixture and vamp; sigmoid-gaussian for uniform)",
+                          choices=("auto", *POSTERIORS), group="model")
     prior_components: Optional[int] = _opt(None, "components of the mixture prior, pseudo-inputs "
                                            "of the vamp prior (default: mixture 10, vamp 500)",
                                            minimum=1, group="model")
@@ -103,9 +118,7 @@ class TrainConfig:
                            "(Salimans et al. 2017) or categorical (256-way softmax; small grey "
                            "images): probabilities of the 8-bit levels of images; auto: bernoulli "
                            "for images and data in [0, 1], gaussian otherwise",
-                           choices=("auto", "bernoulli", "continuous-bernoulli", "gaussian",
-                                    "discretized-logistic", "logistic-mixture", "categorical"),
-                           group="model")
+                           choices=("auto", *LIKELIHOODS), group="model")
     likelihood_components: Optional[int] = _opt(None, "logistics per pixel of the "
                                                 "logistic-mixture likelihood (default: 10, as "
                                                 "PixelCNN++)", minimum=1, group="model")
@@ -120,7 +133,7 @@ class TrainConfig:
     objective: str = _opt("elbo", "training objective: elbo (with --beta, --kl-schedule, "
                           "--free-bits) or iwae (the importance-weighted bound with "
                           "--iwae-samples k, Burda et al. 2016; the ELBO is still reported)",
-                          choices=("elbo", "iwae"), group="objective")
+                          choices=OBJECTIVES, group="objective")
     iwae_samples: int = _opt(5, "k, the samples of z per example of the iwae objective",
                              minimum=1, group="objective")
     # --- training ---
@@ -141,7 +154,7 @@ class TrainConfig:
                             "linear (warm-up from 0 to --beta over --kl-warmup-epochs) or "
                             "cyclical (Fu et al. 2019: repeated warm-ups, each cycle of "
                             "--kl-cycle-epochs rising for its first --kl-cycle-ratio); the beta "
-                            "used is logged each epoch", choices=("constant", "linear", "cyclical"),
+                            "used is logged each epoch", choices=KL_SCHEDULES,
                             group="objective")
     kl_warmup_epochs: float = _opt(10.0, "epochs of the linear KL warm-up (fractions allowed)",
                                    minimum=0.0, exclusive_minimum=True, group="objective")
@@ -207,6 +220,9 @@ class TrainConfig:
         if self.conditional and self.prior == "vamp":
             raise ConfigError("--prior vamp mixes the posterior over unlabelled pseudo-inputs and "
                               "cannot be --conditional; use --prior normal or mixture")
+        problem = posterior_problem(self.posterior, self.prior)
+        if problem:
+            raise ConfigError(problem)
         if self.free_bits is not None and self.prior not in ("normal", "uniform") \
                 and self.free_bits_group_size < self.latent_dim:
             raise ConfigError(f"--free-bits per group needs a --prior that factorises over "
@@ -234,6 +250,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where} has unknown key {unknown[0]!r}: valid keys are "
                               f"{', '.join(names)}")
+        # keys added since the format began: a run written before one existed meant its default
+        values = {**{k: v for k, v in ADDED_KEYS.items() if k not in values}, **values}
         missing = [n for n in names if n not in values]
         if missing:
             raise ConfigError(f"{where} lacks key {missing[0]!r}: it was written by another "

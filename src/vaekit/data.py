@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
+from .names import LEVEL_LIKELIHOODS
 from .randomness import derive_seed, fixed_uniform, seeded_generator
 
 BUILTIN = ("digits", "mnist", "fashion-mnist")
@@ -543,7 +544,6 @@ def _labels_to_tensor(labels, n: int, path: Path, key: str) -> Tensor | None:
 # The pipeline from raw data to what the likelihood scores
 
 
-LEVEL_LIKELIHOODS = ("discretized-logistic", "logistic-mixture", "categorical")
 LIKELIHOODS_FOR_KIND = {"image8": ("bernoulli", "continuous-bernoulli", "gaussian",
                                    *LEVEL_LIKELIHOODS),
                         "real": ("bernoulli", "continuous-bernoulli", "gaussian")}

@@ -32,6 +32,15 @@ from torch.distributions import (
 )
 from torch.distributions.utils import broadcast_all
 
+from .names import (  # noqa: F401  (FACTORISED_PRIORS, LIKELIHOODS: re-exported names)
+    FACTORISED_PRIORS,
+    LIKELIHOODS,
+    POSTERIORS,
+    PRIORS,
+    posterior_problem,
+    resolve_posterior,
+)
+
 # ------------------------------------------------------------------------------------------------
 # Priors p(z)
 
@@ -186,15 +195,15 @@ def _mixture_range(mixture: MixtureSameFamily, width: float) -> tuple[float, flo
                 float((normal.loc + width * normal.scale).max()))
 
 
-PRIORS = {"normal": StandardNormalPrior, "uniform": UniformPrior, "mixture": MixturePrior,
-          "vamp": VampPrior}
-FACTORISED_PRIORS = ("normal", "uniform")  # p(z) = prod_d p(z_d): KL splits over dimensions
+PRIOR_FAMILIES = {"normal": StandardNormalPrior, "uniform": UniformPrior,
+                  "mixture": MixturePrior, "vamp": VampPrior}
+assert tuple(PRIOR_FAMILIES) == PRIORS
 
 
 def build_prior(name: str, latent_dim: int, components: int | None = None,
                 data_shape: tuple[int, ...] | None = None) -> nn.Module:
     """The prior module `name`; `components` sets K of mixture and vamp (None: their default)."""
-    if name not in PRIORS:
+    if name not in PRIOR_FAMILIES:
         raise ValueError(f"unknown prior {name!r}: choose one of {', '.join(PRIORS)}")
     if name == "mixture":
         return MixturePrior(latent_dim, components)
@@ -202,15 +211,76 @@ def build_prior(name: str, latent_dim: int, components: int | None = None,
         if data_shape is None:
             raise ValueError("the vamp prior needs data_shape (the shape of its pseudo-inputs)")
         return VampPrior(latent_dim, tuple(data_shape), components)
-    return PRIORS[name](latent_dim)
+    return PRIOR_FAMILIES[name](latent_dim)
 
 
 # ------------------------------------------------------------------------------------------------
 # Posteriors q(z | x)
 
 
+class DiagonalGaussian(Independent):
+    """N(loc, diag(scale^2)) over the last dimension: the Gaussian posterior family.
+
+    A posterior family answers for itself what its consumers need: a draw made of standard
+    normal noise (`draw`), the point code pictures show (`point_code`), whether log q - log p
+    splits over dimensions against a given prior (`factorises_against`), and log q at a fixed
+    draw, differentiable in its parameters only (`score_log_prob`, the score-function term).
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor):
+        super().__init__(Normal(loc, scale, validate_args=False), 1)
+
+    def draw(self, eps: Tensor) -> Tensor:
+        normal = self.base_dist
+        return normal.loc + normal.scale * eps  # (..., B, D)
+
+    def point_code(self) -> Tensor:
+        return self.base_dist.loc  # (B, D) the mean
+
+    def factorises_against(self, p: Distribution) -> bool:
+        return factorised(p)
+
+    def score_log_prob(self, eps: Tensor) -> Tensor:
+        normal = self.base_dist  # loc, scale (B, D)
+        pre_image = (normal.loc + normal.scale * eps).detach()  # (S, B, D) fixed draws
+        return normal.log_prob(pre_image).sum(-1)  # (S, B)
+
+
+class SquashedGaussian(TransformedDistribution):
+    """sigmoid(N(loc, diag(scale^2))): a diagonal Gaussian squashed into the unit cube.
+
+    The sigmoid caches its last input, so `q.log_prob(q.draw(eps))` is computed from the
+    pre-sigmoid sample and stays exact where the sigmoid saturates (inverting a float32 sigmoid
+    near 1 is not). The sigmoid has no parameters, so at a fixed pre-image g the log-Jacobian does
+    not depend on q's parameters: the score-function term is the Gaussian's.
+    """
+
+    def __init__(self, gaussian: DiagonalGaussian):
+        super().__init__(gaussian, [SigmoidTransform(cache_size=1)], validate_args=False)
+
+    def draw(self, eps: Tensor) -> Tensor:
+        z = self.base_dist.draw(eps)  # (..., B, D)
+        for transform in self.transforms:
+            z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
+        return z
+
+    def point_code(self) -> Tensor:
+        code = self.base_dist.point_code()
+        for transform in self.transforms:
+            code = transform(code)
+        return code  # (B, D) the squashed mean
+
+    def factorises_against(self, p: Distribution) -> bool:
+        return factorised(p)
+
+    def score_log_prob(self, eps: Tensor) -> Tensor:
+        return self.base_dist.score_log_prob(eps)  # (S, B)
+
+
 class GaussianPosterior(nn.Module):
     """q(z|x) = N(loc, diag(scale^2)) from 2*D encoder outputs (scale through softplus)."""
+
+    name = "gaussian"
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -219,36 +289,45 @@ class GaussianPosterior(nn.Module):
 
     def forward(self, params: Tensor) -> Distribution:
         loc, raw_scale = params.chunk(2, dim=-1)  # (B, D) each
-        return Independent(Normal(loc, F.softplus(raw_scale), validate_args=False), 1)
+        return DiagonalGaussian(loc, F.softplus(raw_scale))
 
 
 class SigmoidGaussianPosterior(GaussianPosterior):
-    """q(z|x) = sigmoid(N(loc, diag(scale^2))): a Gaussian squashed into the unit cube.
+    """q(z|x) = sigmoid(N(loc, diag(scale^2))) (SquashedGaussian): a Gaussian squashed into the
+    unit cube, for the uniform prior, whose support the posterior must not leave."""
 
-    Used with the uniform prior, whose support the posterior must not leave. The sigmoid caches
-    its last input, so `q.log_prob(q.rsample())` is computed from the pre-sigmoid sample and
-    stays exact where the sigmoid saturates (inverting a float32 sigmoid near 1 is not).
-    """
+    name = "sigmoid-gaussian"
 
     def forward(self, params: Tensor) -> Distribution:
-        gaussian = super().forward(params)
-        return TransformedDistribution(gaussian, [SigmoidTransform(cache_size=1)],
-                                       validate_args=False)
+        return SquashedGaussian(super().forward(params))
 
 
-def build_posterior(prior_name: str, latent_dim: int) -> nn.Module:
-    """The posterior family matching a prior's support."""
-    return SigmoidGaussianPosterior(latent_dim) if prior_name == "uniform" \
-        else GaussianPosterior(latent_dim)
+# A posterior family is one class and its entry here (and its valid priors in names.py).
+POSTERIOR_FAMILIES = {family.name: family for family in (GaussianPosterior,
+                                                         SigmoidGaussianPosterior)}
+assert tuple(POSTERIOR_FAMILIES) == POSTERIORS
+
+
+def build_posterior(name: str, latent_dim: int, prior: str = "normal") -> nn.Module:
+    """The posterior family `name` (auto: the prior's default, see names.POSTERIORS_FOR_PRIOR),
+    checked against the prior it is paired with."""
+    problem = posterior_problem(name, prior) if name == "auto" or name in POSTERIORS else \
+        f"unknown posterior {name!r}: choose one of auto, {', '.join(POSTERIORS)}"
+    if problem:
+        raise ValueError(problem)
+    return POSTERIOR_FAMILIES[resolve_posterior(name, prior)](latent_dim)
 
 
 def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
     """The reparameterisation trick with the noise given: z = transform(loc + scale * eps).
 
     Identical to `q.rsample()` when eps ~ N(0, I) has the same shape, but the caller owns the
-    noise, so training can replay it exactly (resume) and split it across processes.
-    eps: (*sample_shape, B, D) -> z of the same shape.
+    noise, so training can replay it exactly (resume) and split it across processes. A posterior
+    family draws for itself (`draw`); plain torch (transformed) Normals, such as the standard
+    normal prior, are drawn here. eps: (*sample_shape, B, D) -> z of the same shape.
     """
+    if hasattr(q, "draw"):
+        return q.draw(eps)
     base = base_normal(q)
     z = base.loc + base.scale * eps  # (..., B, D)
     for transform in (q.transforms if isinstance(q, TransformedDistribution) else []):
@@ -290,7 +369,10 @@ def factorised(d: Distribution) -> bool:
 
 def factorises_against(q: Distribution, p: Distribution) -> bool:
     """Whether log q - log p splits into one term per latent dimension (what free bits per
-    dimension and the per-dimension KL need): both factorise over the last dimension."""
+    dimension and the per-dimension KL need). A posterior family answers for itself; for plain
+    torch distributions, both must factorise over the last dimension."""
+    if hasattr(q, "factorises_against"):
+        return q.factorises_against(p)
     return factorised(q) and factorised(p)
 
 
@@ -336,7 +418,10 @@ def log_ratio_per_dimension(q: Distribution, prior: Distribution, z: Tensor,
 
 
 def posterior_mean_code(q: Distribution) -> Tensor:
-    """A point code for x: the posterior mean for Gaussians, the squashed mean in the cube."""
+    """A point code for x: the posterior family's own (`point_code`: the mean of a Gaussian, the
+    squashed mean in the cube); for plain torch distributions, the mean (through transforms)."""
+    if hasattr(q, "point_code"):
+        return q.point_code()
     if isinstance(q, TransformedDistribution):
         code = q.base_dist.mean
         for transform in q.transforms:
@@ -759,10 +844,6 @@ class CategoricalLikelihood(nn.Module):
 
     def check_support(self, x: Tensor) -> str | None:
         return _check_levels(x, self.levels, "categorical")
-
-
-LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian", "discretized-logistic",
-               "logistic-mixture", "categorical")
 
 
 def build_likelihood(name: str, event_shape: tuple[int, ...],

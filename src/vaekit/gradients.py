@@ -11,9 +11,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
 
-from .distributions import base_normal, exact_kl_per_dimension, reparameterize
+from .distributions import exact_kl_per_dimension, reparameterize
 from .estimate.statistics import MeanSums
 from .model import VAE
 from .randomness import per_example_normal
@@ -58,21 +57,11 @@ def elbo_gradient(model: VAE, x: Tensor, eps: Tensor, estimator: str) -> list[Te
             f = model.decode(z).log_prob(x)  # (S, B)
             if exact_kl is None:
                 f = f + prior.log_prob(z) - q.log_prob(z)
-        objective = (f * _score_log_prob(q, eps)).mean(0)  # (B,)
+        # log q(z) at the fixed draw, differentiable in q's parameters only: the family's own
+        objective = (f * q.score_log_prob(eps)).mean(0)  # (B,)
     if exact_kl is not None:
         objective = objective - exact_kl.sum(-1)
     return list(torch.autograd.grad(objective.mean(), params))
-
-
-def _score_log_prob(q: Distribution, eps: Tensor) -> Tensor:
-    """log q(z) at the fixed draw z made of eps, differentiable in q's parameters only. (S, B)
-
-    For a transformed Gaussian, z = t(g) with g Gaussian: log q(z) = log N(g) - log|t'(g)|, and
-    the second term does not depend on the parameters at fixed g, so d log q = d log N(g).
-    """
-    normal = base_normal(q)  # loc, scale (B, D)
-    pre_image = (normal.loc + normal.scale * eps).detach()  # (S, B, D)
-    return normal.log_prob(pre_image).sum(-1)  # (S, B)
 
 
 def gradient_variance(model: VAE, x: Tensor, *, samples: Sequence[int] = (1, 10, 100),

@@ -50,6 +50,7 @@ class ModelConfig:
     conv_channels: list | None = None  # None: 32, doubling, until the map is <= 8 x 8
     activation: str = "relu"
     prior: str = "normal"  # normal | uniform | mixture | vamp
+    posterior: str = "auto"  # gaussian | sigmoid-gaussian; auto: the prior's (names.py)
     prior_components: int | None = None  # K of mixture / vamp; None: 10 / 500 (the papers')
     likelihood: str = "bernoulli"  # bernoulli | continuous-bernoulli | gaussian |
     #                                discretized-logistic | logistic-mixture | categorical
@@ -206,7 +207,7 @@ def build_vae(config: ModelConfig) -> VAE:
                          "mixture")
     condition = config.num_classes or 0
     prior = build_prior(config.prior, config.latent_dim, config.prior_components, data_shape)
-    posterior = build_posterior(config.prior, config.latent_dim)
+    posterior = build_posterior(config.posterior, config.latent_dim, config.prior)
     likelihood = build_likelihood(config.likelihood, data_shape, config.gaussian_scale,
                                   config.likelihood_components)
     encoder = build_encoder(config.net, data_shape, config.hidden, posterior.params_per_example,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .model import VAE
+from .names import KL_SCHEDULES  # noqa: F401  (re-exported)
 
 
 class ELBOTerms(NamedTuple):
@@ -133,7 +134,6 @@ def free_bits_kl(groups: Tensor, floor: float, group_means: Tensor | None = None
 # ------------------------------------------------------------------------------------------------
 # KL weight schedules
 
-KL_SCHEDULES = ("constant", "linear", "cyclical")
 
 
 @dataclass(frozen=True)

@@ -607,8 +607,7 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
     gradient_repeats independent estimates at each count in gradient_samples.
     """
     from . import __version__
-    from .errors import RunError
-    from .runs import atomic_write_text, describe_os_error
+    from .runs import atomic_write_text, writing
 
     if k < 2 or examples < 2:
         raise ValueError("explain needs k >= 2 and at least 2 examples")
@@ -637,14 +636,11 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
     finally:
         model.train(was_training)
     images = {}
-    try:
+    with writing("cannot write the report", run.path, "make the run folder writable"):
         for section in sections:
             for figure in section.figures:
                 images[figure.name] = png_bytes(figure.image)
                 save_png(figure.image, run.path / f"explain-{figure.name}.png")
-    except OSError as exc:
-        raise RunError(f"cannot write the report: {describe_os_error(exc, run.path)}; make the "
-                       "run folder writable") from None
     config = run.config
     meta = [
         f"Run <code>{_esc(str(run.path))}</code>: {_esc(run.data['name'])} "
@@ -659,9 +655,6 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
     ]
     page = render_html(f"What this VAE shows: {run.name}", meta, sections, images)
     target = run.path / "explain.html"
-    try:
+    with writing("cannot write the report", target, "make the run folder writable"):
         atomic_write_text(target, page)
-    except OSError as exc:
-        raise RunError(f"cannot write the report: {describe_os_error(exc, target)}; make the "
-                       "run folder writable") from None
     return target

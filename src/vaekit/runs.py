@@ -20,6 +20,7 @@ safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +116,18 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     return f"cannot write {path} ({exc.strerror or exc})"
 
 
+@contextlib.contextmanager
+def writing(what: str, where: Path, advice: str | Callable[[], str]) -> Iterator[None]:
+    """Writes to a run folder in the block; an OSError becomes one RunError line,
+    "{what}: {why, in words}; {advice}", without a traceback (the one place that says so).
+    advice may be a function, called when the error happens (to say what is saved by then)."""
+    try:
+        yield
+    except OSError as exc:
+        advice = advice() if callable(advice) else advice
+        raise RunError(f"{what}: {describe_os_error(exc, where)}; {advice}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # Tensors <-> bytes, without pickle
 
@@ -182,11 +196,8 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        try:
+        with writing("cannot lock the run folder", self.path, "choose another --out"):
             self.handle = open(self.path, "a+")
-        except OSError as exc:
-            raise RunError(f"cannot lock the run folder: {describe_os_error(exc, self.path)}; "
-                           "choose another --out") from None
         try:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -376,6 +387,7 @@ def model_config_for(config: TrainConfig, data_shape: tuple[int, ...],
     return ModelConfig(data_shape=tuple(data_shape), latent_dim=config.latent_dim, net=config.net,
                        hidden=list(config.hidden), conv_channels=config.conv_channels,
                        activation=config.activation, prior=config.prior,
+                       posterior=config.posterior,
                        prior_components=config.prior_components, likelihood=config.likelihood,
                        gaussian_scale=config.gaussian_scale,
                        likelihood_components=config.likelihood_components,

@@ -48,7 +48,6 @@ from .runs import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    describe_os_error,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -62,6 +61,7 @@ from .runs import (
     tensors_from_file,
     tensors_to_bytes,
     write_checkpoint,
+    writing,
 )
 
 STATE_FORMAT = "vaekit-train-state/1"
@@ -516,13 +516,10 @@ class Trainer:
         with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
             if self.dist.is_main and (final or
                                       time.monotonic() - self.last_pictures >= PICTURE_EVERY):
-                try:
+                with writing("could not write the run's images", self.run_dir,
+                             f"{self._saved_note()}, free space and resume with vaekit train "
+                             f"--resume {self.run_dir}"):
                     self.write_outputs()  # rendering costs ~40 ms: not every short epoch
-                except OSError as exc:
-                    raise RunError(f"could not write the run's images: "
-                                   f"{describe_os_error(exc, self.run_dir)}; "
-                                   f"{self._saved_note()}, free space and resume with vaekit "
-                                   f"train --resume {self.run_dir}") from None
                 self.last_pictures = time.monotonic()
         if self.dist.is_main:
             test = f"test ELBO {record['test_elbo']:.2f} (rec {record['test_reconstruction']:.2f}," \
@@ -551,18 +548,15 @@ class Trainer:
                                     f"lower --lr (now {self.config.lr:g}) or --grad-clip 1.0")
         with self.dist.same_outcome("save"):  # rank 0 writes; the others wait for its outcome
             if self.dist.is_main:
-                try:
+                # A failed write_checkpoint removes its staging folder; what is on disk is the
+                # previous checkpoint, whole (or this one, if a later file failed).
+                with writing(f"could not save step {self.progress.global_step}", self.run_dir,
+                             lambda: f"{self._saved_note()}, free space and resume with vaekit "
+                             f"train --resume {self.run_dir}"):
                     write_checkpoint(self.run_dir, self.progress.global_step,
                                      self.checkpoint_files(), self.config.keep_checkpoints)
                     self.saved_step = self.progress.global_step
                     self.write_run_files()
-                except OSError as exc:
-                    # A failed write_checkpoint removes its staging folder; what is on disk is
-                    # the previous checkpoint, whole (or this one, if a later file failed).
-                    raise RunError(f"could not save step {self.progress.global_step}: "
-                                   f"{describe_os_error(exc, self.run_dir)}; "
-                                   f"{self._saved_note()}, free space and resume with vaekit "
-                                   f"train --resume {self.run_dir}") from None
 
     def write_run_files(self) -> None:
         """model.safetensors and metrics.jsonl of the run folder, from the training state."""
@@ -697,11 +691,8 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         if resume is None and dist.is_main:
             _check_new_run_dir(run_dir)
             check_free_space(run_dir, model, config.keep_checkpoints)  # before creating anything
-            try:
+            with writing("cannot create the run folder", run_dir, "choose another --out"):
                 run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise RunError(f"cannot create the run folder: {describe_os_error(exc, run_dir)}; "
-                               "choose another --out") from None
     try:
         folder = None
         with dist.same_outcome("resume"):
@@ -729,13 +720,10 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                 if folder is not None and dist.is_main:
                     # A kill after the last checkpoint but before the run folder's own files
                     # leaves those a save behind: bring them up to date from the checkpoint.
-                    try:
+                    with writing("cannot write the run folder", run_dir, "free space and run "
+                                 f"vaekit train --resume {run_dir} again"):
                         trainer.write_run_files()
                         trainer.write_outputs()
-                    except OSError as exc:
-                        raise RunError(f"cannot write the run folder: "
-                                       f"{describe_os_error(exc, run_dir)}; free space and "
-                                       f"run vaekit train --resume {run_dir} again") from None
                 trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
                             "--epochs N with a larger N to train longer")
                 return run_dir
@@ -745,7 +733,7 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         with dist.same_outcome("config"):
             if dist.is_main:
                 check_free_space(run_dir, model, config.keep_checkpoints)
-                try:
+                with writing("cannot write the run folder", run_dir, "choose another --out"):
                     # config.json first: a run killed between the two writes can still be
                     # resumed (resume rewrites pipeline.safetensors), one without config.json
                     # cannot.
@@ -754,10 +742,6 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                     if pipeline.statistics():
                         atomic_write_bytes(run_dir / "pipeline.safetensors",
                                            tensors_to_bytes(pipeline.statistics()))
-                except OSError as exc:
-                    raise RunError(f"cannot write the run folder: "
-                                   f"{describe_os_error(exc, run_dir)}; choose another --out"
-                                   ) from None
         trainer.log(_summary(config, dataset, pipeline, model, device, dist, run_dir))
         previous = _handle_signals(trainer)
         try:

@@ -1,4 +1,4 @@
-"""The explorer's web server: a JSON API over `viz.LatentSpace`, and one static page.
+"""The explorer's web server: a JSON API over `latent_space.LatentSpace`, and one static page.
 
     GET  /                    the page (static/index.html with explorer.js and explorer.css)
     GET  /api/info            the run: name, data, prior, dimensions by use, ELBO and log p(x)
@@ -47,7 +47,8 @@ from pydantic_core import PydanticCustomError
 
 from .. import __version__
 from ..errors import VaekitError
-from ..viz import LatentSpace, interpolation_path, is_image_shape, png_bytes, single_image
+from ..latent_space import LatentSpace, interpolation_path
+from ..viz import is_image_shape, png_bytes, single_image
 
 MAX_UPLOAD_BYTES = 4 * 2**20  # an image file; a model of small images needs few of its pixels
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 2**10  # the upload plus its multipart framing

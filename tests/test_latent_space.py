@@ -1,4 +1,5 @@
-"""viz's latent-space library: paths between codes, LatentSpace on trained runs, and pictures."""
+"""latent_space.py: paths between codes and LatentSpace on trained runs; then viz's pictures of
+what LatentSpace computes (they need one to draw)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ from vaekit.data import Pipeline
 from vaekit.errors import ConfigError
 from vaekit.model import ModelConfig, build_vae
 from vaekit.runs import load_run
+from vaekit.latent_space import UNUSED_KL, LatentSpace, interpolation_path
 from vaekit.viz import (
-    UNUSED_KL,
-    LatentSpace,
     cell_size,
     embedding_image,
     interpolation_image,
-    interpolation_path,
     manifold_image,
     single_image,
     traversal_image,
