@@ -119,3 +119,18 @@ def test_learned_priors_save_and_load(tmp_path, prior):
         with torch.no_grad():
             copy.encoder.head[0].bias.add_(1.0)
         assert not torch.equal(model.prior.log_prob(z), copy.prior.log_prob(z))
+
+
+def test_model_fields_are_the_training_options_with_their_defaults_written_once():
+    import dataclasses
+
+    from vaekit.config import TrainConfig
+
+    options = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model = ModelConfig(data_shape=(3,))
+    for name in ModelConfig.model_fields():
+        assert name in options, name
+        if name != "likelihood":  # the option's "auto" is settled from the data first
+            assert getattr(model, name) == getattr(TrainConfig(), name), name
+    assert model.likelihood == "bernoulli"
+    assert ModelConfig((3,)).hidden is not ModelConfig((3,)).hidden  # each its own list

@@ -138,3 +138,19 @@ def test_a_pickle_in_place_of_weights_is_refused_unexecuted(tiny_run, tmp_path):
     import os
 
     assert not os.path.exists(marker)
+
+
+def test_model_config_for_copies_every_model_option_of_the_training_config():
+    from vaekit.config import TrainConfig
+    from vaekit.model import ModelConfig
+    from vaekit.runs import model_config_for
+
+    config = TrainConfig(latent_dim=7, net="conv", hidden=[33, 11], conv_channels=[8, 16],
+                         activation="tanh", prior="uniform", posterior="sigmoid-gaussian",
+                         prior_components=4, likelihood="gaussian", gaussian_scale=0.3,
+                         likelihood_components=3, conditional=True)
+    model = model_config_for(config, (1, 8, 8), ["a", "b", "c"])
+    for name in ModelConfig.model_fields():
+        assert getattr(model, name) == getattr(config, name), name
+    assert model.data_shape == (1, 8, 8) and model.num_classes == 3
+    assert model.hidden is not config.hidden

@@ -397,11 +397,11 @@ def resolve_label(text: str, names: list[str]) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
+    from .device import resolve_device
     from .distributed import DistContext
     from .estimate import evaluate_run
     from .report import evaluation_table
     from .runs import atomic_write_json, load_run, load_run_dataset, writing
-    from .device import resolve_device
 
     device = resolve_device(args.device)
     dist = DistContext.from_env(device.type)

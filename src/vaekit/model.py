@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, MixtureSameFamily
 
+from .config import TrainConfig
 from .distributions import (
     build_likelihood,
     build_posterior,
@@ -39,24 +40,48 @@ from .latent import Inference, LatentDraw, LatentGroup
 from .nets import build_decoder, build_encoder
 
 
+def _as_configured(name: str):
+    """A model field whose meaning, choices and default are TrainConfig's (config.py), where
+    each option is documented once: the same default here, not a second copy of it."""
+    option = TRAIN_OPTIONS[name]
+    if option.default_factory is not dataclasses.MISSING:
+        return field(default_factory=option.default_factory)
+    return field(default=option.default)
+
+
+TRAIN_OPTIONS = {option.name: option for option in dataclasses.fields(TrainConfig)}
+
+
 @dataclass
 class ModelConfig:
-    """Everything that fixes the model's structure; with the weights it rebuilds the model."""
+    """Everything that fixes the model's structure; with the weights it rebuilds the model.
+
+    Every field but data_shape and num_classes is the training option of the same name (see
+    TrainConfig for its meaning and default); model_fields() lists them, and
+    runs.model_config_for copies them by that list.
+    """
 
     data_shape: tuple  # shape of one example, e.g. (1, 28, 28) or (64,)
-    latent_dim: int = 20  # Kingma & Welling's MNIST setting
-    net: str = "mlp"  # mlp works on any data; conv needs (C, H, W) images
-    hidden: list = field(default_factory=lambda: [400])  # one layer of 400, as in the VAE paper
-    conv_channels: list | None = None  # None: 32, doubling, until the map is <= 8 x 8
-    activation: str = "relu"
-    prior: str = "normal"  # normal | uniform | mixture | vamp
-    posterior: str = "auto"  # gaussian | sigmoid-gaussian; auto: the prior's (names.py)
-    prior_components: int | None = None  # K of mixture / vamp; None: 10 / 500 (the papers')
-    likelihood: str = "bernoulli"  # bernoulli | continuous-bernoulli | gaussian |
-    #                                discretized-logistic | logistic-mixture | categorical
-    gaussian_scale: float | None = None  # None: learned per data dimension
-    likelihood_components: int | None = None  # M of logistic-mixture; None: 10 (PixelCNN++)
+    latent_dim: int = _as_configured("latent_dim")
+    net: str = _as_configured("net")
+    hidden: list = _as_configured("hidden")
+    conv_channels: list | None = _as_configured("conv_channels")
+    activation: str = _as_configured("activation")
+    prior: str = _as_configured("prior")
+    posterior: str = _as_configured("posterior")
+    prior_components: int | None = _as_configured("prior_components")
+    # TrainConfig's "auto" is settled from the data (data.resolve_likelihood) before a model is
+    # built; a model built directly scores binary data unless told otherwise.
+    likelihood: str = "bernoulli"
+    gaussian_scale: float | None = _as_configured("gaussian_scale")
+    likelihood_components: int | None = _as_configured("likelihood_components")
     num_classes: int | None = None  # a conditional VAE on this many class labels; None: not
+
+    @classmethod
+    def model_fields(cls) -> tuple[str, ...]:
+        """The fields that are training options of the same name."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.name not in ("data_shape", "num_classes"))
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

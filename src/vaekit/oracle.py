@@ -9,8 +9,8 @@ A second oracle, `LinearGaussianHierarchy`, has two latent groups (z2 -> z1 -> x
 linear-Gaussian) with an exact marginal and exact posteriors: the proof that objectives and
 estimators work for any latent structure through latent.py.
 
-The single-latent oracle is built through the public API, ModelConfig(net="mlp", hidden=[], likelihood="gaussian",
-gaussian_scale=sigma): both networks are then single linear maps, the encoder giving the
+The single-latent oracle is built through the public API, ModelConfig(net="mlp", hidden=[],
+likelihood="gaussian", gaussian_scale=sigma): both networks are then single linear maps, the encoder giving the
 posterior's mean and (through softplus) its scale. That makes it the test oracle for every
 estimator and bound: importance sampling must converge to `exact_log_px`, the ELBO of the
 model's encoder must equal `exact_elbo`, and with `set_exact_posterior` the ELBO is log p(x).

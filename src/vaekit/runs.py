@@ -384,14 +384,9 @@ def model_config_for(config: TrainConfig, data_shape: tuple[int, ...],
                             "an image folder with class sub-folders, a CSV with a label column, "
                             "an .npz with y arrays, or a labelled built-in dataset")
         num_classes = len(label_names)
-    return ModelConfig(data_shape=tuple(data_shape), latent_dim=config.latent_dim, net=config.net,
-                       hidden=list(config.hidden), conv_channels=config.conv_channels,
-                       activation=config.activation, prior=config.prior,
-                       posterior=config.posterior,
-                       prior_components=config.prior_components, likelihood=config.likelihood,
-                       gaussian_scale=config.gaussian_scale,
-                       likelihood_components=config.likelihood_components,
-                       num_classes=num_classes)
+    options = {name: getattr(config, name) for name in ModelConfig.model_fields()}
+    options["hidden"] = list(config.hidden)  # the model's own copy
+    return ModelConfig(data_shape=tuple(data_shape), num_classes=num_classes, **options)
 
 
 def run_document(config: TrainConfig, data_info: dict, pipeline: Pipeline) -> dict:

@@ -1,0 +1,453 @@
+"""The training loop: maximise the objective with Adam, step after step, epoch after epoch.
+
+One step:   raw batch (uint8) --pipeline--> x --encode--> q(z|x) --eps--> z --decode--> p(x|z)
+            loss = -(E_q[log p(x|z)] - beta * KL).mean()      (the only minus sign)
+
+The objective is the ELBO, weighted by beta (constant or following a KLSchedule), optionally
+with free bits, or the IWAE bound with k samples of z per example (objectives.py); a
+conditional model gets each example's label with it. Every epoch logs the ELBO (beta = 1)
+beside the objective, and the beta used.
+
+The batches of an epoch and the noise of a step are functions of the seed and the counters
+(randomness.py), drawn for the whole global batch, each process taking its rows; the counters
+and weights are saved and restored by TrainingState (train_state.py); the run around the loop
+(folder, lock, resume, signals) is train.py's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .data import Dataset, Pipeline
+from .distributed import DistContext
+from .errors import ConfigError, TrainingError
+from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
+from .model import VAE
+from .objectives import Objective, build_objective
+from .randomness import StepNoise, derive_seed, epoch_permutation
+from .runs import STEP_LOG_COLUMNS, writing
+from .train_state import Progress, TrainingState
+
+SYNC_EVERY = 20  # steps between cross-process agreements (stop, checkpoint) when distributed
+PICTURE_EVERY = 10.0  # seconds between refreshes of samples.png, reconstructions.png, curves.png
+
+STEP_COLUMNS = STEP_LOG_COLUMNS  # the rows train_step returns (defined with the run folder)
+
+
+def step_columns(row: Tensor) -> dict:
+    """One row of the step log (len(STEP_COLUMNS),) as {column name: Python number}."""
+    return dict(zip(STEP_COLUMNS, row.tolist()))
+
+
+class TrainingObjective(nn.Module):
+    """The model's per-example training terms as a module: DistributedDataParallel
+    synchronises only through forward().
+
+    forward(x, y, eps) -> objective.terms(model, x, y, eps): (reconstruction (B,), kl (B,),
+    extra), see objectives.Objective; eps has the objective's noise shape after the batch.
+    """
+
+    def __init__(self, model: VAE, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: Tensor, y: Tensor | None, eps: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.objective.terms(self.model, x, eps=eps, y=y)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run was saved and can be resumed."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Trainer(TrainingState):
+    """The loop: steps, epochs, diagnostics, test figures and pictures; its checkpoint state is
+    TrainingState's (train_state.py), the run around it train.py's."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, dataset: Dataset, pipeline: Pipeline,
+                 model: VAE, device: torch.device, dist: DistContext, log=print):
+        self.config, self.run_dir, self.dataset = config, run_dir, dataset
+        self.pipeline, self.model, self.device, self.dist = pipeline.to(device), model, device, dist
+        self.log = log if dist.is_main else (lambda *a, **k: None)
+        self.batch_size = config.batch_size
+        if self.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {self.batch_size} must be divisible by the "
+                              f"{dist.world_size} processes; choose a multiple of "
+                              f"{dist.world_size}")
+        self.local_batch = self.batch_size // dist.world_size
+        self.rows = dist.rows(self.batch_size)
+        n_train = len(dataset.train_x)
+        if n_train < self.batch_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
+                              f"training examples; lower --batch-size")
+        self.steps_per_epoch = n_train // self.batch_size  # full batches only: static shapes
+        self.train_x = dataset.train_x.to(device)
+        if config.binarize == "fixed" and pipeline.mode == "binarize":
+            self.train_x = pipeline.fixed(dataset.train_x, 0, split="train").to(device)
+            self.train_mode = "identity"
+        else:
+            self.train_mode = pipeline.mode
+        self.train_y = dataset.train_y.to(device) if config.conditional else None
+        self.test_y = dataset.test_y if config.conditional else None
+        self.training_objective = build_objective(config)
+        self.model.to(device)
+        self.objective = TrainingObjective(self.model, self.training_objective)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+        if config.compile:
+            check_compiler(device)
+            self.objective = torch.compile(self.objective)
+        self.optimizer = make_adam(self.model.parameters(), config.lr)
+        self.progress = Progress()
+        self.step_log: list[Tensor] = []  # (steps, len(STEP_COLUMNS)) per-step values
+        self.stop_signal: int | None = None
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
+        # On one CPU process every step's loss and gradients are checked as they come (it costs
+        # no device synchronisation); elsewhere losses are checked when they are logged.
+        self.check_each_step = device.type == "cpu" and not dist.enabled
+        self.last_pictures = -float("inf")  # time.monotonic() of the last samples/curves PNGs
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor, *,
+                   y: Tensor | None = None, beta: float | None = None) -> Tensor:
+        """One update; returns the detached row of the step log (see STEP_COLUMNS).
+
+        y: the batch's labels (conditional models); beta: the KL weight of this step (default:
+        the configured --beta).
+        """
+        beta = self.config.beta if beta is None else beta
+        x = self.pipeline.apply(raw, u) if self.train_mode != "identity" else raw.float()
+        with self.autocast():
+            terms = self.objective(x, y, eps)  # (B,), (B,), ... float32
+        objective, logged = self.training_objective.per_example(terms, beta, self._global_mean)
+        loss = -objective.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # A finite loss can still give non-finite gradients; caught here, before the update, so
+        # the message can say which term's gradient it was (a non-finite loss is reported by
+        # _check_finite, which names the term of the loss).
+        if self.check_each_step and bool(torch.isfinite(loss)) and not self._gradients_finite():
+            raise self._gradient_error(x, y, eps)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        # beta is filled on the device: a tensor built on the host and copied would make a GPU
+        # step wait for the copy. Columns the objective does not fill are 0.
+        reconstruction, kl, _ = terms
+        row = {"loss": loss.detach(), "reconstruction": reconstruction.detach().mean(),
+               "kl": kl.detach().mean(), "beta": loss.detach().new_full((), beta), **logged}
+        zero = torch.zeros((), device=x.device)
+        return torch.stack([row.get(name, zero) for name in STEP_COLUMNS])  # (len(STEP_COLUMNS),)
+
+    def _global_mean(self, values: Tensor) -> Tensor:
+        """The mean of a per-process value over all processes (equal shares of the batch)."""
+        return self.dist.all_reduce_sum(values) / self.dist.world_size
+
+    def autocast(self) -> torch.autocast:
+        """--precision bf16: the networks' matrix products in bfloat16 (VAE.encode and decode
+        hand float32 to the distributions); fp32: a disabled context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.precision == "bf16")
+
+    def _gradients_finite(self) -> bool:
+        # One multi-tensor norm (NaN and inf survive it) costs ~0.05 ms; isfinite on each
+        # gradient tensor cost ~1 ms a step, a quarter of the step on one CPU thread.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+
+    def _gradient_error(self, x: Tensor, y: Tensor | None, eps: Tensor) -> TrainingError:
+        """Name the term whose gradient is non-finite, by differentiating each term alone."""
+        bad = []
+        for name, pick in (("the reconstruction term", 0), ("the KL term", 1)):
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                term = self.objective(x, y, eps)[pick].mean()
+            term.backward()
+            if not self._gradients_finite():
+                bad.append(name)
+        self.optimizer.zero_grad(set_to_none=True)
+        what = " and ".join(bad) or "the loss"
+        return TrainingError(f"training stopped at step {self.progress.global_step + 1} (epoch "
+                             f"{self.progress.epoch + 1}): the gradient of {what} became "
+                             f"non-finite although the loss was finite; {self._saved_note()}. Try "
+                             f"--grad-clip 1.0, a lower --lr (now {self.config.lr:g})"
+                             f"{self._scale_advice()}")
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The learning rate of a (0-based) epoch: --lr decayed by --lr-decay per epoch."""
+        return self.config.lr * self.config.lr_decay ** epoch
+
+    def fit(self, time_limit: float | None) -> str:
+        """Train until the configured epochs (or the time limit); returns why it stopped."""
+        config = self.config
+        started = time.monotonic()
+        last_checkpoint = time.monotonic()
+        shape = self.dataset.shape
+        n_train = len(self.train_x)
+        while self.progress.epoch < config.epochs:
+            epoch = self.progress.epoch
+            for group in self.optimizer.param_groups:  # a function of the epoch: resumes exactly
+                group["lr"] = self.epoch_lr(epoch)
+            order = epoch_permutation(n_train, config.seed, epoch, self.device)
+            epoch_log = torch.zeros(self.steps_per_epoch - self.progress.step_in_epoch,
+                                    len(STEP_COLUMNS), device=self.device)
+            logged = 0
+            bar = self._progress_bar(epoch)
+            epoch_started = shown = time.monotonic()
+            stop_reason = None
+            for b in range(self.progress.step_in_epoch, self.steps_per_epoch):
+                offset = b * self.batch_size
+                index = order[offset + self.rows.start: offset + self.rows.stop]
+                raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                y = None if self.train_y is None else self.train_y.index_select(0, index)
+                noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
+                                  self.rows, self.device)
+                u = noise.uniform(shape) if self.train_mode in ("binarize", "dequantize") else None
+                # (B_local, D), or (B_local, k, D) for k samples per example
+                eps = noise.normal(*self.training_objective.noise_shape(self.model.latent_dim))
+                beta = self.training_objective.beta(self.progress.global_step
+                                                    / self.steps_per_epoch)
+                epoch_log[logged] = self.train_step(raw, u, eps, y=y, beta=beta)
+                logged += 1
+                self.progress.step_in_epoch += 1
+                self.progress.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.check_each_step:
+                    self._check_finite(epoch_log[logged - 1:logged], self.progress.global_step - 1)
+                step_due = (config.checkpoint_every_steps is not None
+                            and self.progress.global_step % config.checkpoint_every_steps == 0)
+                if self.dist.enabled and self.progress.global_step % SYNC_EVERY and not step_due:
+                    continue  # processes agree on stops every SYNC_EVERY steps, not every step
+                interrupted, out_of_time, due = self.dist.any_of(
+                    [self.stop_signal is not None,
+                     time_limit is not None and time.monotonic() - started >= time_limit,
+                     step_due
+                     or (config.checkpoint_every_minutes is not None  # None: no timed saves
+                         and (time.monotonic() - last_checkpoint) / 60
+                         >= config.checkpoint_every_minutes)], self.device)
+                stop_reason = "signal" if interrupted else "time" if out_of_time else None
+                if (due or interrupted) and self.progress.step_in_epoch < self.steps_per_epoch:
+                    self._record_steps(epoch_log[:logged], epoch_started)
+                    epoch_log, logged = epoch_log[logged:], 0
+                    epoch_started = time.monotonic()
+                    self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+                if stop_reason is not None:
+                    break
+                if bar is not None and time.monotonic() - shown > 0.5:
+                    self._show(bar, epoch_log[:logged])
+                    shown = time.monotonic()
+            if bar is not None:
+                bar.close()
+            self._record_steps(epoch_log[:logged], epoch_started)
+            if self.progress.step_in_epoch == self.steps_per_epoch:
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+                self.end_of_epoch(complete=True)
+                last_checkpoint = time.monotonic()
+            elif stop_reason == "time":
+                self.end_of_epoch(complete=False)
+            if stop_reason == "time":
+                return "time"
+            if stop_reason == "signal" and self.progress.epoch < config.epochs:
+                raise self._interrupted()  # (on the very last step the run is simply done)
+        return "done"
+
+    def _progress_bar(self, epoch: int):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch,
+                    desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False,
+                    dynamic_ncols=True, mininterval=0.25, file=sys.stderr)
+
+    def _show(self, bar, rows: Tensor) -> None:
+        if len(rows):
+            recent = step_columns(rows[-50:].mean(0))
+            rec, kl, beta = recent["reconstruction"], recent["kl"], recent["beta"]
+            rec += self.pipeline.log_jacobian
+            weight = f"  beta {beta:.3g}" if self.config.kl_schedule != "constant" else ""
+            bar.set_postfix_str(f"ELBO {rec - kl:.2f}  rec {rec:.2f}  KL {kl:.2f}{weight}",
+                                refresh=False)
+
+    def _record_steps(self, rows: Tensor, started: float) -> None:
+        """Keep the per-step log and the training time of the steps just taken."""
+        if len(rows):
+            rows = self.dist.mean_over_processes(rows, self.local_batch)  # (steps, columns) global
+            if not self.check_each_step:
+                self._check_finite(rows, self.progress.global_step - len(rows))
+            self.step_log.append(rows.detach().cpu())
+        self.progress.train_seconds += time.monotonic() - started
+
+    def _check_finite(self, rows: Tensor, first_step: int) -> None:
+        finite = torch.isfinite(rows)  # (steps, len(STEP_COLUMNS))
+        if bool(finite.all()):
+            return
+        bad = int((~finite.all(1)).nonzero()[0])
+        ok = step_columns(finite[bad])
+        rec_ok, kl_ok = ok["reconstruction"], ok["kl"]
+        term = {(True, False): "the KL term", (False, True): "the reconstruction term",
+                (False, False): "both terms (reconstruction and KL)",
+                (True, True): "the loss (its two terms are finite)"}[(rec_ok, kl_ok)]
+        raise TrainingError(f"training stopped at step {first_step + bad + 1} (epoch "
+                            f"{self.progress.epoch + 1}): {term} became non-finite; "
+                            f"{self._saved_note()}. Try a lower --lr (now {self.config.lr:g}), "
+                            f"--grad-clip 1.0{self._scale_advice()}")
+
+    def _scale_advice(self) -> str:
+        if self.config.likelihood != "gaussian":
+            return ""
+        if self.config.gaussian_scale is None:
+            return " or a fixed --gaussian-scale (such as 0.1)"
+        return f" or a larger --gaussian-scale (now {self.config.gaussian_scale:g})"
+
+    def _interrupted(self) -> Interrupted:
+        name = signal.Signals(self.stop_signal).name
+        return Interrupted(f"{name} received: saved the run at step {self.progress.global_step} "
+                           f"(epoch {self.progress.epoch + 1}); continue it with: vaekit train "
+                           f"--resume {self.run_dir}", 128 + self.stop_signal)
+
+    def evaluate(self) -> dict:
+        """Test-set ELBO and its terms (nats per example, in the data's own units); the IWAE
+        bound for iwae runs; bits per dimension where the model scores 8-bit images. For a
+        conditional model these bound log p(x | y)."""
+        self.model.eval()
+        started = time.monotonic()
+        terms = elbo_per_example(self.model, self.dataset.test_x, self.pipeline,
+                                 seed=self.config.split_seed, device=self.device, dist=self.dist,
+                                 labels=self.test_y)
+        record = self.training_objective.test_record(
+            lambda samples: iwae_per_example(self.model, self.dataset.test_x, self.pipeline,
+                                             samples, seed=self.config.split_seed,
+                                             device=self.device, dist=self.dist,
+                                             labels=self.test_y))
+        record = {name: value + self.pipeline.log_jacobian for name, value in record.items()}
+        self.model.train()
+        reconstruction = terms[:, 0].mean().item() + self.pipeline.log_jacobian
+        kl = terms[:, 1].mean().item()
+        record = {"test_elbo": reconstruction - kl, "test_reconstruction": reconstruction,
+                  "test_kl": kl, **record}
+        if self.pipeline.mode in ("levels", "dequantize"):  # log-probabilities of 8-bit images
+            dims = math.prod(self.dataset.shape)
+            best = record.get("test_iwae", record["test_elbo"])
+            record["test_bits_per_dim"] = bits_per_dim(best, dims)
+        record["eval_seconds"] = time.monotonic() - started
+        return record
+
+    def end_of_epoch(self, complete: bool) -> None:
+        steps = self.step_history()
+        epoch_steps = steps[len(steps) - (self.progress.global_step - self._epoch_first_step()):]
+        record = {"epoch": self.progress.epoch if complete else self.progress.epoch + 1,
+                  "step": self.progress.global_step, "complete": complete}
+        if len(epoch_steps):
+            means = step_columns(epoch_steps.double().mean(0))
+            rec = means["reconstruction"] + self.pipeline.log_jacobian
+            record.update(train_elbo=rec - means["kl"], train_reconstruction=rec,
+                          train_kl=means["kl"],
+                          train_objective=-means["loss"] + self.pipeline.log_jacobian)
+            record.update(self.training_objective.epoch_record(
+                means, step_columns(epoch_steps[-1])))
+        record.update(self.evaluate())
+        seconds = self._epoch_seconds
+        record.update(train_seconds=seconds, images_per_second=(
+            len(epoch_steps) * self.batch_size / seconds if seconds > 0 else None),
+            objective=self.config.objective,
+            lr=self.epoch_lr(self.progress.epoch - 1 if complete else self.progress.epoch))
+        if self.progress.inexact_resume:
+            record["inexact_resume"] = True
+        self.progress.metrics.append(record)
+        self.save_checkpoint()
+        final = not complete or self.progress.epoch >= self.config.epochs
+        with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
+            if self.dist.is_main and (final or
+                                      time.monotonic() - self.last_pictures >= PICTURE_EVERY):
+                with writing("could not write the run's images", self.run_dir,
+                             f"{self._saved_note()}, free space and resume with vaekit train "
+                             f"--resume {self.run_dir}"):
+                    self.write_outputs()  # rendering costs ~40 ms: not every short epoch
+                self.last_pictures = time.monotonic()
+        if self.dist.is_main:
+            test = f"test ELBO {record['test_elbo']:.2f} (rec {record['test_reconstruction']:.2f}," \
+                   f" KL {record['test_kl']:.2f})"
+            train = f"train ELBO {record['train_elbo']:.2f}  " if "train_elbo" in record else ""
+            speed = f"  {record['images_per_second']:,.0f} img/s" \
+                if record["images_per_second"] else ""
+            label = f"epoch {record['epoch']}/{self.config.epochs}" + ("" if complete else
+                                                                      " (partial)")
+            self.log(f"{label}  {train}{test}{speed}")
+
+    def _epoch_first_step(self) -> int:
+        done = self.progress.step_in_epoch or self.steps_per_epoch
+        return self.progress.global_step - done
+
+    @property
+    def _epoch_seconds(self) -> float:
+        before = sum(m.get("train_seconds") or 0.0 for m in self.progress.metrics)
+        return max(self.progress.train_seconds - before, 0.0)
+
+    def write_outputs(self) -> None:
+        """samples.png, reconstructions.png and curves.png for the current weights."""
+        from .viz import (class_rows_image, curves_image, examples_image, reconstruction_image,
+                          save_png)
+
+        n = self.config.num_samples
+        names = self.dataset.label_names if self.config.conditional else None
+        self.model.eval()
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, "samples"))
+            if names:  # one row per class, about n images in all
+                per_class = max(1, round(n / len(names)))
+                y = torch.arange(len(names), device=self.device).repeat_interleave(per_class)
+            else:
+                y = None
+            z = self.model.prior.sample((n if y is None else len(y),)).to(self.device)  # (n, D)
+            samples = self.pipeline.display(self.model.decode(z, y).mean)
+            raw = self.dataset.test_x[:n].to(self.device)
+            y_test = None if self.test_y is None else self.test_y[:n].to(self.device)
+            x = self.pipeline.fixed(raw, 0)
+            originals = self.pipeline.display(x)  # what the model encodes
+            reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
+        self.model.train()
+        image = class_rows_image(samples, names) if names else examples_image(samples)
+        save_png(image, self.run_dir / "samples.png")
+        save_png(reconstruction_image(originals, reconstructions),
+                 self.run_dir / "reconstructions.png")
+        save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
+
+
+def make_adam(parameters, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where PyTorch has one (one pass over the weights instead of
+    about ten: 6x faster than the default on CPU for the 784-400-20 VAE)."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # an older PyTorch or a device without the fused kernel
+        return torch.optim.Adam(parameters, lr=lr)
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile generates C++ for CPU code: say so up front instead of failing mid-step."""
+    if device.type == "cpu" and not any(shutil.which(name) for name in (
+            os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise ConfigError("--compile on CPU needs a C++ compiler (g++ or clang++; set CXX to "
+                          "its path), and none was found: install one or drop --compile")
