@@ -34,3 +34,10 @@ def test_both_gradient_estimators_are_unbiased_and_reparameterisation_has_less_v
         assert by["score-function", count].variance > 3 * by["reparameterisation", count].variance
     # variance falls with the sample count
     assert by["reparameterisation", 10].variance < by["reparameterisation", 1].variance / 3
+
+
+def test_the_old_import_path_from_estimate_keeps_working():
+    import vaekit.estimate as estimate
+
+    assert estimate.gradient_variance is gradient_variance
+    assert estimate.elbo_gradient is elbo_gradient

@@ -240,3 +240,11 @@ def test_single_image_is_the_example_at_its_own_size():
     assert grey.mode == "L" and np.asarray(grey).tolist() == [[0, 128], [255, 255]]
     colour = single_image(torch.rand(3, 4, 6))
     assert colour.mode == "RGB" and colour.size == (6, 4)
+
+
+def test_the_old_import_path_from_viz_keeps_working():
+    import vaekit.viz as viz
+
+    assert viz.LatentSpace is LatentSpace and viz.interpolation_path is interpolation_path
+    with pytest.raises(AttributeError):
+        viz.no_such_name  # noqa: B018

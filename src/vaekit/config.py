@@ -18,6 +18,8 @@ from typing import Any, Optional
 from .errors import ConfigError
 from .names import (
     ACTIVATIONS,
+    FACTORISED_POSTERIORS,
+    FACTORISED_PRIORS,
     KL_SCHEDULES,
     LIKELIHOODS,
     NETS,
@@ -25,6 +27,7 @@ from .names import (
     POSTERIORS,
     PRIORS,
     posterior_problem,
+    resolve_posterior,
 )
 
 CONFIG_FORMAT = "vaekit-config/1"
@@ -223,12 +226,17 @@ class TrainConfig:
         problem = posterior_problem(self.posterior, self.prior)
         if problem:
             raise ConfigError(problem)
-        if self.free_bits is not None and self.prior not in ("normal", "uniform") \
-                and self.free_bits_group_size < self.latent_dim:
-            raise ConfigError(f"--free-bits per group needs a --prior that factorises over "
-                              f"dimensions (normal, uniform), not {self.prior}; use "
-                              f"--free-bits-group-size {self.latent_dim} (at least --latent-dim: "
-                              "one floor on the whole KL)")
+        if self.free_bits is not None and self.free_bits_group_size < self.latent_dim:
+            # the KL splits over dimensions only when prior and posterior both factorise
+            posterior = resolve_posterior(self.posterior, self.prior)
+            for option, value, factorised in (("prior", self.prior, FACTORISED_PRIORS),
+                                              ("posterior", posterior, FACTORISED_POSTERIORS)):
+                if value not in factorised:
+                    raise ConfigError(
+                        f"--free-bits per group needs a --{option} that factorises over "
+                        f"dimensions ({', '.join(factorised)}), not {value}; use "
+                        f"--free-bits-group-size {self.latent_dim} (at least --latent-dim: one "
+                        "floor on the whole KL)")
         return self
 
     def with_presets(self) -> "TrainConfig":

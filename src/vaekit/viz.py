@@ -19,6 +19,18 @@ from .plot import Chart, font
 if TYPE_CHECKING:  # what the latent-space pictures draw
     from .latent_space import Embedding, Interpolation, Manifold, Traversal
 
+# LatentSpace and what it computes moved to latent_space.py; their old import path keeps working
+MOVED_TO_LATENT_SPACE = ("LatentSpace", "interpolation_path", "UNUSED_KL", "Interpolation",
+                         "Traversal", "Manifold", "Embedding")
+
+
+def __getattr__(name: str):
+    if name in MOVED_TO_LATENT_SPACE:
+        from . import latent_space
+
+        return getattr(latent_space, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 MIN_CELL = 56  # pixels: small images (8x8 digits) are enlarged to at least this, without blur
 
 

@@ -17,6 +17,7 @@ each do one job:
     evaluation   evaluate (a split) and evaluate_run (what `vaekit evaluate` computes)
 """
 
+from ..device import flush_denormals  # where it lived before device.py
 from .bounds import elbo_per_example, iwae_per_example, kl_per_dimension
 from .chunks import (
     CHUNK_ELEMENTS,
@@ -49,5 +50,15 @@ __all__ = [
     "decode_samples", "decoded_elements_per_sample", "discrete_likelihood", "elbo_per_example",
     "evaluate", "evaluate_batch", "evaluate_run", "examples_per_chunk", "importance_blocks",
     "iwae_per_example", "kl_per_dimension", "log_likelihood", "log_mean_exp", "log_weights",
-    "map_examples", "noise_chunks", "prior_blocks", "sample_block",
+    "map_examples", "noise_chunks", "prior_blocks", "sample_block", "flush_denormals",
 ]
+
+
+def __getattr__(name: str):
+    # The gradient-variance demonstration moved to gradients.py (beside report.py, its user);
+    # its old import path keeps working. Imported on use: gradients.py imports this package.
+    if name in ("GradientVariance", "elbo_gradient", "gradient_variance"):
+        from .. import gradients
+
+        return getattr(gradients, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
