@@ -31,9 +31,6 @@ from .names import (
 )
 
 CONFIG_FORMAT = "vaekit-config/1"
-# Keys added to the format after runs were written without them, with the value those runs
-# meant (what they computed): --posterior auto is the family each prior always used.
-ADDED_KEYS = {"posterior": "auto"}
 
 # Fields a resumed run may change: they alter how long or where it runs, never what it computes.
 RESUMABLE_OVERRIDES = (
@@ -52,6 +49,9 @@ DATASET_PRESETS = {
     "mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
     "fashion-mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
 }
+# Keys added to config.json after its format was first released: a config.json written
+# before them lacks them and takes these values, which is what those runs did.
+LATER_KEYS = {"posterior": "auto"}  # auto: the posterior family each prior always used
 GENERIC_PRESET = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "lr_decay": 1.0}
 
 
@@ -258,8 +258,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where} has unknown key {unknown[0]!r}: valid keys are "
                               f"{', '.join(names)}")
-        # keys added since the format began: a run written before one existed meant its default
-        values = {**{k: v for k, v in ADDED_KEYS.items() if k not in values}, **values}
+        values = {**{k: v for k, v in LATER_KEYS.items() if k not in values}, **values}
         missing = [n for n in names if n not in values]
         if missing:
             raise ConfigError(f"{where} lacks key {missing[0]!r}: it was written by another "
