@@ -42,11 +42,15 @@ from .model import VAE, build_vae
 from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
 from .randomness import StepNoise, derive_seed, epoch_permutation
 from .runs import (
+    STATE_FORMAT,
     STEP_LOG_COLUMNS,
     RunLock,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_step_log_length,
+    check_train_state,
+    describe_filled_options,
     describe_os_error,
     latest_checkpoint,
     list_checkpoints,
@@ -60,10 +64,10 @@ from .runs import (
     run_document,
     tensors_from_file,
     tensors_to_bytes,
+    upgrade_step_log,
     write_checkpoint,
 )
 
-STATE_FORMAT = "vaekit-train-state/1"
 SYNC_EVERY = 20  # steps between cross-process agreements (stop, checkpoint) when distributed
 PICTURE_EVERY = 10.0  # seconds between refreshes of samples.png, reconstructions.png, curves.png
 
@@ -239,6 +243,12 @@ class Trainer:
             state = json.loads((folder / "state.json").read_text())
             optimizer_tensors = tensors_from_file(folder / "optimizer.safetensors")
             step_log = optimizer_tensors.pop("step_log")
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise RunError(f"{folder}: training state is unreadable ({exc!r}); resume from an "
+                           "earlier checkpoint or retrain") from None
+        step_log = upgrade_step_log(step_log, self.config.beta, folder)
+        state = check_train_state(state, folder)
+        try:
             optimizer_from_files(self.optimizer, optimizer_tensors, state["optimizer"])
             progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"],
                                 state["train_seconds"], state["metrics"],
@@ -253,12 +263,13 @@ class Trainer:
                                "--inexact-resume to continue anyway (recorded in the run)")
             self.log(f"warning: {problem}; continuing inexactly as asked (--inexact-resume)")
             progress.inexact_resume = True
+        check_step_log_length(step_log, progress.global_step, folder)
         if state.get("batch_size") != self.batch_size:
             raise RunError(f"{folder}: saved with batch size {state.get('batch_size')}, now "
                            f"{self.batch_size}; resume with the run's own config")
         progress.metrics = [m for m in progress.metrics if m.get("complete", True)]
         self.progress = progress
-        self.step_log = [step_log.to(torch.float32)]
+        self.step_log = [step_log]
         self.saved_step = progress.global_step
 
     def _check_randomness_state(self, state: dict, progress: Progress) -> str | None:
@@ -680,6 +691,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if resume is not None:
         run_dir = Path(resume)
         document = read_run_document(run_dir)
+        if describe_filled_options(document):
+            log(describe_filled_options(document))
         config = document["config"]
         changed = {k: v for k, v in overrides.items() if getattr(config, k) != v}
         frozen = sorted(set(changed) - set(RESUMABLE_OVERRIDES))
