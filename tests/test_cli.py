@@ -182,3 +182,48 @@ def test_conditional_runs_are_evaluated_and_refused_by_latent_steering(vaekit_cl
         result = vaekit_cli(command, run)
         assert result.returncode == 2 and "is conditional" in result.stderr, command
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prefixes_of_options_are_refused_with_a_suggestion(tmp_path, capsys):
+    """--epoch must not silently mean --epochs; a misspelt option gets the closest real one."""
+    import pytest
+
+    from vaekit.cli import build_parser
+
+    parser = build_parser()
+    for argv, suggestion in ((["train", "--epoch", "3"], "did you mean --epochs?"),
+                             (["train", "--latent", "3"], "did you mean --latent-dim?"),
+                             (["train", "--lr-decy=0.9"], "did you mean --lr-decay?"),
+                             (["sample", str(tmp_path), "--seeds", "3"], "did you mean --seed?"),
+                             (["sample", str(tmp_path), "--zzz", "3"], None)):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert (suggestion in error) if suggestion else ("did you mean" not in error)
+    # the messages, through the real command
+    from conftest import run_vaekit
+
+    result = run_vaekit("train", "--epoch", "3", "--out", tmp_path / "run")
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.strip().splitlines() == [
+        "vaekit: error: unrecognized arguments: --epoch 3; did you mean --epochs? (see vaekit "
+        "--help)"]
+    result = run_vaekit("sample", tmp_path, "--zzz", "3")
+    assert result.returncode == 2 and "did you mean" not in result.stderr
+
+
+def test_class_labels_match_without_case():
+    import pytest
+
+    from vaekit.cli import resolve_label
+    from vaekit.errors import VaekitError
+
+    names = ["Sandal", "shirt", "Bag", "bag2"]
+    assert resolve_label("sandal", names) == 0 and resolve_label("SHIRT", names) == 1
+    assert resolve_label("Bag", names) == 2 and resolve_label("3", names) == 3
+    with pytest.raises(VaekitError, match="not a class of this run"):
+        resolve_label("boot", names)
+    assert resolve_label("a", ["a", "A"]) == 0  # exact match first
+    with pytest.raises(VaekitError):
+        resolve_label("b", ["B", "b "] + ["B"])  # two names fold to "b": ambiguous, refused

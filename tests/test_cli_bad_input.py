@@ -305,7 +305,7 @@ def _(folder, runs):
     return ["sample", run]
 
 
-@case("config-unknown-key", "unknown key 'colour'", "valid keys are")
+@case("config-unknown-key", "option 'colour', unknown to vaekit", "remove the key")
 def _(folder, runs):
     run = copy_run(runs, "mlp", folder)
     edit_config(run, lambda d: d["config"].update(colour="blue"))
@@ -347,7 +347,7 @@ def _(folder, runs):
     return ["sample", run]
 
 
-@case("config-other-format", "is not 'vaekit-run/1'", "vaekit version that wrote it")
+@case("config-other-format", "vaekit-run/9, a newer format", "upgrade vaekit")
 def _(folder, runs):
     run = copy_run(runs, "mlp", folder)
     edit_config(run, lambda d: d.update(format="vaekit-run/9"))

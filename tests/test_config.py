@@ -54,9 +54,12 @@ def test_posterior_is_checked_against_the_prior_in_one_line():
 
 
 def test_a_run_written_before_posterior_existed_loads_with_the_family_it_used():
+    from vaekit import __version__
+
     values = TrainConfig(prior="uniform").to_dict()
     del values["posterior"]
-    assert TrainConfig.from_dict(values).posterior == "auto"
+    config, filled = TrainConfig.from_stored(values, where="config.json", written_by=__version__)
+    assert config.posterior == "auto" and filled == {"posterior": "auto"}
 
 
 def test_from_dict_is_strict():

@@ -114,7 +114,7 @@ def test_load_run_errors(tiny_run, tmp_path):
     document["config"]["latent_dim"] = 4
     document["config"]["mystery"] = 1
     (run / "config.json").write_text(json.dumps(document))
-    with pytest.raises(ConfigError, match="unknown key 'mystery'"):
+    with pytest.raises(ConfigError, match="'mystery', unknown to vaekit"):
         load_run(run)
 
     run = copy_run(tiny_run, tmp_path / "r4")

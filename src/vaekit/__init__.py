@@ -10,7 +10,7 @@ Names are imported on first use, so `vaekit --help` starts without loading torch
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 _EXPORTS = {
     "VAE": "model", "ModelConfig": "model", "build_vae": "model",

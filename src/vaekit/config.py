@@ -30,7 +30,32 @@ from .names import (
     resolve_posterior,
 )
 
+# The format of a run's config.json. It changes only when runs written under it can no longer
+# be read; options added within a format are listed in ADDED_OPTIONS, so older runs keep loading.
 CONFIG_FORMAT = "vaekit-config/1"
+
+# Options added to vaekit-config/1 since its first release, each with the value that reproduces
+# what a run written before the option existed computed (not today's default where they differ:
+# runs before --lr-decay used a constant learning rate). A config.json lacking one of these keys
+# is read with this value, and the loaded run records which keys were filled. A value may be a
+# function of the other options (for options whose old behaviour depended on them).
+ADDED_OPTIONS: dict[str, Any] = {
+    # the model family (mixture/vamp priors, discretised likelihoods, conditional VAE, IWAE,
+    # KL schedules, free bits)
+    "prior_components": None, "likelihood_components": None, "conditional": False,
+    "objective": "elbo", "iwae_samples": 5, "kl_schedule": "constant", "kl_warmup_epochs": 10.0,
+    "kl_cycle_epochs": 10.0, "kl_cycle_ratio": 0.5, "free_bits": None, "free_bits_group_size": 1,
+    # --lr-decay
+    "lr_decay": 1.0,
+    # --precision and --compile
+    "precision": "fp32", "compile": False,
+    # --posterior (auto: the family each prior always used)
+    "posterior": "auto",
+}
+
+# Options whose default (None) means "the dataset's preset": config.json stores the value the
+# preset resolved to, so null there is damage, not a choice.
+PRESET_OPTIONS = ("epochs", "batch_size", "lr", "lr_decay")
 
 # Fields a resumed run may change: they alter how long or where it runs, never what it computes.
 RESUMABLE_OVERRIDES = (
@@ -49,9 +74,6 @@ DATASET_PRESETS = {
     "mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
     "fashion-mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
 }
-# Keys added to config.json after its format was first released: a config.json written
-# before them lacks them and takes these values, which is what those runs did.
-LATER_KEYS = {"posterior": "auto"}  # auto: the posterior family each prior always used
 GENERIC_PRESET = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "lr_decay": 1.0}
 
 
@@ -249,6 +271,40 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
+    def from_stored(cls, values: dict, *, where: str, written_by: str) -> tuple["TrainConfig",
+                                                                              dict]:
+        """Read the options of a run's config.json, written by vaekit `written_by`.
+
+        Keys of options added since (ADDED_OPTIONS) take the value that reproduces the older
+        run; they are returned as the second item ({name: value filled in}). A key this vaekit
+        does not know comes from a newer vaekit: one line naming the version that wrote it.
+        """
+        from . import __version__
+
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a JSON object of options")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            newer = (f"vaekit {written_by}, a newer vaekit than this one ({__version__})"
+                     if written_by != __version__ else
+                     f"a build of vaekit {written_by} with options this one lacks")
+            raise ConfigError(f"{where} has option {unknown[0]!r}, unknown to vaekit "
+                              f"{__version__}: the run was written by {newer} (or the file was "
+                              "edited); upgrade vaekit (pip install -U vaekit) to use this run, or remove the "
+                              "key if it was added by hand")
+        filled = {}
+        for name, value in ADDED_OPTIONS.items():
+            if name not in values:
+                filled[name] = value(values) if callable(value) else value
+        nulls = [name for name in PRESET_OPTIONS if values.get(name, filled.get(name)) is None]
+        if nulls:
+            raise ConfigError(f"{where}: {nulls[0]!r} is null, but a run's config.json holds the "
+                              "value training used; restore the run's original config.json or "
+                              f"set {nulls[0]!r} to that number")
+        return cls.from_dict({**values, **filled}, where=where), filled
+
+    @classmethod
     def from_dict(cls, values: dict, *, where: str = "config") -> "TrainConfig":
         """Strict inverse of `to_dict`: unknown, missing or mistyped keys are errors."""
         if not isinstance(values, dict):
@@ -258,7 +314,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where} has unknown key {unknown[0]!r}: valid keys are "
                               f"{', '.join(names)}")
-        values = {**{k: v for k, v in LATER_KEYS.items() if k not in values}, **values}
         missing = [n for n in names if n not in values]
         if missing:
             raise ConfigError(f"{where} lacks key {missing[0]!r}: it was written by another "

@@ -24,10 +24,11 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -356,6 +357,82 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     return removed
 
 
+# Step logs of earlier versions, by their column count: the columns they have, and the value of
+# each later column that reproduces them (3 columns: before KL schedules and free bits, so beta
+# was the configured --beta at every step and no group was at a floor).
+EARLIER_STEP_LOGS = {3: ("loss", "reconstruction", "kl")}
+
+
+def upgrade_step_log(step_log: Tensor, beta: float, where: Path) -> Tensor:
+    """A checkpoint's step log with today's STEP_LOG_COLUMNS; older layouts are migrated."""
+    if step_log.dim() != 2 or not step_log.dtype.is_floating_point:
+        raise RunError(f"{where}: the step log is not a (steps, columns) float table; resume from "
+                       "an earlier checkpoint or retrain")
+    columns = step_log.shape[1]
+    if columns == len(STEP_LOG_COLUMNS):
+        return step_log.to(torch.float32)
+    if columns not in EARLIER_STEP_LOGS:
+        raise RunError(f"{where}: the step log has {columns} columns, not the "
+                       f"{len(STEP_LOG_COLUMNS)} of this vaekit ({', '.join(STEP_LOG_COLUMNS)}); "
+                       "the checkpoint was written by a newer vaekit: upgrade vaekit to resume it")
+    fill = {"beta": beta, "kl_groups_at_floor": 0.0}
+    present = EARLIER_STEP_LOGS[columns]
+    steps = step_log.shape[0]
+    upgraded = [step_log[:, present.index(name)] if name in present
+                else step_log.new_full((steps,), fill[name]) for name in STEP_LOG_COLUMNS]
+    return torch.stack(upgraded, dim=1).to(torch.float32)  # (steps, len(STEP_LOG_COLUMNS))
+
+
+STATE_FORMAT = "vaekit-train-state/1"
+# The keys of a checkpoint's state.json and their types (bool is never an int here).
+# (The random state, data_order and noise, is checked by the trainer, which can be told to go on
+# without it: --inexact-resume.)
+STATE_KEYS = {"format": str, "seed": int, "epoch": int, "step_in_epoch": int,
+              "global_step": int, "batch_size": int, "world_size": int,
+              "train_seconds": (int, float), "metrics": list, "optimizer": dict}
+
+
+def check_train_state(state, where: Path) -> dict:
+    """The checked content of a checkpoint's state.json (it passed its manifest, but a manifest
+    says only that the file is the one written, not that what was written makes sense)."""
+    def bad(what: str) -> RunError:
+        return RunError(f"{where}: {what}; resume from an earlier checkpoint or retrain")
+
+    if not isinstance(state, dict):
+        raise bad("state.json is not a JSON object")
+    for key, kind in STATE_KEYS.items():
+        if key not in state:
+            raise bad(f"state.json lacks {key!r}")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise bad(f"state.json: {key!r} has the wrong type ({type(state[key]).__name__})")
+    if state["format"] != STATE_FORMAT:
+        raise bad(f"state.json format {state['format']!r} is not {STATE_FORMAT!r} (a newer vaekit "
+                  "wrote it? then upgrade vaekit)")
+    counters = ("epoch", "step_in_epoch", "global_step", "batch_size", "world_size")
+    negative = [k for k in counters if state[k] < 0 or (k in ("batch_size", "world_size")
+                                                         and state[k] == 0)]
+    if negative:
+        raise bad(f"state.json: {negative[0]!r} is {state[negative[0]]}, not a count")
+    if not math.isfinite(state["train_seconds"]) or state["train_seconds"] < 0:
+        raise bad("state.json: 'train_seconds' is not a non-negative number")
+    if not all(isinstance(m, dict) for m in state["metrics"]) \
+            or len(state["metrics"]) > state["epoch"] + 1:
+        raise bad("state.json: 'metrics' are not one record per epoch")
+    if not isinstance(state.get("inexact_resume", False), bool):
+        raise bad("state.json: 'inexact_resume' is not true or false")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("scalars", {}), dict):
+        raise bad("state.json: 'optimizer' lacks its param_groups")
+    return state
+
+
+def check_step_log_length(step_log: Tensor, global_step: int, where: Path) -> None:
+    if len(step_log) != global_step:
+        raise RunError(f"{where}: the step log holds {len(step_log)} steps but state.json counts "
+                       f"{global_step}; resume from an earlier checkpoint or retrain")
+
+
 def load_step_log(checkpoint: Path) -> Tensor:
     """The per-step training log kept in a checkpoint: (steps, len(STEP_LOG_COLUMNS)) float32.
 
@@ -420,7 +497,45 @@ def _check_section(section, keys: dict, where: str) -> dict:
     return section
 
 
+def _format_number(value, name: str) -> int | None:
+    """N of 'vaekit-run/N' (or of another format name); None if it is not of that form."""
+    if not isinstance(value, str) or not value.startswith(f"vaekit-{name}/"):
+        return None
+    number = value.rpartition("/")[2]
+    return int(number) if number.isdigit() and len(number) < 6 else None
+
+
+def _check_format(value, current: str, key: str, document: dict, path: Path) -> None:
+    """Refuse a run of a newer format (naming the version that wrote it) or a damaged one."""
+    kind = current.split("/")[0].removeprefix("vaekit-")
+    number, readable = _format_number(value, kind), int(current.rpartition("/")[2])
+    if number is None:
+        raise ConfigError(f"{path}: {key} {value!r} is not a vaekit run format; restore the run's "
+                          "original config.json")
+    if number > readable:
+        from . import __version__
+
+        writer = document.get("vaekit_version")
+        writer = f"vaekit {writer}" if isinstance(writer, str) else "a newer vaekit"
+        raise ConfigError(f"{path}: written by {writer} in {value}, a newer format than vaekit "
+                          f"{__version__} reads ({current}); upgrade vaekit (pip install -U "
+                          "vaekit) to use this run")
+
+
+def describe_filled_options(document: dict) -> str | None:
+    """The line that says which options an older run's config.json lacked, or None."""
+    filled = document["filled_options"]
+    if not filled:
+        return None
+    shown = ", ".join(f"{name}={json.dumps(value)}" for name, value in filled.items())
+    return (f"note: {document['config'].out or 'the run'} was written by vaekit "
+            f"{document['vaekit_version']} before {len(filled)} option(s) existed; read with the "
+            f"values that reproduce it: {shown}")
+
+
 def read_run_document(run_dir: Path) -> dict:
+    """config.json of a run, checked; older runs of this format are read with the values their
+    version implies (document["filled_options"] lists them: see config.ADDED_OPTIONS)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder; give the folder `vaekit train` wrote "
@@ -435,17 +550,18 @@ def read_run_document(run_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({exc}); restore the run's original "
                           "config.json") from None
     where = str(path)
+    if isinstance(document, dict):  # the format first: a newer layout may not fit the checks
+        _check_format(document.get("format"), RUN_FORMAT, "format", document, path)
+        _check_format(document.get("config_format"), CONFIG_FORMAT, "config_format", document,
+                      path)
     _check_section(document, {"format": str, "config_format": str, "vaekit_version": str,
                               "config": dict, "data": dict, "pipeline": dict}, where)
-    if document["format"] != RUN_FORMAT:
-        raise ConfigError(f"{path}: format {document['format']!r} is not {RUN_FORMAT!r}; this run "
-                          "was written by an incompatible vaekit; use the vaekit version that "
-                          "wrote it")
     try:
-        document["config"] = TrainConfig.from_dict(document["config"], where=f"{where} config")
+        document["config"], document["filled_options"] = TrainConfig.from_stored(
+            document["config"], where=f"{where} config", written_by=document["vaekit_version"])
     except ConfigError as exc:
         message = str(exc) if where in str(exc) else f"{where}: {exc}"
-        if "restore" not in message:
+        if "restore" not in message and "upgrade vaekit" not in message:
             message += "; correct it or restore the run's original config.json"
         raise ConfigError(message) from None
     data = _check_section(document["data"], DATA_KEYS, f"{where} data")
@@ -472,6 +588,9 @@ class Run:
     data: dict  # facts about the training data (name, shape, sizes, labels, fingerprint)
     pipeline: Pipeline
     model: VAE
+    # options config.json lacked (written by an older vaekit), with the values they were read
+    # with: what that version computed (config.ADDED_OPTIONS)
+    filled_options: dict = field(default_factory=dict)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -539,7 +658,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
             raise RunError(f"{path}: does not hold the mean and std of shape {shape}; restore it "
                            "or retrain")
     pipeline = Pipeline.from_info(document["pipeline"], statistics).to(torch.device(device))
-    return Run(run_dir, config, document["data"], pipeline, model)
+    return Run(run_dir, config, document["data"], pipeline, model, document["filled_options"])
 
 
 def load_run_dataset(run: Run) -> Dataset:

@@ -44,6 +44,7 @@ from .runs import (
     RunLock,
     atomic_write_bytes,
     atomic_write_json,
+    describe_filled_options,
     latest_checkpoint,
     list_checkpoints,
     model_config_for,
@@ -120,6 +121,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if resume is not None:
         run_dir = Path(resume)
         document = read_run_document(run_dir)
+        if describe_filled_options(document):
+            log(describe_filled_options(document))
         config = document["config"]
         changed = {k: v for k, v in overrides.items() if getattr(config, k) != v}
         frozen = sorted(set(changed) - set(RESUMABLE_OVERRIDES))

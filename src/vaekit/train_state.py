@@ -18,20 +18,23 @@ from torch import Tensor
 
 from .errors import RunError, TrainingError
 from .runs import (
+    STATE_FORMAT,
     STEP_LOG_COLUMNS,
     atomic_write_bytes,
     atomic_write_text,
+    check_step_log_length,
+    check_train_state,
     load_state,
     model_weights_bytes,
     optimizer_from_files,
     optimizer_to_files,
     tensors_from_file,
     tensors_to_bytes,
+    upgrade_step_log,
     write_checkpoint,
     writing,
 )
 
-STATE_FORMAT = "vaekit-train-state/1"
 
 
 @dataclass
@@ -75,6 +78,12 @@ class TrainingState:
             state = json.loads((folder / "state.json").read_text())
             optimizer_tensors = tensors_from_file(folder / "optimizer.safetensors")
             step_log = optimizer_tensors.pop("step_log")
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise RunError(f"{folder}: training state is unreadable ({exc!r}); resume from an "
+                           "earlier checkpoint or retrain") from None
+        step_log = upgrade_step_log(step_log, self.config.beta, folder)
+        state = check_train_state(state, folder)
+        try:
             optimizer_from_files(self.optimizer, optimizer_tensors, state["optimizer"])
             progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"],
                                 state["train_seconds"], state["metrics"],
@@ -89,12 +98,13 @@ class TrainingState:
                                "--inexact-resume to continue anyway (recorded in the run)")
             self.log(f"warning: {problem}; continuing inexactly as asked (--inexact-resume)")
             progress.inexact_resume = True
+        check_step_log_length(step_log, progress.global_step, folder)
         if state.get("batch_size") != self.batch_size:
             raise RunError(f"{folder}: saved with batch size {state.get('batch_size')}, now "
                            f"{self.batch_size}; resume with the run's own config")
         progress.metrics = [m for m in progress.metrics if m.get("complete", True)]
         self.progress = progress
-        self.step_log = [step_log.to(torch.float32)]
+        self.step_log = [step_log]
         self.saved_step = progress.global_step
 
     def _check_randomness_state(self, state: dict, progress: Progress) -> str | None:
