@@ -23,6 +23,33 @@ FORWARD_FLOPS = sum(2 * i * o for i, o in LAYERS)
 TRAIN_FLOPS_PER_IMAGE = 2 * FORWARD_FLOPS + sum(2 * i * o for i, o in LAYERS[1:])
 
 
+# A Trainer of the 784-400-20 VAE on Fashion-MNIST and steps(first, count), which does what
+# Trainer.fit does per step without its bookkeeping: the setup of arms that time training steps.
+STEP_SETUP = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from vaekit.config import TrainConfig
+from vaekit.distributed import DistContext
+from vaekit.randomness import StepNoise, epoch_permutation
+from vaekit.train import Trainer, build_model, prepare_data
+
+config = TrainConfig(data="fashion-mnist", epochs=1, batch_size=128, hidden=[400], latent_dim=20,
+                     likelihood="bernoulli", lr=1e-3, lr_decay=1.0, progress=False).with_presets()
+dataset, pipeline, config = prepare_data(config)
+trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
+                  build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
+                  log=lambda *a, **k: None)
+order = epoch_permutation(len(trainer.train_x), 0, 0, torch.device("cpu"))
+
+def steps(first, count):  # what Trainer.fit does per step, without its bookkeeping
+    for step in range(first, first + count):
+        raw = trainer.train_x.index_select(0, order[step * 128:(step + 1) * 128])
+        noise = StepNoise(0, step, 128, slice(0, 128), torch.device("cpu"))
+        trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(20))
+"""
+
+
 def machine() -> str:
     import torch
 

@@ -68,8 +68,6 @@ def run_arm(src: Path, out: Path, overrides: dict, epochs: int) -> dict:
 
 
 def compare(name: str, reference: dict, current: dict) -> str:
-    import torch
-
     ref_log, cur_log = reference["step_log"], current["step_log"]
     lines = []
     if ref_log.shape != cur_log.shape:

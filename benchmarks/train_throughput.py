@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     HERE,
+    STEP_SETUP,
     TRAIN_FLOPS_PER_IMAGE,
     machine,
     matmul_peak,
@@ -52,29 +53,8 @@ print(json.dumps({{"images_per_second": images / seconds, "images": images,
 """
 
 
-PROFILE_ARM = """
-import json, sys, tempfile
-from pathlib import Path
-import torch
+PROFILE_ARM = STEP_SETUP + """
 from torch.profiler import ProfilerActivity, profile
-from vaekit.config import TrainConfig
-from vaekit.distributed import DistContext
-from vaekit.randomness import StepNoise, epoch_permutation
-from vaekit.train import Trainer, build_model, prepare_data
-
-config = TrainConfig(data="fashion-mnist", epochs=1, batch_size=128, hidden=[400], latent_dim=20,
-                     likelihood="bernoulli", lr=1e-3, lr_decay=1.0, progress=False).with_presets()
-dataset, pipeline, config = prepare_data(config)
-trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
-                  build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
-                  log=lambda *a, **k: None)
-order = epoch_permutation(len(trainer.train_x), 0, 0, torch.device("cpu"))
-
-def steps(first, count):  # what Trainer.fit does per step, without its bookkeeping
-    for step in range(first, first + count):
-        raw = trainer.train_x.index_select(0, order[step * 128:(step + 1) * 128])
-        noise = StepNoise(0, step, 128, slice(0, 128), torch.device("cpu"))
-        trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(20))
 
 steps(0, 30)
 with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -25,32 +25,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ARM = """
-import json, tempfile, time
-from pathlib import Path
-import torch
-torch.set_num_threads(1)
-from vaekit.config import TrainConfig
-from vaekit.distributed import DistContext
+from common import STEP_SETUP  # noqa: E402
+
+ARM = STEP_SETUP + """
+import time
 from vaekit.estimate import evaluate
-from vaekit.randomness import StepNoise, epoch_permutation
-from vaekit.train import Trainer, build_model, prepare_data
-
-config = TrainConfig(data="fashion-mnist", epochs=1, batch_size=128, hidden=[400], latent_dim=20,
-                     likelihood="bernoulli", lr=1e-3, lr_decay=1.0, progress=False).with_presets()
-dataset, pipeline, config = prepare_data(config)
-trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
-                  build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
-                  log=lambda *a, **k: None)
-order = epoch_permutation(len(trainer.train_x), 0, 0, torch.device("cpu"))
+torch.set_num_threads(1)
 torch.set_flush_denormal(True)
-
-def steps(first, count):
-    for step in range(first, first + count):
-        raw = trainer.train_x.index_select(0, order[step * 128:(step + 1) * 128])
-        noise = StepNoise(0, step, 128, slice(0, 128), torch.device("cpu"))
-        trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(20))
 
 steps(0, 30)
 started = time.process_time()
