@@ -80,6 +80,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def temperature_list(text: str) -> list[float]:
+    """--temperatures: comma-separated numbers in [0, 10], such as 1.0,0.8."""
+    import math
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1.0,0.8, got "
+                                         f"{text!r}") from None
+    if not values or any(not (math.isfinite(v) and 0 <= v <= 10) for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures are numbers from 0 to 10 (1 is the prior "
+                                         f"itself), got {text!r}")
+    return values
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="vaekit", description="Train a variational autoencoder, generate from "
                     "it, steer its latent space and measure its log-likelihood.",
@@ -156,6 +171,20 @@ def build_parser() -> Parser:
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false",
                           help="no progress bar")
+    evaluate.add_argument("--sample-quality", action="store_true", help="also score the run's "
+                          "samples against real training examples: Frechet distance, KID, "
+                          "precision, recall, density and coverage in features of a network "
+                          "vaekit trains on the run's data (cached), with bootstrap intervals and "
+                          "the floor of real test examples")
+    evaluate.add_argument("--samples", type=positive_int, metavar="N", help="with "
+                          "--sample-quality: samples per score (default: the test set's size, at "
+                          "most 10,000)")
+    evaluate.add_argument("--temperatures", type=temperature_list, default=[1.0],
+                          metavar="T[,T...]", help="with --sample-quality: prior temperatures to "
+                          "score, the prior's noise scaled by T (default: 1.0)")
+    evaluate.add_argument("--bootstrap", type=positive_int, default=100, metavar="B",
+                          help="with --sample-quality: bootstrap resamples per interval "
+                          "(default: 100)")
 
     explain = commands.add_parser(
         "explain", help="write an HTML report of the note's demonstrations on a run",
@@ -394,7 +423,22 @@ def resolve_label(text: str, names: list[str]) -> int:
                       f"index 0..{len(names) - 1}")
 
 
+MAX_QUALITY_SAMPLES = 200_000  # sample_quality.MAX_SAMPLES (cli.py stays torch-free)
+
+
 def cmd_evaluate(args) -> int:
+    quality_options = [name for name, given in (("--samples", args.samples is not None),
+                                                ("--temperatures", args.temperatures != [1.0]),
+                                                ("--bootstrap", args.bootstrap != 100)) if given]
+    if quality_options and not args.sample_quality:
+        raise VaekitError(f"{quality_options[0]} belongs to --sample-quality; add "
+                          "--sample-quality or drop it")
+    if args.samples is not None and not 10 <= args.samples <= MAX_QUALITY_SAMPLES:
+        raise VaekitError(f"--samples {args.samples:,}: give 10 to {MAX_QUALITY_SAMPLES:,} "
+                          "samples")
+    if args.bootstrap < 10 or args.bootstrap > 10_000:
+        raise VaekitError(f"--bootstrap {args.bootstrap}: give 10 to 10,000 resamples (a 95 % "
+                          "interval needs at least 10)")
     import json
 
     from .distributed import DistContext
@@ -410,6 +454,8 @@ def cmd_evaluate(args) -> int:
         device = resolve_device(args.device, dist)
         run = load_run(args.run_dir, device)
         dataset = load_run_dataset(run)
+        if args.sample_quality and dist.world_size > 1:
+            raise VaekitError("--sample-quality runs in one process; run it without torchrun")
         total = len(dataset.test_x if args.split == "test" else dataset.train_x)
         total = min(total, args.limit or total)
         bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
@@ -422,6 +468,13 @@ def cmd_evaluate(args) -> int:
                 bar.close()
         if not dist.is_main:
             return 0
+        if args.sample_quality:
+            from .sample_quality import evaluate_sample_quality
+
+            result["sample_quality"] = evaluate_sample_quality(
+                run, dataset, samples=args.samples, temperatures=tuple(args.temperatures),
+                seed=args.seed, bootstrap=args.bootstrap,
+                log=(lambda message: print(message, file=sys.stderr)) if args.progress else None)
         target = run.path / "evaluation.json"
         try:
             atomic_write_json(target, result)
