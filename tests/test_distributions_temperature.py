@@ -56,17 +56,17 @@ def test_uniform_prior_is_the_cube_at_one_and_its_centre_at_zero():
 def test_mixture_priors_keep_components_and_scale_their_spread(name):
     prior = prior_of(name, components=4)
     normal = prior.component_distribution.base_dist
-    weights = prior.mixture_distribution.probs
+    loc, scale = normal.loc.detach(), normal.scale.detach()  # (K, D)
+    weights = prior.mixture_distribution.probs.detach()  # (K,)
     at_zero = draws(prior, 0.0)
     # T = 0: every draw is one of the component means
-    distance = (at_zero[:, None, :] - normal.loc[None]).abs().amax(-1)  # (N, K)
+    distance = (at_zero[:, None, :] - loc[None]).abs().amax(-1)  # (N, K)
     assert float(distance.min(1).values.max()) < 1e-6
     # T = 1 and 0.5: the mixture's mean is kept; its variance is E_k[T^2 s_k^2] + Var_k(mu_k)
-    mean = (weights[:, None] * normal.loc).sum(0)
+    mean = (weights[:, None] * loc).sum(0)
     for temperature in (1.0, 0.5):
         z = draws(prior, temperature)
-        variance = (weights[:, None] * ((temperature * normal.scale) ** 2
-                                        + (normal.loc - mean) ** 2)).sum(0)
+        variance = (weights[:, None] * ((temperature * scale) ** 2 + (loc - mean) ** 2)).sum(0)
         sd = variance.sqrt()
         assert torch.allclose(z.mean(0), mean, atol=float(4 * sd.max() / math.sqrt(N)))
         assert torch.allclose(z.var(0), variance, rtol=0.05)

@@ -100,67 +100,9 @@ def evaluation_table(result: dict) -> str:
                      "small (q(z|x) is narrower than, or off, their posterior); a larger --k helps "
                      "only slowly")
     if "sample_quality" in result:
+        from .sample_report import sample_quality_table
+
         lines += ["", sample_quality_table(result["sample_quality"])]
-    return "\n".join(lines)
-
-
-SCORE_COLUMNS = (("frechet_distance", "Frechet dist.", 1.0), ("kid", "KID x 1e3", 1e3),
-                 ("precision", "precision", 1.0), ("recall", "recall", 1.0),
-                 ("density", "density", 1.0), ("coverage", "coverage", 1.0))
-
-
-def _significant(value: float) -> str:
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def _score_cell(score: dict, scale: float) -> str:
-    """value [low,high] to three significant figures."""
-    value, low, high = (_significant(scale * score[key]) for key in ("value", "low", "high"))
-    return f"{value} [{low},{high}]"
-
-
-def sample_quality_table(quality: dict) -> str:
-    """The `sample_quality` object (sample_quality.evaluate_sample_quality) as text."""
-    features = quality["features"]
-    reference = quality["reference"]
-    test = features.get("test_accuracy")
-    judged = f"test accuracy {100 * test:.1f} %" if test is not None else \
-        f"test reconstruction R^2 {features.get('test_reconstruction_r2', float('nan')):.3f}"
-    lines = [
-        f"sample quality: {quality['samples']:,} samples per row against {reference['n']:,} "
-        f"training examples{' (a seeded subset)' if reference['seeded_subset'] else ''}; "
-        f"[95 % bootstrap interval, {quality['bootstrap']} resamples]",
-        f"features: {features['kind']} trained by vaekit on {features['trained_on']} "
-        f"({features['dimensions']} features, {judged}), {features.get('file', '')}",
-        "",
-    ]
-    width = 22
-    header = f"{'':34}" + "".join(f"{name:>{width}}" for _, name, _ in SCORE_COLUMNS)
-    conditional = quality.get("conditional")
-    lines.append(header + (f"{'right class':>14}" if conditional else ""))
-
-    def row(label: str, scores: dict) -> None:
-        text = f"{label:34}" + "".join(f" {_score_cell(scores[key], scale):>{width - 1}}"
-                                        for key, _, scale in SCORE_COLUMNS)
-        if conditional and "class_agreement" in scores:
-            text += f"{100 * scores['class_agreement']['share']:>12.1f} %"
-        lines.append(text)
-
-    floor = quality["floor"]
-    row(f"floor: real test, n = {floor['mean']['n']:,}", floor["mean"])
-    if floor["sampled"] != floor["mean"]:
-        row("floor: real test as the model sees", floor["sampled"])
-    for scores in quality["scores"]:
-        pixels = "E[x|z]" if scores["pixels"] == "mean" else "x ~ p(x|z)"
-        row(f"T = {scores['temperature']:g}  {pixels}", scores)
-    lines += [
-        "",
-        "Lower is better for the Frechet distance and KID; higher for precision, recall and "
-        "coverage; density near 1 (it exceeds 1 where samples crowd dense regions). The floor is "
-        "what real test examples score: no model is expected to beat it. E[x|z] rows score the "
-        "decoder's mean against the real examples; x ~ p(x|z) rows a draw against the real "
-        "examples as the likelihood sees them. T: the prior's noise scaled by T.",
-    ]
     return "\n".join(lines)
 
 
@@ -695,6 +637,10 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
         sections.append(section_gradients(run, dataset.test_x[:gradient_examples],
                                           samples=gradient_samples, repeats=gradient_repeats,
                                           seed=seed))
+        from .sample_report import section_samples
+
+        log("explain: samples and their nearest training images")
+        sections.append(section_samples(run, dataset, seed=seed, log=log))
     finally:
         model.train(was_training)
     images = {}
