@@ -45,7 +45,7 @@ def test_nearest_neighbour_radii_equal_prdc():
     features = gaussian_features(300, 5, 3)
     expected = prdc.prdc.compute_nearest_neighbour_distances(features, 3)
     ours = nearest_neighbour_radii(torch.tensor(features), 3).numpy()
-    np.testing.assert_allclose(ours, expected, rtol=1e-10)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)  # float32 distances
 
 
 @pytest.mark.parametrize("seed, dims", [(0, 6), (1, 32)])
@@ -73,7 +73,7 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel():
     expected = (k_ff.sum() - np.trace(k_ff)) / (n * (n - 1)) \
         + (k_rr.sum() - np.trace(k_rr)) / (m * (m - 1)) - 2 * k_fr.mean()
     ours = score_samples(torch.tensor(fake), Reference.of(torch.tensor(real)), bootstrap=10)
-    assert ours["kid"]["value"] == pytest.approx(expected, rel=1e-10)
+    assert ours["kid"]["value"] == pytest.approx(expected, rel=1e-7)  # float32 kernel values
 
 
 def test_identical_distributions_score_near_zero_distance_and_full_overlap():
