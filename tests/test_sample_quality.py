@@ -153,6 +153,25 @@ def test_scores_are_deterministic_for_the_same_run_seed_and_count(quality_run, f
     assert first["scores"] != other["scores"]
 
 
+def test_the_reference_and_floor_are_cached_per_data_and_pipeline(quality_run, feature_cache,
+                                                                  monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(feature_cache, cache)
+    for leftover in (cache / "features").glob("*-reference-*"):  # other tests' references
+        leftover.unlink()
+    first = _evaluate(quality_run, cache, monkeypatch, samples=120, bootstrap=20)
+    files = list((cache / "features").glob("*-reference-*.safetensors"))
+    assert len(files) == 1
+    files[0].write_bytes(b"damaged")  # a derived file: recomputed, not an error
+    second = _evaluate(quality_run, cache, monkeypatch, samples=120, bootstrap=20)
+    third = _evaluate(quality_run, cache, monkeypatch, samples=120, bootstrap=20)  # from cache
+    for result in (first, second, third):
+        result.pop("seconds")
+    assert first == second == third
+    _evaluate(quality_run, cache, monkeypatch, samples=150, bootstrap=20)  # another floor count
+    assert len(list((cache / "features").glob("*-reference-*.safetensors"))) == 2
+
+
 def test_the_command_checks_the_same_sample_limit_as_the_library():
     from vaekit.cli import MAX_QUALITY_SAMPLES
     from vaekit.sample_quality import MAX_SAMPLES

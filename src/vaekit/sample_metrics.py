@@ -35,7 +35,7 @@ from torch import Tensor
 
 K_NEAREST = 3  # Kynkaanniemi et al. 2019 and Naeem et al. 2020 both recommend k = 3 ... 5
 BOOTSTRAP = 100  # replicates: enough for a 95 % percentile interval to two figures
-CHUNK_ELEMENTS = 1 << 23  # (rows x columns) of one block: 32 MiB of float32 per matrix
+CHUNK_ELEMENTS = 1 << 20  # (rows x columns) of one block: 4 MiB of float32, stays in cache
 
 
 def _rows_per_chunk(columns: int) -> int:
@@ -50,19 +50,28 @@ def pairwise_distances(a: Tensor, b: Tensor) -> Tensor:
 
 def _blocks(a: Tensor, b: Tensor, kernel: bool = True):
     """(start, squared distances (c, B), KID kernel (c, B) or None) for row blocks of a against
-    b, both from one float32 product a b^T: |a|^2 + |b|^2 - 2 a.b and (a.b / F + 1)^3."""
+    b, both from one float32 product a b^T: |a|^2 + |b|^2 - 2 a.b and (a.b / F + 1)^3. Squared
+    distances of a point to itself or a copy may come out a rounding error below 0; only
+    comparisons and the k-th smallest are taken of them."""
     a32, b32 = a.float(), b.float()
-    b_norms = b32.square().sum(1)  # (B,)
+    b_norms = (b32 * b32).sum(1)  # (B,)
     step = _rows_per_chunk(len(b))
     for start in range(0, len(a), step):
         block = a32[start:start + step]  # (c, F)
         dot = block @ b32.T  # (c, B)
-        squared = (block.square().sum(1, keepdim=True) + b_norms).sub_(dot, alpha=2.0)
-        squared.clamp_min_(0.0)
+        squared = (block * block).sum(1, keepdim=True) + b_norms  # (c, B)
+        squared.sub_(dot, alpha=2.0)
+        cubic = None
         if kernel:
             dot.div_(a.shape[1]).add_(1.0)
-            cubic = dot.square().mul_(dot)  # (c, B) the polynomial kernel of degree 3
-        yield start, squared, cubic if kernel else None
+            cubic = dot * dot
+            cubic.mul_(dot)  # (c, B) the polynomial kernel of degree 3
+        yield start, squared, cubic
+
+
+def _sum64(block: Tensor) -> float:
+    """Sum of a float32 block: rows in float32 (cascade summation), the rows' sums in float64."""
+    return float(block.sum(1).double().sum())
 
 
 def polynomial_kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -73,7 +82,8 @@ def polynomial_kernel(a: Tensor, b: Tensor) -> Tensor:
 def _kth_neighbour(squared: Tensor, k: int) -> Tensor:
     """Distance to the k-th nearest other point from squared distances (c, N) that include the
     point itself (at distance 0): the (k + 1)-th smallest. (c,) float64"""
-    return squared.topk(k + 1, dim=1, largest=False).values[:, k].double().sqrt()
+    kth = squared.topk(k + 1, dim=1, largest=False).values[:, k]  # (c,)
+    return kth.double().clamp_min(0.0).sqrt()
 
 
 def nearest_neighbour_radii(features: Tensor, k: int = K_NEAREST) -> Tensor:
@@ -110,15 +120,24 @@ class Reference:
         n = len(features)
         if n < 2 * k + 2:
             raise ValueError(f"a reference needs at least {2 * k + 2} examples, got {n}")
-        cov = torch.cov(features.T)  # (F, F)
         radii = torch.empty(n, dtype=torch.float64)
         total = 0.0
         for start, squared, kernel in _blocks(features, features):
             radii[start:start + len(squared)] = _kth_neighbour(squared, k)
             kernel.diagonal(start).zero_()  # pairs of distinct examples only
-            total += float(kernel.sum(dtype=torch.float64))
-        return Reference(features, radii, features.mean(0), cov, _sqrtm_psd(cov),
-                         total / (n * (n - 1)), k)
+            total += _sum64(kernel)
+        return Reference.from_parts(features, radii, total / (n * (n - 1)), k)
+
+    @staticmethod
+    def from_parts(features: Tensor, radii: Tensor, kernel_mean: float,
+                   k: int = K_NEAREST) -> "Reference":
+        """A reference from its features and the two costly parts (k-NN radii, kernel mean)."""
+        features = features.to(torch.float64)
+        if radii.shape != (len(features),):
+            raise ValueError("one radius per reference example is needed")
+        cov = torch.cov(features.T)  # (F, F)
+        return Reference(features, radii.to(torch.float64), features.mean(0), cov,
+                         _sqrtm_psd(cov), float(kernel_mean), k)
 
 
 def _frechet(mean: Tensor, cov: Tensor, reference: Reference) -> Tensor:
@@ -180,7 +199,7 @@ def score_samples(samples: Tensor, reference: Reference, *, bootstrap: int = BOO
         rows = slice(start, start + len(squared))
         radii[rows] = _kth_neighbour(squared, k)
         kernel.diagonal(start).zero_()  # pairs of distinct samples only
-        kernel_total += float(kernel.sum(dtype=torch.float64))
+        kernel_total += _sum64(kernel)
         # counts are small integers, exact in float32; each row's sum of N terms stays at
         # float32 precision, the sum over rows is float64
         pair_sums += ((kernel @ weights32.T).double() * weights[:, rows].T).sum(0)
@@ -188,21 +207,35 @@ def score_samples(samples: Tensor, reference: Reference, *, bootstrap: int = BOO
     # pass 2, samples against reals
     inside_count = torch.empty(n, dtype=torch.float64)  # real balls holding sample j
     cross_mean = torch.empty(n, dtype=torch.float64)  # mean_i k(s_j, r_i)
-    covered = torch.zeros(len(reals), dtype=torch.bool)  # real i's ball holds a sample
-    reached = torch.zeros(len(reals), dtype=torch.bool)  # real i lies in a sample's ball
+    nearest_sample = torch.full((len(reals),), math.inf)  # squared, to real i
+    reach_margin = torch.full((len(reals),), math.inf)  # min_j d(s_j, r_i)^2 - radius_j^2
     real_radii_sq = reference.radii.square().float()  # (R,)
     sample_radii_sq = radii.square().float()  # (N,)
     for start, squared, kernel in _blocks(fake, reals):
         rows = slice(start, start + len(squared))
         inside = squared < real_radii_sq  # (c, R): sample j in real i's ball
-        inside_count[rows] = inside.sum(1, dtype=torch.float64)
-        covered |= inside.any(0)
-        reached |= (squared < sample_radii_sq[rows, None]).any(0)  # real i in sample j's ball
-        cross_mean[rows] = kernel.sum(1, dtype=torch.float64) / len(reals)
+        inside_count[rows] = torch.count_nonzero(inside, dim=1).double()
+        nearest_sample = torch.minimum(nearest_sample, squared.amin(0))
+        squared.sub_(sample_radii_sq[rows, None])  # < 0: real i in sample j's ball
+        reach_margin = torch.minimum(reach_margin, squared.amin(0))
+        cross_mean[rows] = kernel.sum(1).double() / len(reals)
+    covered = nearest_sample < real_radii_sq  # (R,) real i's ball holds a sample
+    reached = reach_margin < 0  # (R,) real i lies in a sample's ball
 
-    fd_mean = weights @ fake / n  # (B, F)
-    second = torch.stack([(fake * w[:, None]).T @ fake for w in weights])  # (B, F, F)
-    fd_cov = (second - n * fd_mean[:, :, None] * fd_mean[:, None, :]) / (n - 1)
+    # each replicate's mean and covariance from features centred at the full sample's mean,
+    # so the float32 product of the second moments cancels nothing
+    centre = fake.mean(0)  # (F,)
+    centred = (fake - centre).float()  # (N, F)
+    dims = fake.shape[1]
+    second = torch.zeros(bootstrap, dims * dims, dtype=torch.float64)  # (B, F*F)
+    for start in range(0, n, 1024):  # sum_j w_bj c_j c_j^T, one product per block of rows
+        block = centred[start:start + 1024]  # (c, F)
+        outer = (block[:, :, None] * block[:, None, :]).flatten(1)  # (c, F*F)
+        second += (weights32[:, start:start + 1024] @ outer).double()
+    shift = (weights @ (fake - centre)) / n  # (B, F) replicate mean - full mean
+    fd_mean = centre + shift  # (B, F)
+    fd_cov = (second.view(bootstrap, dims, dims)
+              - n * shift[:, :, None] * shift[:, None, :]) / (n - 1)  # (B, F, F)
     fd_values = _frechet(fd_mean, fd_cov, reference)  # (B,)
 
     kid = kernel_total / (n * (n - 1)) + reference.kernel_mean - 2.0 * float(cross_mean.mean())

@@ -15,17 +15,20 @@ seeded noise for a Bernoulli model), so each is judged against what it is a pict
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .data import Dataset
 from .distributions import draw_at_temperature
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .features import Features, data_units, describe, features_for
 from .randomness import derive_seed, seeded_generator
-from .sample_metrics import BOOTSTRAP, SCORES, Reference, score_samples
+from .sample_metrics import BOOTSTRAP, K_NEAREST, SCORES, Reference, score_samples
 
 REFERENCE_SIZE = 10_000  # real examples in the reference (k-NN radii cost R^2 distances)
 DEFAULT_SAMPLES = 10_000
@@ -53,8 +56,9 @@ def as_modelled(run, raw: Tensor, indices: Tensor, split: str) -> Tensor:
     The pipeline's noise (binarisation, dequantisation) is fixed per example index, so the
     examples are processed in contiguous chunks of the split and the wanted rows kept."""
     pipeline = run.pipeline
+    device = next(run.model.parameters()).device
     if not pipeline.noisy:
-        return pipeline.display(pipeline.apply(raw[indices], None)).cpu()
+        return pipeline.display(pipeline.apply(raw[indices].to(device), None)).cpu()
     kept = []
     wanted = torch.zeros(len(raw), dtype=torch.bool)
     wanted[indices] = True
@@ -62,8 +66,8 @@ def as_modelled(run, raw: Tensor, indices: Tensor, split: str) -> Tensor:
         stop = min(start + 4096, len(raw))
         rows = wanted[start:stop]
         if rows.any():
-            x = pipeline.fixed(raw[start:stop], start, split)  # (c, *shape)
-            kept.append(pipeline.display(x)[rows].cpu())
+            x = pipeline.fixed(raw[start:stop].to(device), start, split)  # (c, *shape)
+            kept.append(pipeline.display(x)[rows.to(device)].cpu())
     return torch.cat(kept)
 
 
@@ -96,6 +100,87 @@ def _class_agreement(features: Features, images: Tensor, labels: Tensor) -> dict
     return {"share": share, "se": (share * (1 - share) / n) ** 0.5, "n": n}
 
 
+CACHE_FORMAT = 1
+
+
+def _reference_key(run, features: Features, size: int, floor_n: int, bootstrap: int,
+                   seed: int) -> str:
+    """What the reference and the floor depend on: the data, the feature network, the run's
+    pipeline (how draws see the real images), the counts and the seeds; not the model."""
+    pipeline = run.pipeline
+    facts = {"format": CACHE_FORMAT, "fingerprint": features.info["fingerprint"],
+             "features": features.info.get("format"), "steps": features.info.get("steps"),
+             "pipeline": [pipeline.mode, pipeline.kind, pipeline.split_seed], "size": size,
+             "floor": floor_n, "bootstrap": bootstrap, "seed": seed, "k": K_NEAREST}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _compute_reference_and_floor(run, dataset: Dataset, features: Features, index: Tensor,
+                                 floor_n: int, bootstrap: int, seed: int):
+    test_rows = torch.arange(floor_n)
+    references = {"mean": Reference.of(features(data_units(dataset, dataset.train_x[index])))}
+    real_test = {"mean": features(data_units(dataset, dataset.test_x[:floor_n]))}
+    if run.pipeline.noisy:
+        references["sampled"] = Reference.of(features(as_modelled(run, dataset.train_x, index,
+                                                                  "train")))
+        real_test["sampled"] = features(as_modelled(run, dataset.test_x, test_rows, "test"))
+    floor = {"mean": score_samples(real_test["mean"], references["mean"], bootstrap=bootstrap,
+                                   seed=derive_seed(seed, "floor"))}
+    if run.pipeline.noisy:
+        floor["sampled"] = score_samples(real_test["sampled"], references["sampled"],
+                                         bootstrap=bootstrap,
+                                         seed=derive_seed(seed, "floor", "sampled"))
+    return references, floor
+
+
+def reference_and_floor(run, dataset: Dataset, features: Features, index: Tensor, floor_n: int,
+                        *, bootstrap: int, seed: int):
+    """The references ({"mean", "sampled"}: Reference) and the floor's scores, from the cache
+    (cache_dir()/features/FINGERPRINT-reference-KEY.safetensors) or computed and cached: they
+    are the same for every run on the data with the same pipeline, so only the first run's
+    evaluation pays for them. An unreadable cache file is recomputed and replaced."""
+    from .runs import atomic_write_bytes, tensors_to_bytes
+
+    key = _reference_key(run, features, len(index), floor_n, bootstrap, seed)
+    path = Path(features.info["file"]).with_name(
+        f"{features.info['fingerprint']}-reference-{key}.safetensors") \
+        if "file" in features.info else None
+    if path is not None and path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                floor = json.loads(handle.metadata()["floor"])
+                kernel_means = json.loads(handle.metadata()["kernel_means"])
+                references = {pixels: Reference.from_parts(
+                    handle.get_tensor(f"{pixels}.features"), handle.get_tensor(f"{pixels}.radii"),
+                    kernel_means[pixels]) for pixels in kernel_means}
+            if set(references) == set(floor) and set(floor) <= set(PIXELS):
+                return _both_kinds(references, floor)
+        except Exception:  # a damaged derived file: recompute it
+            pass
+    references, floor = _compute_reference_and_floor(run, dataset, features, index, floor_n,
+                                                     bootstrap, seed)
+    if path is not None:
+        tensors = {f"{pixels}.{name}": value for pixels, reference in references.items()
+                   for name, value in (("features", reference.features),
+                                       ("radii", reference.radii))}
+        metadata = {"floor": json.dumps(floor), "kernel_means": json.dumps(
+            {pixels: reference.kernel_mean for pixels, reference in references.items()})}
+        try:
+            atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
+        except OSError:
+            pass  # a cache that cannot be written costs time, not correctness
+    return _both_kinds(references, floor)
+
+
+def _both_kinds(references: dict, floor: dict):
+    """Without pipeline noise, draws see the real images as they are: one reference serves."""
+    references.setdefault("sampled", references["mean"])
+    floor.setdefault("sampled", floor["mean"])
+    return references, floor
+
+
 def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None,
                             temperatures: tuple[float, ...] = (1.0,), seed: int = 0,
                             bootstrap: int = BOOTSTRAP, log=None) -> dict:
@@ -116,20 +201,9 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
     if log:
         log(f"sample quality: reference of {len(index):,} training examples, floor of "
             f"{floor_n:,} test examples")
-    references = {"mean": Reference.of(features(data_units(dataset, dataset.train_x[index])))}
     test_rows = torch.arange(floor_n)
-    real_test = {"mean": features(data_units(dataset, dataset.test_x[:floor_n]))}
-    if run.pipeline.noisy:
-        references["sampled"] = Reference.of(features(as_modelled(run, dataset.train_x, index,
-                                                                  "train")))
-        real_test["sampled"] = features(as_modelled(run, dataset.test_x, test_rows, "test"))
-    else:
-        references["sampled"], real_test["sampled"] = references["mean"], real_test["mean"]
-    floor = {"mean": score_samples(real_test["mean"], references["mean"], bootstrap=bootstrap,
-                                   seed=derive_seed(seed, "floor"))}
-    floor["sampled"] = floor["mean"] if not run.pipeline.noisy else score_samples(
-        real_test["sampled"], references["sampled"], bootstrap=bootstrap,
-        seed=derive_seed(seed, "floor", "sampled"))
+    references, floor = reference_and_floor(run, dataset, features, index, floor_n,
+                                            bootstrap=bootstrap, seed=seed)
     labels = None
     if conditional:
         labels = torch.arange(n) % features.net.num_classes  # classes in equal shares
@@ -144,6 +218,10 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
             log(f"sample quality: {n:,} samples at temperature {temperature:g}")
         decoded = draw_samples(run, n, temperature, seed, labels)
         for pixels, images in zip(PIXELS, decoded):
+            if not bool(torch.isfinite(images).all()):
+                raise RunError(f"{run.path}: the model's samples at temperature {temperature:g} "
+                               "hold NaN or Inf; the weights are damaged or training diverged "
+                               "(retrain, or resume from an earlier checkpoint)")
             row = {"temperature": temperature, "pixels": pixels, "scored": PIXELS[pixels],
                    **score_samples(features(images), references[pixels], bootstrap=bootstrap,
                                    seed=derive_seed(seed, "scores", temperature, pixels))}
