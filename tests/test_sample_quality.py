@@ -224,3 +224,19 @@ def test_evaluate_command_writes_the_sample_quality_object(quality_run, tmp_path
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
         assert (run_dir / "evaluation.json").read_bytes() == before
+
+
+def test_sample_command_draws_at_a_temperature(tiny_run, tmp_path):
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    done = run_vaekit("sample", run_dir, "-n", "4", "--temperature", "0",
+                      "--save-array", tmp_path / "centre.npy")
+    assert done.returncode == 0, done.stderr
+    assert "at temperature 0" in done.stdout
+    assert (run_dir / "samples-4-t0-seed0.png").is_file()  # beside, not over, the T = 1 file
+    centre = np.load(tmp_path / "centre.npy")
+    assert np.array_equal(centre, np.repeat(centre[:1], 4, axis=0))  # T = 0: every z is 0
+    bad = run_vaekit("sample", run_dir, "--temperature", "-1")
+    assert bad.returncode == 2 and "--temperature -1" in bad.stderr

@@ -127,6 +127,9 @@ def build_parser() -> Parser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     sample.add_argument("--draw", action="store_true", help="show x drawn from p(x|z) instead "
                         "of its mean E[x|z]")
+    sample.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="scale of the prior's noise, 0 to 10 (default: 1, the prior; "
+                        "below 1 fewer but more typical samples; see the README)")
     sample.add_argument("--label", metavar="CLASS", help="conditional runs: draw this class (its "
                         "name, e.g. Sandal, or its index); default: a grid with one row per class")
     sample.add_argument("--per-class", type=positive_int, default=8, metavar="N",
@@ -356,6 +359,9 @@ def cmd_sample(args) -> int:
 
     from .viz import class_rows_image, examples_image, save_png
 
+    if not 0 <= args.temperature <= 10:  # also refuses nan
+        raise VaekitError(f"--temperature {args.temperature}: give a number from 0 to 10 (1 is "
+                          "the prior itself)")
     run = _load(args.run_dir, args.device)
     pipeline, names = run.pipeline, run.label_names
     if args.label is not None and names is None:
@@ -365,6 +371,7 @@ def cmd_sample(args) -> int:
     grid = names is not None and label is None  # one row per class
     count = len(names) * args.per_class if grid else args.n
     tag = f"-label{label}" if label is not None else "-classes" if grid else ""
+    tag += f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
     out = Path(args.out) if args.out else run.path / f"samples-{count}{tag}-seed{args.seed}.png"
     _check_output(out, ".png")
     device = next(run.model.parameters()).device
@@ -374,13 +381,15 @@ def cmd_sample(args) -> int:
             y = torch.arange(len(names), device=device).repeat_interleave(args.per_class)
         else:
             y = None if label is None else torch.full((count,), label, device=device)
-        samples = run.model.sample(count, y, mean=not args.draw)  # (count, *shape)
+        samples = run.model.sample(count, y, mean=not args.draw,
+                                   temperature=args.temperature)  # (count, *shape)
     shown = pipeline.display(samples)
     save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
     given = f", y = {names[label]} (class {label})" if label is not None else \
         f", one row per class ({len(names)} classes)" if grid else ""
+    tempered = f" at temperature {args.temperature:g}" if args.temperature != 1.0 else ""
     print(f"wrote {out} ({count} samples, {'drawn from' if args.draw else 'mean of'} p(x|z), "
-          f"z ~ p(z) {run.config.prior}{given})")
+          f"z ~ p(z) {run.config.prior}{tempered}{given})")
     if args.save_array:
         target = Path(args.save_array)
         _check_output(target, ".npy")

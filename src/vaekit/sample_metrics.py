@@ -3,17 +3,17 @@
 Pure arithmetic on feature matrices (N, F) and (R, F); where the features come from is
 features.py, which samples are scored is sample_quality.py.
 
-    Frechet distance   |mu_s - mu_r|^2 + tr(C_s + C_r - 2 (C_s C_r)^(1/2))      (Heusel et al. 2017)
-    KID                unbiased MMD^2 with the kernel (x.y / F + 1)^3         (Binkowski et al. 2018)
-    precision, recall  share of samples inside the reals' k-NN balls, and of reals inside the
-                       samples' k-NN balls, k = 3                          (Kynkaanniemi et al. 2019)
-    density, coverage  mean number of real k-NN balls holding a sample, / k; share of real balls
-                       holding at least one sample                             (Naeem et al. 2020)
+    Frechet distance   |mu_s - mu_r|^2 + tr(C_s + C_r - 2 (C_s C_r)^(1/2))  (Heusel et al. 2017)
+    KID                unbiased MMD^2, kernel (x.y / F + 1)^3         (Binkowski et al. 2018)
+    precision, recall  share of samples inside the reals' k-NN balls, and of reals inside
+                       the samples' k-NN balls, k = 3              (Kynkaanniemi et al. 2019)
+    density, coverage  mean number of real k-NN balls holding a sample, / k; share of real
+                       balls holding at least one sample                (Naeem et al. 2020)
 
 The reference (the reals) is the same for every run on a dataset, so the intervals describe
-the noise of the N samples, which is what differs between runs. Each score gets a 95 % bootstrap
-percentile interval (bias-corrected, see _interval) from B replicates, each computed exactly from quantities measured once:
-the Frechet distance (weighted moments), KID (the U-statistic over distinct pairs), precision
+the noise of the N samples, which is what differs between runs. Each score gets a 95 %
+bootstrap percentile interval (bias-corrected, see _interval) from B replicates, each computed
+exactly from quantities measured once: the Frechet distance (weighted moments), KID (the U-statistic over distinct pairs), precision
 and density (per-sample indicators and counts) resample the samples with the reference fixed.
 Recall and coverage are averages over the reference's examples of whether the samples reach
 them; they resample the reference's examples with the samples fixed, because resampling the
@@ -21,8 +21,9 @@ samples with replacement keeps only about 63 % of them distinct and would bias a
 counts what a set covers downwards. KID's standard error is the spread of its replicates. All
 distances are exact Euclidean (no approximate neighbour search), chunked within a fixed memory
 budget. Distances and kernel values come from one float32 matrix product per block (features
-are standardised, O(1), so float32 keeps them to about 1e-6 relative); every sum and moment is
-accumulated in float64.
+are standardised, O(1), so float32 keeps them to about 1e-6 relative); sums along a row are
+float32 (cascade summation), sums of rows float64, and second moments are taken of centred
+features; KID agrees with a float64 computation to about 1e-8 relative.
 """
 
 from __future__ import annotations

@@ -232,7 +232,8 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
         "features": {**describe(features), "trained_on": dataset.name},
         "reference": {"split": "train", "n": len(index), "seeded_subset": len(index) <
                       len(dataset.train_x)},
-        "floor": {pixels: {"what": FLOOR_WHAT[pixels], **scores} for pixels, scores in floor.items()},
+        "floor": {pixels: {"what": FLOOR_WHAT[pixels], **scores}
+                  for pixels, scores in floor.items()},
         "samples": n, "temperatures": list(temperatures), "seed": seed, "bootstrap": bootstrap,
         "conditional": conditional, "scores": rows, "score_names": list(SCORES),
         "seconds": time.monotonic() - started,
