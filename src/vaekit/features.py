@@ -70,9 +70,9 @@ class FeatureNet(nn.Module):
         if is_image(self.shape):
             channels = self.shape[0]
             self.trunk = nn.Sequential(
-                nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
                 nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, FEATURES))
         else:
             self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(self.shape), 256),
@@ -113,24 +113,29 @@ class Features:
     net: FeatureNet
     info: dict  # kind, dimensions, steps, test score, file, fingerprint
 
-    def __call__(self, x: Tensor, batch: int = 1024) -> Tensor:
+    def __post_init__(self):
+        # channels-last images run the convolutions about twice as fast on CPU (oneDNN)
+        self.net.to(memory_format=torch.channels_last)
+
+    def _batches(self, x: Tensor, batch: int):
+        for start in range(0, len(x), batch):
+            chunk = x[start:start + batch].float().cpu()
+            yield chunk.contiguous(memory_format=torch.channels_last) if chunk.dim() == 4 \
+                else chunk
+
+    def __call__(self, x: Tensor, batch: int = 512) -> Tensor:
         """Features (N, 64) float64 on the CPU of examples in data units (N, *shape)."""
-        out = []
         with torch.inference_mode():
-            for start in range(0, len(x), batch):
-                out.append(self.net(x[start:start + batch].float().cpu()).double())
+            out = [self.net(chunk).double() for chunk in self._batches(x, batch)]
         return torch.cat(out) if out else torch.empty(0, FEATURES, dtype=torch.float64)
 
-    def predict(self, x: Tensor, batch: int = 1024) -> Tensor:
+    def predict(self, x: Tensor, batch: int = 512) -> Tensor:
         """The classifier's class of each example (N,); only for classifier features."""
         if self.net.num_classes is None:
             raise ValueError("these features come from an autoencoder: no classes to predict")
-        out = []
         with torch.inference_mode():
-            for start in range(0, len(x), batch):
-                chunk = x[start:start + batch].float().cpu()
-                out.append(self.net.head_output(chunk).argmax(1))
-        return torch.cat(out)
+            return torch.cat([self.net.head_output(chunk).argmax(1)
+                              for chunk in self._batches(x, batch)])
 
 
 def feature_file(dataset: Dataset) -> Path:
