@@ -78,3 +78,17 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_conv_run(tmp_path_factory) -> Path:
     """A digits conv run of 2 short epochs (read-only)."""
     return train_tiny(tmp_path_factory.mktemp("runs") / "tiny-conv", net="conv", epochs=2)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the digits' feature network, trained once per test session: use
+    it with monkeypatch.setenv("VAEKIT_CACHE", str(feature_cache)) (read-only)."""
+    from vaekit.data import load_dataset
+    from vaekit.features import save_features, train_feature_net
+
+    folder = tmp_path_factory.mktemp("cache")
+    dataset = load_dataset("digits")
+    save_features(train_feature_net(dataset), folder / "features" /
+                  f"{dataset.fingerprint()}.safetensors")
+    return folder
