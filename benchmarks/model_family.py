@@ -93,6 +93,23 @@ def train_run(folder: Path, name: str, **options) -> Path:
     return run_dir
 
 
+def family(epochs: int) -> tuple[dict, dict]:
+    """The shared network options and the binarised models: {name: (run folder, options)}."""
+    network = dict(data="fashion-mnist", net="mlp", hidden=[200, 200], activation="relu",
+                   latent_dim=50, batch_size=128, lr=1e-3, epochs=epochs, seed=0)
+    warmup = dict(kl_schedule="linear", kl_warmup_epochs=0.4 * epochs)
+    binarised = {
+        "VAE (ELBO)": ("vae", dict()),
+        "IWAE, k = 5": ("iwae-5", dict(objective="iwae", iwae_samples=5)),
+        "IWAE, k = 50": ("iwae-50", dict(objective="iwae", iwae_samples=50)),
+        "VAE, KL warm-up": ("vae-warmup", warmup),
+        "VampPrior K = 500, KL warm-up": ("vamp-500-warmup",
+                                          dict(prior="vamp", prior_components=500, **warmup)),
+        "VampPrior K = 500, no warm-up": ("vamp-500", dict(prior="vamp", prior_components=500)),
+    }
+    return network, binarised
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -189,18 +206,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    network = dict(data="fashion-mnist", net="mlp", hidden=[200, 200], activation="relu",
-                   latent_dim=50, batch_size=128, lr=1e-3, epochs=args.epochs, seed=0)
-    warmup = dict(kl_schedule="linear", kl_warmup_epochs=0.4 * args.epochs)
-    binarised = {  # name: (run folder, options)
-        "VAE (ELBO)": ("vae", dict()),
-        "IWAE, k = 5": ("iwae-5", dict(objective="iwae", iwae_samples=5)),
-        "IWAE, k = 50": ("iwae-50", dict(objective="iwae", iwae_samples=50)),
-        "VAE, KL warm-up": ("vae-warmup", warmup),
-        "VampPrior K = 500, KL warm-up": ("vamp-500-warmup",
-                                          dict(prior="vamp", prior_components=500, **warmup)),
-        "VampPrior K = 500, no warm-up": ("vamp-500", dict(prior="vamp", prior_components=500)),
-    }
+    network, binarised = family(args.epochs)
     runs = {name: train_run(folder, slug, **network, **options)
             for name, (slug, options) in binarised.items()}
 

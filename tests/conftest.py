@@ -89,3 +89,17 @@ def imperfect(model, shift: float, shrink: float):
         model.encoder.net[0].bias[latent:] += shift
         model.encoder.net[0].weight[:latent] *= shrink
     return model
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the digits' feature network, trained once per test session: use
+    it with monkeypatch.setenv("VAEKIT_CACHE", str(feature_cache)) (read-only)."""
+    from vaekit.data import load_dataset
+    from vaekit.features import save_features, train_feature_net
+
+    folder = tmp_path_factory.mktemp("cache")
+    dataset = load_dataset("digits")
+    save_features(train_feature_net(dataset), folder / "features" /
+                  f"{dataset.fingerprint()}.safetensors")
+    return folder

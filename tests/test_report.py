@@ -26,7 +26,7 @@ from vaekit.report import (
 )
 from vaekit.runs import load_run, load_run_dataset
 
-SECTIONS = ("point-10", "points-9-11", "point-14", "point-15", "point-16")
+SECTIONS = ("point-10", "points-9-11", "point-14", "point-15", "point-16", "samples")
 SMALL = dict(examples=12, k=300, gradient_examples=4, gradient_samples=(1, 10),
              gradient_repeats=8)
 
@@ -73,7 +73,13 @@ def test_shift_and_erase_are_exact_pixel_operations():
     assert int(erased.sum()) == int(image.sum()) - 4 * 200
 
 
-def test_explain_writes_a_self_contained_report_with_five_sections(tiny_run, tmp_path):
+@pytest.fixture(autouse=True)
+def cached_features(feature_cache, monkeypatch):
+    """The samples section uses the data's feature network: the session's, not ~/.cache."""
+    monkeypatch.setenv("VAEKIT_CACHE", str(feature_cache))
+
+
+def test_explain_writes_a_self_contained_report_with_six_sections(tiny_run, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path)
     run = load_run(run_dir)
     page = explain(run, load_run_dataset(run), log=lambda *a: None, **SMALL)
@@ -81,12 +87,12 @@ def test_explain_writes_a_self_contained_report_with_five_sections(tiny_run, tmp
     parsed = parse(page)
     assert parsed.ids == list(SECTIONS)
     assert parsed.external == []  # opens from disk: nothing to fetch
-    assert len(parsed.images) == 5
+    assert len(parsed.images) == 6
     for source in parsed.images:
         assert source.startswith("data:image/png;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         assert image.size[0] > 100 and image.size[1] > 100
-    for name in ("point10", "estimators", "gap", "curves", "gradients"):
+    for name in ("point10", "estimators", "gap", "curves", "gradients", "samples"):
         assert (run_dir / f"explain-{name}.png").is_file(), name
     text = page.read_text()
     assert "Pixel distance prefers the damaged image in" in text
@@ -122,7 +128,7 @@ def test_explain_on_non_image_data_skips_only_the_image_demonstration(tmp_path):
     page = explain(run, load_run_dataset(run), log=lambda *a: None, **SMALL)
     parsed = parse(page)
     assert parsed.ids == list(SECTIONS)
-    assert len(parsed.images) == 4  # no picture for point 10
+    assert len(parsed.images) == 4  # no picture for point 10 nor of the samples
     assert "not images" in page.read_text()
 
 

@@ -114,6 +114,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def temperature_list(text: str) -> list[float]:
+    """--temperatures: comma-separated numbers in [0, 10], such as 1.0,0.8."""
+    import math
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1.0,0.8, got "
+                                         f"{text!r}") from None
+    if not values or any(not (math.isfinite(v) and 0 <= v <= 10) for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures are numbers from 0 to 10 (1 is the prior "
+                                         f"itself), got {text!r}")
+    return values
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="vaekit", description="Train a variational autoencoder, generate from "
                     "it, steer its latent space and measure its log-likelihood.",
@@ -147,6 +162,9 @@ def build_parser() -> Parser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     sample.add_argument("--draw", action="store_true", help="show x drawn from p(x|z) instead "
                         "of its mean E[x|z]")
+    sample.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="scale of the prior's noise, 0 to 10 (default: 1, the prior; "
+                        "below 1 fewer but more typical samples; see the README)")
     sample.add_argument("--label", metavar="CLASS", help="conditional runs: draw this class (its "
                         "name, e.g. Sandal, or its index); default: a grid with one row per class")
     sample.add_argument("--per-class", type=positive_int, default=8, metavar="N",
@@ -191,6 +209,20 @@ def build_parser() -> Parser:
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false",
                           help="no progress bar")
+    evaluate.add_argument("--sample-quality", action="store_true", help="also score the run's "
+                          "samples against real training examples: Frechet distance, KID, "
+                          "precision, recall, density and coverage in features of a network "
+                          "vaekit trains on the run's data (cached), with bootstrap intervals and "
+                          "the floor of real test examples")
+    evaluate.add_argument("--samples", type=positive_int, metavar="N", help="with "
+                          "--sample-quality: samples per score (default: the test set's size, at "
+                          "most 10,000)")
+    evaluate.add_argument("--temperatures", type=temperature_list, default=[1.0],
+                          metavar="T[,T...]", help="with --sample-quality: prior temperatures to "
+                          "score, the prior's noise scaled by T (default: 1.0)")
+    evaluate.add_argument("--bootstrap", type=positive_int, default=100, metavar="B",
+                          help="with --sample-quality: bootstrap resamples per interval "
+                          "(default: 100)")
 
     explain = commands.add_parser(
         "explain", help="write an HTML report of the note's demonstrations on a run",
@@ -362,6 +394,9 @@ def cmd_sample(args) -> int:
 
     from .viz import class_rows_image, examples_image, save_png
 
+    if not 0 <= args.temperature <= 10:  # also refuses nan
+        raise VaekitError(f"--temperature {args.temperature}: give a number from 0 to 10 (1 is "
+                          "the prior itself)")
     run = _load(args.run_dir, args.device)
     pipeline, names = run.pipeline, run.label_names
     if args.label is not None and names is None:
@@ -371,6 +406,7 @@ def cmd_sample(args) -> int:
     grid = names is not None and label is None  # one row per class
     count = len(names) * args.per_class if grid else args.n
     tag = f"-label{label}" if label is not None else "-classes" if grid else ""
+    tag += f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
     out = Path(args.out) if args.out else run.path / f"samples-{count}{tag}-seed{args.seed}.png"
     _check_output(out, ".png")
     device = next(run.model.parameters()).device
@@ -380,13 +416,15 @@ def cmd_sample(args) -> int:
             y = torch.arange(len(names), device=device).repeat_interleave(args.per_class)
         else:
             y = None if label is None else torch.full((count,), label, device=device)
-        samples = run.model.sample(count, y, mean=not args.draw)  # (count, *shape)
+        samples = run.model.sample(count, y, mean=not args.draw,
+                                   temperature=args.temperature)  # (count, *shape)
     shown = pipeline.display(samples)
     save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
     given = f", y = {names[label]} (class {label})" if label is not None else \
         f", one row per class ({len(names)} classes)" if grid else ""
+    tempered = f" at temperature {args.temperature:g}" if args.temperature != 1.0 else ""
     print(f"wrote {out} ({count} samples, {'drawn from' if args.draw else 'mean of'} p(x|z), "
-          f"z ~ p(z) {run.config.prior}{given})")
+          f"z ~ p(z) {run.config.prior}{tempered}{given})")
     if args.save_array:
         target = Path(args.save_array)
         _check_output(target, ".npy")
@@ -432,7 +470,22 @@ def resolve_label(text: str, names: list[str]) -> int:
                       f"index 0..{len(names) - 1}")
 
 
+MAX_QUALITY_SAMPLES = 200_000  # sample_quality.MAX_SAMPLES (cli.py stays torch-free)
+
+
 def cmd_evaluate(args) -> int:
+    quality_options = [name for name, given in (("--samples", args.samples is not None),
+                                                ("--temperatures", args.temperatures != [1.0]),
+                                                ("--bootstrap", args.bootstrap != 100)) if given]
+    if quality_options and not args.sample_quality:
+        raise VaekitError(f"{quality_options[0]} belongs to --sample-quality; add "
+                          "--sample-quality or drop it")
+    if args.samples is not None and not 10 <= args.samples <= MAX_QUALITY_SAMPLES:
+        raise VaekitError(f"--samples {args.samples:,}: give 10 to {MAX_QUALITY_SAMPLES:,} "
+                          "samples")
+    if args.bootstrap < 10 or args.bootstrap > 10_000:
+        raise VaekitError(f"--bootstrap {args.bootstrap}: give 10 to 10,000 resamples (a 95 % "
+                          "interval needs at least 10)")
     import json
 
     from .device import resolve_device
@@ -447,6 +500,8 @@ def cmd_evaluate(args) -> int:
         device = resolve_device(args.device, dist)
         run = load_run(args.run_dir, device)
         dataset = load_run_dataset(run)
+        if args.sample_quality and dist.world_size > 1:
+            raise VaekitError("--sample-quality runs in one process; run it without torchrun")
         total = len(dataset.test_x if args.split == "test" else dataset.train_x)
         total = min(total, args.limit or total)
         bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
@@ -459,6 +514,13 @@ def cmd_evaluate(args) -> int:
                 bar.close()
         if not dist.is_main:
             return 0
+        if args.sample_quality:
+            from .sample_quality import evaluate_sample_quality
+
+            result["sample_quality"] = evaluate_sample_quality(
+                run, dataset, samples=args.samples, temperatures=tuple(args.temperatures),
+                seed=args.seed, bootstrap=args.bootstrap,
+                log=(lambda message: print(message, file=sys.stderr)) if args.progress else None)
         target = run.path / "evaluation.json"
         with writing("cannot write the evaluation", target, "make the run folder writable"):
             atomic_write_json(target, result)

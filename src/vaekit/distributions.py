@@ -400,6 +400,30 @@ def draw_from_noise(p: Distribution, eps: Tensor, choice: Tensor | None = None) 
     return base.icdf(Normal(0.0, 1.0).cdf(eps))  # (*sample_shape, D)
 
 
+def draw_at_temperature(p: Distribution, n: int, temperature: float = 1.0,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """n draws from the prior p with its noise scaled by `temperature`, for every prior. (n, D)
+
+    One definition for all priors: z = draw_from_noise(p, T * eps, choice), eps ~ N(0, I), the
+    component choice (mixtures) left untempered. What T means for each:
+      normal             z ~ N(0, T^2 I): the prior's scale times T (NVAE, VDVAE);
+      uniform            z_d = Phi(T eps_d): T = 1 is the uniform cube; T < 1 piles the draws
+                         towards the centre 0.5 (T -> 0: the centre), T > 1 towards the faces;
+      mixture, vamp      component k picked with its weight pi_k, then z = mu_k + T sigma_k eps:
+                         every component's scale times T, its mean and weight kept.
+    T = 1 is exactly p and T = 0 its centre (the component means for mixtures). The noise comes
+    from `generator` (CPU) in one draw, so the result depends on (seed, n) alone.
+    """
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"a temperature must be a number >= 0, got {temperature}")
+    dims = p.event_shape[-1]
+    eps = torch.randn(n, dims, generator=generator)  # (n, D)
+    choice = torch.randn(n, generator=generator) if isinstance(p, MixtureSameFamily) else None
+    device = p.mean.device
+    return draw_from_noise(p, temperature * eps.to(device),
+                           None if choice is None else choice.to(device))  # (n, D)
+
+
 def log_ratio_per_dimension(q: Distribution, prior: Distribution, z: Tensor,
                             eps: Tensor) -> Tensor:
     """log q(z_d | x) - log p(z_d) per latent dimension (..., B, D) at z = reparameterize(q, eps).

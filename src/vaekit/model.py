@@ -31,6 +31,7 @@ from .distributions import (
     build_likelihood,
     build_posterior,
     build_prior,
+    draw_at_temperature,
     draw_from_noise,
     exact_kl_per_dimension,
     posterior_mean_code,
@@ -168,12 +169,18 @@ class VAE(nn.Module):
         """p(x|z[, y]) for codes z (..., B, D) and labels y (B,); event shape data_shape."""
         return self.likelihood(_full_precision(self.decoder(z, self.condition(y))))
 
-    def sample(self, n: int, y: Tensor | int | None = None, *, mean: bool = False) -> Tensor:
+    def sample(self, n: int, y: Tensor | int | None = None, *, mean: bool = False,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """n new examples: z ~ p(z), then x ~ p(x|z[, y]) (or E[x|z] with mean=True).
 
-        y: one label for all n, or labels (n,), for a conditional model. (n, *data_shape)
+        y: one label for all n, or labels (n,), for a conditional model. temperature scales the
+        prior's noise (distributions.draw_at_temperature); generator (CPU) makes z depend on it
+        alone. (n, *data_shape)
         """
-        z = self.prior.sample((n,))  # (n, D)
+        if temperature == 1.0 and generator is None:
+            z = self.prior.sample((n,))  # (n, D)
+        else:
+            z = draw_at_temperature(self.prior, n, temperature, generator)  # (n, D)
         if isinstance(y, int):
             y = torch.full((n,), y, dtype=torch.long, device=z.device)
         px = self.decode(z, y)

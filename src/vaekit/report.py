@@ -100,6 +100,10 @@ def evaluation_table(result: dict) -> str:
                      "carry their estimate, so their log p(x) may be too low and its error bar too "
                      "small (q(z|x) is narrower than, or off, their posterior); a larger --k helps "
                      "only slowly")
+    if "sample_quality" in result:
+        from .sample_report import sample_quality_table
+
+        lines += ["", sample_quality_table(result["sample_quality"])]
     return "\n".join(lines)
 
 
@@ -633,6 +637,10 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
         sections.append(section_gradients(run, dataset.test_x[:gradient_examples],
                                           samples=gradient_samples, repeats=gradient_repeats,
                                           seed=seed))
+        from .sample_report import section_samples
+
+        log("explain: samples and their nearest training images")
+        sections.append(section_samples(run, dataset, seed=seed, log=log))
     finally:
         model.train(was_training)
     images = {}
