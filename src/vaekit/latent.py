@@ -16,7 +16,8 @@ group of a hierarchy). The ELBO is then written once, for any structure, as
 where each KL is closed form when torch registers the pair and otherwise the Monte Carlo
 estimate log q(z_l) - log p(z_l) at the reparameterised draw (as Pyro's Trace_ELBO sums over the
 sample sites a model has, and torch.distributions' registry decides where a closed form exists).
-Importance sampling needs only log p(x | code) + sum_l log p(z_l) - log q(z_l): `log_ratio`.
+Importance sampling needs only log w = log p(x | code) - sum_l [log q(z_l) - log p(z_l)], the
+latter the draw's `log_ratio`.
 
 The noise is one tensor (..., B, D) with D = sum_l D_l, split into the groups in order
 (`split_noise`); training draws it from the counter-based generators of randomness.py and
