@@ -36,6 +36,9 @@ DATASET_PRESETS = {
     "mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
     "fashion-mnist": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "lr_decay": 0.9},
 }
+# Keys added to config.json after its format was first released: a config.json written
+# before them lacks them and takes these values, which is what those runs did.
+LATER_KEYS = {"perturb": 0.0}
 GENERIC_PRESET = {"epochs": 20, "batch_size": 128, "lr": 1e-3, "lr_decay": 1.0}
 
 
@@ -72,6 +75,12 @@ class TrainConfig:
                          "binarisation of each training batch (dynamic, the standard setting) or "
                          "use one fixed seeded binarisation (fixed)", choices=("dynamic", "fixed"),
                          group="data")
+    perturb: float = _opt(0.0, "train on perturbed images: each pixel of every training batch is "
+                          "replaced, with this probability, by a uniform random level (a fresh "
+                          "draw every step). A run trained so is the background model of the "
+                          "likelihood ratio of `vaekit score --background` (Ren et al. 2019: "
+                          "0.1 to 0.2); 0 trains on the data as they are", minimum=0.0,
+                          maximum=0.9, metavar="RATE", group="data")
     # --- model ---
     net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (images (C, H, W) of "
                     "any size, square or not; stride-2 stages adapt to it)",
@@ -234,6 +243,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where} has unknown key {unknown[0]!r}: valid keys are "
                               f"{', '.join(names)}")
+        values = {**{k: v for k, v in LATER_KEYS.items() if k not in values}, **values}
         missing = [n for n in names if n not in values]
         if missing:
             raise ConfigError(f"{where} lacks key {missing[0]!r}: it was written by another "
