@@ -500,7 +500,7 @@ def cmd_explain(args) -> int:
 def cmd_score(args) -> int:
     import json
 
-    from .scoring import test_scores
+    from .scoring import reference_scores
 
     if args.k < 2:
         raise VaekitError("--k must be at least 2 (a standard error needs two samples)")
@@ -538,7 +538,7 @@ def cmd_score(args) -> int:
 
     n_test = run.data["n_test"]
     with _closing(bar(n_test, f"test set (k = {args.k}, cached)")) as progress:
-        reference = test_scores(run, args.k, args.seed, batch_size=args.batch_size,
+        reference = reference_scores(run, args.k, args.seed, batch_size=args.batch_size,
                                 progress=progress.update if progress else None,
                                 warn=lambda m: print(f"vaekit score: {m}", file=sys.stderr))
     if not ood:
@@ -652,7 +652,8 @@ def _scores_csv(rows, reference) -> str:
     latent = rows[0][1].posterior_mean.shape[1]
     extra_names = list(rows[0][2])
     header = ["set", "index", "log_px", "log_px_se", "log_px_ess", "bits_per_dim",
-              "test_percentile", "elbo", "reconstruction", "kl", "reconstruction_error",
+              "test_percentile", "elbo", "elbo_se", "reconstruction", "kl",
+              "reconstruction_error",
               *extra_names, *(f"z{d}" for d in range(latent))]
     lines = [",".join(header)]
     for name, scores, extra in rows:
@@ -660,7 +661,7 @@ def _scores_csv(rows, reference) -> str:
             np.full(len(scores), np.nan)
         ranks = percentiles(scores.log_px, reference.log_px)
         columns = [scores.log_px, scores.log_px_se, scores.log_px_ess, bits, ranks, scores.elbo,
-                   scores.reconstruction, scores.kl, scores.reconstruction_error,
+                   scores.elbo_se, scores.reconstruction, scores.kl, scores.reconstruction_error,
                    *(extra[n] for n in extra_names)]
         table = np.column_stack([*columns, scores.posterior_mean])  # (N, columns)
         for index, row in enumerate(table):

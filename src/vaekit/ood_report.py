@@ -220,10 +220,11 @@ def report_page(run, result: dict, inliers: ScoredSet, outliers: ScoredSet) -> s
     figures = []
     for item in detections:
         name = item["score"]
-        chart = histogram_chart(f"{name}: {item['description']}", "score (larger = more "
+        chart = histogram_chart(name, "score (larger = more "
                                 "unusual), nats", inliers.ood_scores[name],
                                 outliers.ood_scores[name], in_name, out_name)
-        figures.append(Figure(f"hist-{name}", chart.render(), f"{name}: both sets' scores"))
+        figures.append(Figure(f"hist-{name}", chart.render(),
+                              f"{name}, {item['description']}: both sets' scores"))
     sections.append(Section("histograms", "Score distributions",
                             ["Each score's distribution on both sets (the same bins)."],
                             figures))

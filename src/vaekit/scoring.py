@@ -53,6 +53,7 @@ class ExampleScores:
     log_px_se: np.ndarray  # (N,) its Monte Carlo standard error
     log_px_ess: np.ndarray  # (N,) effective sample size of its importance weights
     elbo: np.ndarray  # (N,)
+    elbo_se: np.ndarray  # (N,) its Monte Carlo standard error
     reconstruction: np.ndarray  # (N,) E_q[log p(x|z)]
     kl: np.ndarray  # (N,) KL(q(z|x) || p(z))
     reconstruction_error: np.ndarray  # (N,) mean squared error per dimension, data units
@@ -63,7 +64,7 @@ class ExampleScores:
     discrete: bool  # log p(x) is (a bound on) a log-probability: bits per dimension make sense
     description: str  # what log p(x) is a likelihood of
 
-    SCALARS = ("log_px", "log_px_se", "log_px_ess", "elbo", "reconstruction", "kl",
+    SCALARS = ("log_px", "log_px_se", "log_px_ess", "elbo", "elbo_se", "reconstruction", "kl",
                "reconstruction_error")
 
     def __len__(self) -> int:
@@ -102,7 +103,7 @@ def score_examples(model: VAE, raw: Tensor, pipeline: Pipeline, *, k: int, seed:
         raise ValueError("no examples to score")
     device = device or next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {name: [] for name in ("log_px", "log_px_var",
-                                                            "log_px_ess", "elbo",
+                                                            "log_px_ess", "elbo", "elbo_var",
                                                             "reconstruction", "kl",
                                                             "posterior_mean")}
     errors = []
@@ -128,6 +129,7 @@ def score_examples(model: VAE, raw: Tensor, pipeline: Pipeline, *, k: int, seed:
     return ExampleScores(
         log_px=joined["log_px"] + shift, log_px_se=np.sqrt(joined["log_px_var"]),
         log_px_ess=joined["log_px_ess"], elbo=joined["elbo"] + shift,
+        elbo_se=np.sqrt(joined["elbo_var"]),
         reconstruction=joined["reconstruction"] + shift, kl=joined["kl"],
         reconstruction_error=torch.cat(errors).double().numpy(),
         posterior_mean=joined["posterior_mean"], k=k, seed=seed,
@@ -217,7 +219,7 @@ def _shape(shape) -> str:
 # The run's test set, scored once and cached in the run folder
 
 
-def test_scores_path(run, k: int, seed: int) -> Path:
+def reference_cache_path(run, k: int, seed: int) -> Path:
     return run.path / f"test-scores-k{k}-seed{seed}.safetensors"
 
 
@@ -229,7 +231,7 @@ def _weights_digest(run) -> str:
     return digest.hexdigest()
 
 
-def test_scores(run, k: int, seed: int = 0, *, load_dataset: Callable | None = None,
+def reference_scores(run, k: int, seed: int = 0, *, load_dataset: Callable | None = None,
                 batch_size: int | None = None, progress: Callable[[int], None] | None = None,
                 warn: Callable[[str], None] = print) -> ExampleScores:
     """The run's test examples scored at k (seed): read from RUN_DIR/test-scores-kK-seedS
@@ -238,7 +240,7 @@ def test_scores(run, k: int, seed: int = 0, *, load_dataset: Callable | None = N
     runs.load_run_dataset), called only when the scores must be computed."""
     from .runs import atomic_write_bytes, describe_os_error, tensors_from_file, tensors_to_bytes
 
-    path = test_scores_path(run, k, seed)
+    path = reference_cache_path(run, k, seed)
     facts = {"format": TEST_SCORES_FORMAT, "k": str(k), "seed": str(seed),
              "weights_sha256": _weights_digest(run), "data_fingerprint": run.data["fingerprint"]}
     scored = dict(k=k, seed=seed, dims=math.prod(run.data["shape"]),
