@@ -233,11 +233,12 @@ def _weights_digest(run) -> str:
 
 def reference_scores(run, k: int, seed: int = 0, *, load_dataset: Callable | None = None,
                 batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                warn: Callable[[str], None] = print) -> ExampleScores:
+                warn: Callable[[str], None] = print, write_cache: bool = True
+                ) -> ExampleScores:
     """The run's test examples scored at k (seed): read from RUN_DIR/test-scores-kK-seedS
     .safetensors when that file was written for these weights and data, else computed and
-    written there atomically. load_dataset: returns the run's dataset (default:
-    runs.load_run_dataset), called only when the scores must be computed."""
+    written there atomically (unless write_cache is false). load_dataset: returns the run's
+    dataset (default: runs.load_run_dataset), called only when the scores must be computed."""
     from .runs import atomic_write_bytes, describe_os_error, tensors_from_file, tensors_to_bytes
 
     path = reference_cache_path(run, k, seed)
@@ -257,6 +258,8 @@ def reference_scores(run, k: int, seed: int = 0, *, load_dataset: Callable | Non
     dataset = load_dataset()
     scores = score_examples(run.model, dataset.test_x, run.pipeline, k=k, seed=seed,
                             split="test", batch_size=batch_size, progress=progress)
+    if not write_cache:
+        return scores
     try:
         atomic_write_bytes(path, tensors_to_bytes(scores.to_tensors(), facts))
     except OSError as exc:  # a read-only run still scores; it is only slower next time
@@ -281,3 +284,38 @@ def _read_cache(path: Path, facts: dict, reader) -> dict | None:
     if set(tensors) != set(names) or len({len(t) for t in tensors.values()}) != 1:
         return None
     return tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# One example at a time (the explorer's uploads)
+
+
+class SingleExampleScorer:
+    """log p(x) of one example at a time and its percentile among the run's test examples.
+
+    The test set is scored at the same k on the first call, so a server starts at once; a
+    cache that `vaekit score --k K` left in the run folder is read instead, but none is written
+    (a browsing session leaves the run folder as it was). A conditional run has no log p(x) to
+    give, and yields None.
+    """
+
+    def __init__(self, run, k: int = 100, seed: int = 0):
+        import threading
+
+        self.run, self.k, self.seed = run, k, seed
+        self.reference: np.ndarray | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, raw: Tensor, split: str = "upload") -> dict | None:
+        """raw (1, *shape): the run's raw data. log p(x), its s.e., k and the percentile."""
+        if self.run.config.conditional:
+            return None
+        with self.lock:  # the first call scores the test set; the others wait for it
+            if self.reference is None:
+                self.reference = reference_scores(self.run, self.k, self.seed,
+                                                  write_cache=False).log_px
+        scores = score_examples(self.run.model, raw, self.run.pipeline, k=self.k,
+                                seed=self.seed, split=split)
+        return {"log_px": float(scores.log_px[0]), "log_px_se": float(scores.log_px_se[0]),
+                "score_k": self.k, "test_examples": len(self.reference),
+                "test_percentile": float(percentiles(scores.log_px, self.reference)[0])}
