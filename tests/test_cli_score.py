@@ -132,15 +132,22 @@ BAD = [
     (lambda tmp: ["--data", "digits", "--against", str(tmp / "empty")], "no images found"),
     (lambda tmp: ["--data", "digits", "--against", "digits", "--background", str(tmp / "lin")],
      "--background"),
+    (lambda tmp: ["--data", "digits", "--against", str(tmp / "one.npy")], "too few"),
+    (lambda tmp: ["--data", "digits", "--against", "digits", "--typicality-batch", "200"],
+     "smaller --typicality-batch"),
+    (lambda tmp: ["--data", "digits", "--against", "digits", "--bootstrap", "10000000"],
+     "at most 100,000"),
 ]
 
 
 @pytest.mark.parametrize("arguments,message", BAD, ids=[
     "wrong-shape", "empty-folder", "missing-file", "background-alone", "bad-output",
-    "k-too-small", "empty-against", "background-other-data"])
+    "k-too-small", "empty-against", "background-other-data", "one-outlier",
+    "typicality-batch-too-large", "bootstrap-too-large"])
 def test_bad_input_gets_one_line_and_exit_status_2(tiny_run, capsys, tmp_path, arguments,
                                                    message):
     np.save(tmp_path / "wrong.npy", np.zeros((3, 9, 9), np.uint8))
+    np.save(tmp_path / "one.npy", np.zeros((1, 8, 8), np.uint8))
     (tmp_path / "empty").mkdir()
     if "lin" in " ".join(arguments(tmp_path)):
         np.save(tmp_path / "real.npy", np.random.default_rng(0).normal(size=(40, 3)))

@@ -504,6 +504,9 @@ def cmd_score(args) -> int:
 
     if args.k < 2:
         raise VaekitError("--k must be at least 2 (a standard error needs two samples)")
+    if args.bootstrap > MAX_BOOTSTRAP:
+        raise VaekitError(f"--bootstrap {args.bootstrap} is more resamples than an interval "
+                          f"needs; give at most {MAX_BOOTSTRAP:,} (1,000 is plenty)")
     if args.against is None and (args.background or args.report or args.typicality_batch > 1):
         raise VaekitError("--background, --report and --typicality-batch belong to the "
                           "out-of-distribution report; add --against OUT")
@@ -528,6 +531,14 @@ def cmd_score(args) -> int:
     sets = [_new_data(run, args.data, args.limit)]
     if ood:
         sets.append(_new_data(run, args.against, args.limit))
+        for (raw, what), option in zip(sets, ("--data", "--against")):
+            if len(raw) < 2 * args.typicality_batch:
+                need = "2 examples" if args.typicality_batch == 1 else \
+                    f"2 batches of --typicality-batch {args.typicality_batch}"
+                raise VaekitError(f"{option} {what}: {len(raw)} example(s) are too few for a "
+                                  f"detection report, which needs at least {need}; give more "
+                                  "data" + ("" if args.typicality_batch == 1
+                                            else " or a smaller --typicality-batch"))
     if background is not None and background.config.perturb == 0:
         print(f"vaekit score: warning: --background {background.path} was not trained with "
               "--perturb; Ren et al.'s background model is trained on perturbed inputs",
@@ -575,6 +586,9 @@ def cmd_score(args) -> int:
     print(detections_table(result))
     print(f"wrote {page}, {page.with_suffix('.json')} and {out}")
     return 0
+
+
+MAX_BOOTSTRAP = 100_000
 
 
 def _score_one(args, run, new, reference, out: Path) -> int:

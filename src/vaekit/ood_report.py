@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .data import batches
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .ood import SCORES, compressed_nats, detection, roc_curve, typicality
 from .plot import PALETTE, Chart
 from .scoring import ExampleScores, score_examples
@@ -111,9 +111,12 @@ def ood_report(run, inliers: ScoredSet, outliers: ScoredSet, *, reference: Examp
     """The report object: every score's detection quality and both sets' summaries."""
     from . import __version__
 
-    detections = [detection(name, inliers.ood_scores[name], outliers.ood_scores[name],
-                            bootstrap=bootstrap, seed=seed).to_dict()
-                  for name in inliers.ood_scores]
+    try:
+        detections = [detection(name, inliers.ood_scores[name], outliers.ood_scores[name],
+                                bootstrap=bootstrap, seed=seed).to_dict()
+                      for name in inliers.ood_scores]
+    except ValueError as exc:  # too few examples, or a likelihood that is not finite
+        raise DataError(f"cannot compare {inliers.name} with {outliers.name}: {exc}") from None
     for item in detections:
         item["description"] = score_description(item["score"])
 
