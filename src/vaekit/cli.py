@@ -164,7 +164,7 @@ def build_parser() -> Parser:
         "error, bits per dimension, the ELBO and its two terms, a reconstruction error, the "
         "posterior mean code, and the percentile of log p(x) among the run's test examples "
         "(scored once and cached in the run folder). With --against OUT: an "
-        "out-of-distribution report (AUROC, AUPR, FPR at 95%% TPR with bootstrap intervals) "
+        "out-of-distribution report (AUROC, AUPR, FPR at 95% TPR with bootstrap intervals) "
         "for the raw likelihood, typicality, input complexity and, with --background, the "
         "likelihood ratio, as JSON and an HTML page.")
     score.add_argument("run_dir", metavar="RUN_DIR")
