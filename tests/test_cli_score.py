@@ -169,3 +169,19 @@ def test_conditional_runs_are_refused(tmp_path, capsys):
     run = train_tiny(tmp_path / "cond", conditional=True, epochs=1)
     assert main(["score", str(run), "--data", "digits", "--k", "5", "--no-progress"]) == 2
     assert "is conditional" in capsys.readouterr().err
+
+
+def test_ood_report_on_real_arrays_has_no_complexity_score(linear_run, tmp_path, capsys):
+    run_dir, new = linear_run
+    shifted = tmp_path / "shifted.npy"
+    np.save(shifted, np.load(new) + 10.0)
+    report = tmp_path / "report.html"
+    status = main(["score", str(run_dir), "--data", str(new), "--against", str(shifted),
+                   "--k", "50", "--bootstrap", "50", "--report", str(report), "--out",
+                   str(tmp_path / "both.csv"), "--json", "--no-progress"])
+    assert status == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [d["score"] for d in result["detections"]] == ["likelihood", "typicality"]
+    assert "complexity" in result["not_computed"] and "likelihood_ratio" in result["not_computed"]
+    assert result["detections"][0]["auroc"] > 0.95  # shifted by 10 in every dimension
+    assert json.loads(report.with_suffix(".json").read_text()) == result

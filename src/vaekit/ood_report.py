@@ -217,7 +217,9 @@ def report_page(run, result: dict, inliers: ScoredSet, outliers: ScoredSet) -> s
          "AUROC 0.5 is chance; below 0.5 the score ranks the out-of-distribution set as more "
          "typical than the in-distribution one.",
          f"log p(x) here is the likelihood of: {_esc(result['likelihood_of'])}; importance "
-         f"sampled with k = {result['k']} draws per example."],
+         f"sampled with k = {result['k']} draws per example. Mean log p(x): in "
+         f"{result['in']['log_px_mean']:.2f}, out {result['out']['log_px_mean']:.2f}, the run's "
+         f"test set {result['reference']['log_px_mean']:.2f} nats."],
         [Figure("roc", roc_chart(inliers, outliers, detections).render(), "ROC curves")],
         table)]
     figures = []
