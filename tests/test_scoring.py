@@ -149,3 +149,11 @@ def test_new_images_go_through_the_run_pipeline(tiny_run, tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(6, np.uint8))
     with pytest.raises(DataError, match="labels file"):
         load_new_data(run, str(tmp_path / "t10k-labels-idx1-ubyte"))
+
+
+def test_noise_streams_are_named_by_content():
+    from vaekit.scoring import data_key
+
+    a = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8)
+    assert data_key(a) == data_key(a.clone())
+    assert data_key(a) != data_key(a.flip(-1)) != data_key(a.reshape(1, 64))

@@ -596,8 +596,7 @@ def _score_one(args, run, new, reference, out: Path) -> int:
 
     import numpy as np
 
-    from .ood_report import data_key
-    from .scoring import percentiles, score_examples
+    from .scoring import data_key, percentiles, score_examples
 
     raw, what = new
     with _closing(_progress_bar(len(raw), what, args.progress)) as progress:

@@ -8,7 +8,6 @@ self-contained HTML page with the histograms of both sets' scores and the ROC cu
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,19 +19,9 @@ from .data import batches
 from .errors import ConfigError, DataError
 from .ood import SCORES, compressed_nats, detection, roc_curve, typicality
 from .plot import PALETTE, Chart
-from .scoring import ExampleScores, score_examples
+from .scoring import ExampleScores, data_key, score_examples
 
 OOD_FORMAT = "vaekit-ood/1"
-
-
-def data_key(raw: Tensor) -> str:
-    """The noise stream of a set of examples, named by its content: the same data get the same
-    binarisation and importance samples whichever command scores them, and different sets
-    independent ones."""
-    digest = hashlib.sha256()
-    digest.update(str(tuple(raw.shape)).encode())
-    digest.update(raw.contiguous().cpu().numpy().tobytes())
-    return "new-" + digest.hexdigest()[:16]
 
 
 def check_background(run, background) -> None:

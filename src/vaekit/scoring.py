@@ -137,6 +137,16 @@ def score_examples(model: VAE, raw: Tensor, pipeline: Pipeline, *, k: int, seed:
         description=pipeline.description)
 
 
+def data_key(raw: Tensor) -> str:
+    """The noise stream of a set of examples, named by its content: the same data get the same
+    binarisation and importance samples whichever command scores them, and different sets
+    independent ones."""
+    digest = hashlib.sha256()
+    digest.update(str(tuple(raw.shape)).encode())
+    digest.update(raw.contiguous().cpu().numpy())  # the buffer itself, no copy
+    return "new-" + digest.hexdigest()[:16]
+
+
 def reconstruction_error(model: VAE, x: Tensor, pipeline: Pipeline) -> Tensor:
     """Mean squared error per dimension between x (B, *shape), in model space, and E[x|z] at
     its posterior mean code, both in the data's units. (B,) float64"""
