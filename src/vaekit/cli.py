@@ -500,7 +500,7 @@ def cmd_explain(args) -> int:
 def cmd_score(args) -> int:
     import json
 
-    from .scoring import reference_scores
+    from .scoring import reference_scores, scores_csv
 
     if args.k < 2:
         raise VaekitError("--k must be at least 2 (a standard error needs two samples)")
@@ -548,10 +548,10 @@ def cmd_score(args) -> int:
         return _progress_bar(total, what, args.progress)
 
     n_test = run.data["n_test"]
-    with _closing(bar(n_test, f"test set (k = {args.k}, cached)")) as progress:
+    with _closing(bar(n_test, f"test set, k = {args.k}")) as progress:  # unless cached
         reference = reference_scores(run, args.k, args.seed, batch_size=args.batch_size,
-                                progress=progress.update if progress else None,
-                                warn=lambda m: print(f"vaekit score: {m}", file=sys.stderr))
+                                     progress=progress.update if progress else None,
+                                     warn=lambda m: print(f"vaekit score: {m}", file=sys.stderr))
     if not ood:
         return _score_one(args, run, sets[0], reference, out)
     from .ood_report import detections_table, ood_report, report_page, score_set
@@ -572,7 +572,7 @@ def cmd_score(args) -> int:
     for role, item in zip(("in", "out"), scored):
         rows.append((role, item.scores, {name: values for name, values in item.ood_scores.items()
                                          if len(values) == len(item.scores)}))
-    _write(out, _scores_csv(rows, reference))
+    _write(out, scores_csv(rows, reference))
     _write(page.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     _write(page, report_page(run, result, *scored))
     if args.json:
@@ -594,31 +594,16 @@ MAX_BOOTSTRAP = 100_000
 def _score_one(args, run, new, reference, out: Path) -> int:
     import json
 
-    import numpy as np
-
-    from .scoring import data_key, percentiles, score_examples
+    from .scoring import data_key, score_examples, scores_csv, scores_summary
 
     raw, what = new
     with _closing(_progress_bar(len(raw), what, args.progress)) as progress:
         scores = score_examples(run.model, raw, run.pipeline, k=args.k, seed=args.seed,
                                 split=data_key(raw), batch_size=args.batch_size,
                                 progress=progress.update if progress else None)
-    _write(out, _scores_csv([("new", scores, {})], reference))
-    ranks = percentiles(scores.log_px, reference.log_px)
-    summary = {"format": "vaekit-scores/1", "run": str(run.path), "data": what, "n": len(scores),
-               "k": args.k, "seed": args.seed, "likelihood_of": scores.description,
-               "log_px_mean": float(scores.log_px.mean()),
-               "log_px_mean_se": float(np.sqrt((scores.log_px_se ** 2).sum()) / len(scores)),
-               "test_log_px_mean": float(reference.log_px.mean()), "n_test": len(reference),
-               "percentile_median": float(np.median(ranks)),
-               "below_test_1st_percentile": int((ranks < 1).sum()),
-               "below_test_5th_percentile": int((ranks < 5).sum()),
-               "elbo_mean": float(scores.elbo.mean()),
-               "reconstruction_error_mean": float(scores.reconstruction_error.mean()),
-               "scores_csv": str(out)}
-    if scores.bits_per_dim is not None:
-        summary["bits_per_dim_mean"] = float(scores.bits_per_dim.mean())
-        summary["test_bits_per_dim_mean"] = float(reference.bits_per_dim.mean())
+    _write(out, scores_csv([("new", scores, {})], reference))
+    summary = scores_summary(scores, reference, data=what)
+    summary.update(run=str(run.path), scores_csv=str(out))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -654,33 +639,6 @@ def _data_stem(source: str) -> str:
     for suffix in (".gz", ".npy", ".npz", ".csv"):
         name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "data"
-
-
-def _scores_csv(rows, reference) -> str:
-    """One CSV of per-example scores: (set name, ExampleScores, extra columns) per set."""
-    import numpy as np
-
-    from .scoring import percentiles
-
-    latent = rows[0][1].posterior_mean.shape[1]
-    extra_names = list(rows[0][2])
-    header = ["set", "index", "log_px", "log_px_se", "log_px_ess", "bits_per_dim",
-              "test_percentile", "elbo", "elbo_se", "reconstruction", "kl",
-              "reconstruction_error",
-              *extra_names, *(f"z{d}" for d in range(latent))]
-    lines = [",".join(header)]
-    for name, scores, extra in rows:
-        bits = scores.bits_per_dim if scores.bits_per_dim is not None else \
-            np.full(len(scores), np.nan)
-        ranks = percentiles(scores.log_px, reference.log_px)
-        columns = [scores.log_px, scores.log_px_se, scores.log_px_ess, bits, ranks, scores.elbo,
-                   scores.elbo_se, scores.reconstruction, scores.kl, scores.reconstruction_error,
-                   *(extra[n] for n in extra_names)]
-        table = np.column_stack([*columns, scores.posterior_mean])  # (N, columns)
-        for index, row in enumerate(table):
-            lines.append(f"{name},{index}," + ",".join("" if not np.isfinite(v) else f"{v:.6g}"
-                                                       for v in row))
-    return "\n".join(lines) + "\n"
 
 
 def _write(path: Path, text: str) -> None:

@@ -168,6 +168,51 @@ def percentiles(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return 100.0 * (below + at_most) / (2.0 * len(ordered))
 
 
+def scores_summary(scores: ExampleScores, reference: ExampleScores, *, data: str) -> dict:
+    """A scored set beside the run's test set: means, and how its log p(x) ranks among the
+    test examples' (what `vaekit score` prints, and its --json object)."""
+    ranks = percentiles(scores.log_px, reference.log_px)
+    summary = {"format": "vaekit-scores/1", "data": data, "n": len(scores), "k": scores.k,
+               "seed": scores.seed, "likelihood_of": scores.description,
+               "log_px_mean": float(scores.log_px.mean()),
+               "log_px_mean_se": float(np.sqrt((scores.log_px_se ** 2).sum()) / len(scores)),
+               "test_log_px_mean": float(reference.log_px.mean()), "n_test": len(reference),
+               "percentile_median": float(np.median(ranks)),
+               "below_test_1st_percentile": int((ranks < 1).sum()),
+               "below_test_5th_percentile": int((ranks < 5).sum()),
+               "elbo_mean": float(scores.elbo.mean()),
+               "reconstruction_error_mean": float(scores.reconstruction_error.mean())}
+    if scores.bits_per_dim is not None:
+        summary["bits_per_dim_mean"] = float(scores.bits_per_dim.mean())
+        summary["test_bits_per_dim_mean"] = float(reference.bits_per_dim.mean())
+    return summary
+
+
+def scores_csv(rows, reference: ExampleScores) -> str:
+    """One CSV of per-example scores, rows of every set: (set name, ExampleScores, extra
+    per-example columns by name) per set; percentiles among the reference (test) scores."""
+    latent = rows[0][1].posterior_mean.shape[1]
+    extra_names = list(rows[0][2])
+    header = ["set", "index", "log_px", "log_px_se", "log_px_ess", "bits_per_dim",
+              "test_percentile", "elbo", "elbo_se", "reconstruction", "kl",
+              "reconstruction_error",
+              *extra_names, *(f"z{d}" for d in range(latent))]
+    lines = [",".join(header)]
+    for name, scores, extra in rows:
+        bits = scores.bits_per_dim if scores.bits_per_dim is not None else \
+            np.full(len(scores), np.nan)
+        ranks = percentiles(scores.log_px, reference.log_px)
+        columns = [scores.log_px, scores.log_px_se, scores.log_px_ess, bits, ranks, scores.elbo,
+                   scores.elbo_se, scores.reconstruction, scores.kl, scores.reconstruction_error,
+                   *(extra[n] for n in extra_names)]
+        table = np.column_stack([*columns, scores.posterior_mean])  # (N, columns)
+        for index, row in enumerate(table):
+            lines.append(f"{name},{index}," + ",".join("" if not np.isfinite(v) else f"{v:.6g}"
+                                                       for v in row))
+    return "\n".join(lines) + "\n"
+
+
+
 # ------------------------------------------------------------------------------------------------
 # New data through the run's pipeline
 
