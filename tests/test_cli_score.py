@@ -75,33 +75,32 @@ def test_cli_scores_equal_the_exact_log_px_of_a_linear_gaussian_run(linear_run, 
     assert list(run_dir.glob("test-scores-k2000-seed0.safetensors"))
 
 
-def test_cli_repeats_from_the_cache_with_the_same_numbers(tiny_run, vaekit_cli, tmp_path):
+def test_cli_repeats_from_the_cache_with_the_same_numbers(tiny_run, capsys, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
-    first = vaekit_cli("score", run_dir, "--data", "digits", "--k", "20", "--json",
-                       "--no-progress")
-    assert first.returncode == 0, first.stderr
+    command = ["score", str(run_dir), "--data", "digits", "--k", "20", "--json", "--no-progress"]
+    assert main(command) == 0  # in-process, as the command runs it
+    first = capsys.readouterr().out
     cache = run_dir / "test-scores-k20-seed0.safetensors"
     stamp = cache.stat().st_mtime_ns
-    second = vaekit_cli("score", run_dir, "--data", "digits", "--k", "20", "--json",
-                        "--no-progress")
+    assert main(command) == 0
     assert cache.stat().st_mtime_ns == stamp  # read, not rewritten
-    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    a, b = json.loads(first), json.loads(capsys.readouterr().out)
     assert a["log_px_mean"] == b["log_px_mean"] and a["n"] == b["n"] == a["n_test"]
     assert 0 < a["bits_per_dim_mean"] < 1 and 35 < a["percentile_median"] < 65
     assert (run_dir / "scores-digits.csv").is_file()
 
 
-def test_ood_report_with_a_background_run(tiny_run, vaekit_cli, tmp_path):
+def test_ood_report_with_a_background_run(tiny_run, capsys, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)
     background = train_tiny(tmp_path / "background", perturb=0.2, epochs=2)
     rng = np.random.default_rng(1)
     np.save(tmp_path / "noise.npy", rng.integers(0, 256, (150, 8, 8), dtype=np.uint8))
-    result = vaekit_cli("score", run_dir, "--data", "digits", "--against",
-                        tmp_path / "noise.npy", "--background", background, "--k", "20",
-                        "--bootstrap", "100", "--typicality-batch", "4", "--no-progress")
-    assert result.returncode == 0, result.stderr
+    assert main(["score", str(run_dir), "--data", "digits", "--against",
+                 str(tmp_path / "noise.npy"), "--background", str(background), "--k", "20",
+                 "--bootstrap", "100", "--typicality-batch", "4", "--no-progress"]) == 0
+    assert "likelihood_ratio" in capsys.readouterr().out
     report = json.loads((run_dir / "ood-digits-vs-noise.json").read_text())
     names = [d["score"] for d in report["detections"]]
     assert names == ["likelihood", "typicality", "typicality_batch4", "complexity",
