@@ -31,8 +31,9 @@ from vaekit.runs import (
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
-# --precision and --compile; 76a75dd only the last two.
-LACKS = {"bb52941": set(ADDED_OPTIONS), "76a75dd": {"precision", "compile"}, "0f6a429": set()}
+# --precision and --compile; 76a75dd the last two; all three predate --perturb.
+LACKS = {"bb52941": set(ADDED_OPTIONS), "76a75dd": {"precision", "compile", "perturb"},
+         "0f6a429": {"perturb"}}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:

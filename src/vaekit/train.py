@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
+from .data import Dataset, Pipeline, load_dataset, perturb_pixels, resolve_likelihood
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError, TrainingError
 from .estimate import bits_per_dim, elbo_per_example, flush_denormals, iwae_per_example
 from .model import VAE, build_vae
 from .objectives import KLSchedule, elbo_terms, free_bits_kl, iwae_terms, kl_groups
-from .randomness import StepNoise, derive_seed, epoch_permutation
+from .randomness import StepNoise, derive_seed, epoch_permutation, seeded_generator
 from .runs import (
     STATE_FORMAT,
     STEP_LOG_COLUMNS,
@@ -158,6 +158,9 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     if config.net == "conv" and len(dataset.shape) != 3:
         raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
                           f"shape {dataset.shape}; use --net mlp")
+    if config.perturb > 0 and dataset.kind != "image8":
+        raise ConfigError(f"--perturb replaces pixels of 8-bit images by random levels, but "
+                          f"{config.data} holds real-valued arrays; drop --perturb")
     pipeline = Pipeline.build(dataset, config.likelihood, config.binarize, config.split_seed)
     return dataset, pipeline, config
 
@@ -391,6 +394,10 @@ class Trainer:
                 offset = b * self.batch_size
                 index = order[offset + self.rows.start: offset + self.rows.stop]
                 raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                if config.perturb > 0:  # a background model's inputs (Ren et al. 2019)
+                    raw = perturb_pixels(raw, config.perturb, seeded_generator(derive_seed(
+                        config.seed, "perturb", self.progress.global_step), self.device),
+                        self.batch_size, self.rows)
                 y = None if self.train_y is None else self.train_y.index_select(0, index)
                 noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
                                   self.rows, self.device)
@@ -856,6 +863,9 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
                 f"{config.free_bits_group_size} dimension(s)"
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
+    if config.perturb > 0:
+        condition += f"\n  background model: {config.perturb:g} of the training pixels " \
+            "replaced by random levels every step (for vaekit score --background)"
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
             f"shape {'x'.join(map(str, dataset.shape))}) | {config.net} VAE, z in R^"
             f"{config.latent_dim}, prior {config.prior}, likelihood {config.likelihood}, "
