@@ -199,7 +199,7 @@ def novelty(work: Path, args) -> str:
         f"(1,000); k = {args.k}. AUROC with 95 % bootstrap intervals:", "",
         "| held-out class | mean log p(x) in / out | " + " | ".join(SCORE_NAMES) + " |",
         "|---|---|" + "---|" * len(SCORE_NAMES), *rows, "",
-        f"Classes run: {', '.join(map(str, args.classes))}. All ten (about 10 minutes of CPU "
+        f"Classes run: {', '.join(map(str, args.classes))}. All ten (about 9 minutes "
         "per class on 2 cores, both models):", "", "```",
         f"OMP_NUM_THREADS=1 nice python benchmarks/ood.py --no-nalisnick --classes {all_classes}",
         "```"])
