@@ -146,8 +146,14 @@ def main() -> None:
                          f"{scored} | {score_cells(scores)} |")
     info = rows[0][3]["features"]
     name, quality_seconds, reference_seconds, is_reference_seconds = cost
+    import os
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
     body = "\n".join([
-        f"Machine: {machine()}. Date: {today()}. Command: `OMP_NUM_THREADS=1 nice python "
+        f"Machine: {machine()}, load average {os.getloadavg()[0]:.1f} at the end. Date: "
+        f"{today()}. Commit: {commit}. Command: `OMP_NUM_THREADS=1 nice python "
         f"benchmarks/sample_quality.py{' --quick' if args.quick else ''}"
         f"{'' if args.models == DEFAULT_MODELS else ' --models ' + args.models}`.",
         "",

@@ -254,3 +254,22 @@ def test_npz_with_a_test_split_names_its_classes(tmp_path):
              x_test=rng.random((6, 4)), y_test=np.array([0, 1, 2, 3, 1, 0]))
     data = load_dataset(str(tmp_path / "d.npz"))
     assert data.label_names == ["0", "1", "2", "3"]  # class 3 appears in the test split only
+
+
+def test_perturbed_pixels_are_replaced_at_the_rate_and_alike_for_any_process_count():
+    from vaekit.data import perturb_pixels
+    from vaekit.randomness import seeded_generator
+
+    raw = torch.full((64, 1, 28, 28), 7, dtype=torch.uint8)
+    whole = perturb_pixels(raw, 0.2, seeded_generator(5), 64, slice(0, 64))
+    share = (whole != 7).float().mean().item()
+    # replaced pixels keep 7 with chance 1/256; binomial standard error over 50,176 pixels
+    expected = 0.2 * 255 / 256
+    assert abs(share - expected) < 4 * (expected * (1 - expected) / whole.numel()) ** 0.5
+    halves = [perturb_pixels(raw[rows], 0.2, seeded_generator(5), 64, rows)
+              for rows in (slice(0, 32), slice(32, 64))]
+    assert torch.equal(torch.cat(halves), whole)
+    levels = whole[whole != 7].float()
+    assert levels.min() < 10 and levels.max() > 245  # uniform over 0..255
+    bits = perturb_pixels(torch.ones(8, 1, 4, 4), 1.0, seeded_generator(1), 8, slice(0, 8))
+    assert set(bits.unique().tolist()) == {0.0, 1.0}  # a fixed binarisation gets random bits

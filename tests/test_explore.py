@@ -158,6 +158,24 @@ def test_upload_of_a_test_image_encodes_like_the_test_image(grey_explorer):
         assert np.array_equal(pixels(response.json()["input"]), raw)
 
 
+def test_upload_shows_its_log_px_and_percentile_among_test_images(grey_explorer):
+    from vaekit.scoring import percentiles, reference_scores, score_examples
+
+    run, client = grey_explorer.run, grey_explorer.client
+    raw = grey_explorer.space.test_x[6:7]  # (1, 1, 8, 8) uint8
+    result = upload(client, png(Image.fromarray(raw[0, 0].numpy(), "L"))).json()
+    expected = score_examples(run.model, raw, run.pipeline, k=100, split="upload")
+    assert result["log_px"] == pytest.approx(float(expected.log_px[0]), rel=1e-9)
+    assert result["log_px_se"] == pytest.approx(float(expected.log_px_se[0]), rel=1e-6)
+    reference = reference_scores(run, 100, 0, write_cache=False)
+    assert result["test_examples"] == len(reference) and result["score_k"] == 100
+    assert result["test_percentile"] == pytest.approx(
+        float(percentiles(expected.log_px, reference.log_px)[0]))
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    assert upload(client, png(Image.fromarray(noise, "L"))).json()["test_percentile"] < 5
+    assert not list(run.path.glob("test-scores-*"))  # browsing writes nothing to the run
+
+
 @pytest.mark.parametrize("make", [
     lambda: png(Image.new("RGBA", (30, 20), (200, 10, 10, 128))),
     lambda: png(Image.new("I;16", (12, 40), 30000)),

@@ -152,6 +152,7 @@ def test_sample_upload_and_interpolation_strip(page, live):
                                           "buffer": buffer.getvalue()}])
     page.wait_for_function("text => document.getElementById('status').textContent.includes(text)",
                            arg="encoded white.png", timeout=10_000)
+    assert "percentile" in page.text_content("#status")  # its log p(x) among the test set's
     assert slider_values(page) != sampled
     assert page.is_visible("#upload-input")
     page.click("#set-b")

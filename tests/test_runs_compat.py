@@ -31,9 +31,10 @@ from vaekit.runs import (
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
-# --precision, --compile and --posterior; 76a75dd the last three; 0f6a429 --posterior.
-LACKS = {"bb52941": set(ADDED_OPTIONS), "76a75dd": {"precision", "compile", "posterior"},
-         "0f6a429": {"posterior"}}
+# --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
+LACKS = {"bb52941": set(ADDED_OPTIONS),
+         "76a75dd": {"precision", "compile", "posterior", "perturb"},
+         "0f6a429": {"posterior", "perturb"}}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:

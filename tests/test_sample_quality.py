@@ -200,6 +200,11 @@ def test_conditional_runs_report_the_share_of_the_requested_class(tmp_path_facto
         assert share["n"] == 300
         # the class was requested of the model: far more often right than chance (10 %)
         assert share["share"] > 0.1 + 5 * math.sqrt(0.1 * 0.9 / 300)
+    from vaekit.sample_report import sample_quality_table
+
+    text = sample_quality_table(result)
+    assert "right class" in text
+    assert f"{100 * result['scores'][0]['class_agreement']['share']:.1f} %" in text
 
 
 def test_evaluate_command_writes_the_sample_quality_object(quality_run, tmp_path, feature_cache):

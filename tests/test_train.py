@@ -196,7 +196,8 @@ def test_free_bits_hold_groups_at_the_floor_and_raise_the_kl(tmp_path):
     dict(objective="iwae", iwae_samples=3, conditional=True),
     dict(kl_schedule="cyclical", kl_cycle_epochs=0.7, free_bits=0.5, free_bits_group_size=4,
          prior="mixture"),
-], ids=["iwae-conditional", "cyclical-freebits-mixture"])
+    dict(perturb=0.2, binarize="fixed"),
+], ids=["iwae-conditional", "cyclical-freebits-mixture", "perturb-fixed-binarisation"])
 def test_resume_mid_epoch_is_bit_identical_for_the_new_objectives(tmp_path, options):
     from vaekit.train import train
 
@@ -315,3 +316,28 @@ def test_the_training_step_trains_a_model_with_two_latent_groups_unchanged():
     assert before < exact - 1.0
     assert exact - after < 0.2 * (exact - before)
     assert after < exact + 0.05  # a bound: never above log p(x) beyond its noise
+
+
+def test_perturbed_training_is_another_run_and_refuses_real_arrays(tmp_path):
+    import numpy as np
+
+    plain = train_tiny(tmp_path / "plain", epochs=1)
+    perturbed = train_tiny(tmp_path / "perturbed", epochs=1, perturb=0.2)
+    assert load_run(perturbed).config.perturb == 0.2
+    w1, w2 = weights(plain), weights(perturbed)
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+    np.save(tmp_path / "real.npy", np.random.default_rng(0).normal(size=(40, 3)))
+    with pytest.raises(ConfigError, match="--perturb replaces pixels of 8-bit images"):
+        train_tiny(tmp_path / "real", data=str(tmp_path / "real.npy"), perturb=0.1)
+    assert not (tmp_path / "real").exists()
+
+
+def test_a_config_json_without_the_later_perturb_key_loads(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(tiny_run, run_dir)
+    document = json.loads((run_dir / "config.json").read_text())
+    del document["config"]["perturb"]
+    (run_dir / "config.json").write_text(json.dumps(document))
+    assert load_run(run_dir).config.perturb == 0.0

@@ -224,6 +224,49 @@ def build_parser() -> Parser:
                           help="with --sample-quality: bootstrap resamples per interval "
                           "(default: 100)")
 
+    score = commands.add_parser(
+        "score", help="score new data: log p(x) of every example, or an out-of-distribution "
+        "report of two sets", description="Scores every example of --data under the run's "
+        "model (through the run's own pipeline): importance-sampled log p(x) with its standard "
+        "error, bits per dimension, the ELBO and its two terms, a reconstruction error, the "
+        "posterior mean code, and the percentile of log p(x) among the run's test examples "
+        "(scored once and cached in the run folder). With --against OUT: an "
+        "out-of-distribution report (AUROC, AUPR, FPR at 95% TPR with bootstrap intervals) "
+        "for the raw likelihood, typicality, input complexity and, with --background, the "
+        "likelihood ratio, as JSON and an HTML page.")
+    score.add_argument("run_dir", metavar="RUN_DIR")
+    score.add_argument("--data", required=True, metavar="NEW", help="data to score: digits, "
+                       "mnist, fashion-mnist (their test split), a folder of images, an IDX "
+                       "images file, or a .npy/.npz/.csv file; in-distribution set with --against")
+    score.add_argument("--against", metavar="OUT", help="an out-of-distribution set (same "
+                       "kinds as --data): write a detection report of --data against it")
+    score.add_argument("--background", metavar="RUN_DIR", help="a run trained on the same data "
+                       "with vaekit train --perturb 0.2: adds the likelihood ratio of Ren et al. "
+                       "2019 to the report")
+    score.add_argument("--out", metavar="FILE.csv", help="per-example scores to write (default: "
+                       "RUN_DIR/scores-NAME.csv; with --against, both sets with a set column: "
+                       "RUN_DIR/ood-IN-vs-OUT.csv)")
+    score.add_argument("--report", metavar="FILE.html", help="with --against: the page to write, "
+                       "its JSON beside it as FILE.json (default: RUN_DIR/ood-IN-vs-OUT.html)")
+    score.add_argument("--k", type=positive_int, default=1000, help="importance samples per "
+                       "example (default: 1000); the test set is scored at the same k")
+    score.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
+                       "examples of each set")
+    score.add_argument("--seed", type=int, default=0, help="seed of the importance samples "
+                       "(default: 0)")
+    score.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap "
+                       "resamples of the report's intervals (default: 1000)")
+    score.add_argument("--typicality-batch", type=positive_int, default=1, metavar="M",
+                       help="also test typicality on batches of M examples (Nalisnick et al. "
+                       "2019b; default: 1, single examples only)")
+    score.add_argument("--json", action="store_true", help="print the summary (or the report) "
+                       "as JSON on stdout")
+    score.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per "
+                       "chunk of the estimator (default: sized to the cache)")
+    score.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    score.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar")
+
     explain = commands.add_parser(
         "explain", help="write an HTML report of the note's demonstrations on a run",
         description="Computes, on the run's own model and data: a shifted vs a damaged image "
@@ -550,6 +593,175 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import json
+
+    from .scoring import reference_scores, scores_csv
+
+    if args.k < 2:
+        raise VaekitError("--k must be at least 2 (a standard error needs two samples)")
+    if args.bootstrap > MAX_BOOTSTRAP:
+        raise VaekitError(f"--bootstrap {args.bootstrap} is more resamples than an interval "
+                          f"needs; give at most {MAX_BOOTSTRAP:,} (1,000 is plenty)")
+    if args.against is None and (args.background or args.report or args.typicality_batch > 1):
+        raise VaekitError("--background, --report and --typicality-batch belong to the "
+                          "out-of-distribution report; add --against OUT")
+    run = _load(args.run_dir, args.device)
+    if run.config.conditional:
+        raise VaekitError(f"{run.path} is conditional (it models log p(x | y)); score with an "
+                          "unconditional run")
+    background = None
+    if args.background:
+        from .ood_report import check_background
+
+        background = _load(args.background, args.device)
+        check_background(run, background)
+    ood = args.against is not None
+    stem = _data_stem(args.data) + (f"-vs-{_data_stem(args.against)}" if ood else "")
+    out = Path(args.out) if args.out else run.path / f"{'ood' if ood else 'scores'}-{stem}.csv"
+    _check_output(out, ".csv")
+    page = None
+    if ood:
+        page = Path(args.report) if args.report else run.path / f"ood-{stem}.html"
+        _check_output(page, ".html")
+    sets = [_new_data(run, args.data, args.limit)]
+    if ood:
+        sets.append(_new_data(run, args.against, args.limit))
+        for (raw, what), option in zip(sets, ("--data", "--against")):
+            if len(raw) < 2 * args.typicality_batch:
+                need = "2 examples" if args.typicality_batch == 1 else \
+                    f"2 batches of --typicality-batch {args.typicality_batch}"
+                raise VaekitError(f"{option} {what}: {len(raw)} example(s) are too few for a "
+                                  f"detection report, which needs at least {need}; give more "
+                                  "data" + ("" if args.typicality_batch == 1
+                                            else " or a smaller --typicality-batch"))
+    if background is not None and background.config.perturb == 0:
+        print(f"vaekit score: warning: --background {background.path} was not trained with "
+              "--perturb; Ren et al.'s background model is trained on perturbed inputs",
+              file=sys.stderr)
+
+    def bar(total: int, what: str):
+        return _progress_bar(total, what, args.progress)
+
+    n_test = run.data["n_test"]
+    with _closing(bar(n_test, f"test set, k = {args.k}")) as progress:  # unless cached
+        reference = reference_scores(run, args.k, args.seed, batch_size=args.batch_size,
+                                     progress=progress.update if progress else None,
+                                     warn=lambda m: print(f"vaekit score: {m}", file=sys.stderr))
+    if not ood:
+        return _score_one(args, run, sets[0], reference, out)
+    from .ood_report import detections_table, ood_report, report_page, score_set
+
+    scored = []
+    for (raw, what), role in zip(sets, ("in", "out")):
+        passes = len(raw) * (2 if background is not None else 1)
+        with _closing(bar(passes, f"{role}: {what}")) as progress:
+            scored.append(score_set(run, raw, what, k=args.k, seed=args.seed,
+                                    reference_mean=float(reference.log_px.mean()),
+                                    background=background,
+                                    typicality_batch=args.typicality_batch,
+                                    batch_size=args.batch_size,
+                                    progress=progress.update if progress else None))
+    result = ood_report(run, *scored, reference=reference, bootstrap=args.bootstrap,
+                        seed=args.seed, background=background)
+    rows = []
+    for role, item in zip(("in", "out"), scored):
+        rows.append((role, item.scores, {name: values for name, values in item.ood_scores.items()
+                                         if len(values) == len(item.scores)}))
+    _write(out, scores_csv(rows, reference))
+    _write(page.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    _write(page, report_page(run, result, *scored))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"vaekit score {run.path}: {scored[0].name} (in) against {scored[1].name} (out), "
+          f"k = {args.k}")
+    print(f"mean log p(x): in {result['in']['log_px_mean']:.2f}, out "
+          f"{result['out']['log_px_mean']:.2f}, test set {result['reference']['log_px_mean']:.2f}"
+          " nats")
+    print(detections_table(result))
+    print(f"wrote {page}, {page.with_suffix('.json')} and {out}")
+    return 0
+
+
+MAX_BOOTSTRAP = 100_000
+
+
+def _score_one(args, run, new, reference, out: Path) -> int:
+    import json
+
+    from .scoring import data_key, score_examples, scores_csv, scores_summary
+
+    raw, what = new
+    with _closing(_progress_bar(len(raw), what, args.progress)) as progress:
+        scores = score_examples(run.model, raw, run.pipeline, k=args.k, seed=args.seed,
+                                split=data_key(raw), batch_size=args.batch_size,
+                                progress=progress.update if progress else None)
+    _write(out, scores_csv([("new", scores, {})], reference))
+    summary = scores_summary(scores, reference, data=what)
+    summary.update(run=str(run.path), scores_csv=str(out))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    n = len(scores)
+    print(f"vaekit score {run.path}: {what}, k = {args.k} importance samples per example")
+    print(f"log p(x) is the likelihood of: {scores.description}")
+    print(f"  mean log p(x)        {summary['log_px_mean']:10.2f} nats (s.e. "
+          f"{summary['log_px_mean_se']:.2g})   test set {summary['test_log_px_mean']:.2f} "
+          f"({len(reference):,} examples)")
+    if scores.bits_per_dim is not None:
+        print(f"  bits per dimension   {summary['bits_per_dim_mean']:10.4f}        "
+              f"              test set {summary['test_bits_per_dim_mean']:.4f}")
+    print(f"  ELBO                 {summary['elbo_mean']:10.2f} nats; reconstruction error "
+          f"{summary['reconstruction_error_mean']:.4g} per dimension")
+    print(f"  percentile of log p(x) among the test set: median {summary['percentile_median']:.1f};"
+          f" below the test set's 1st percentile: {summary['below_test_1st_percentile']} of {n}, "
+          f"below its 5th: {summary['below_test_5th_percentile']} of {n}")
+    print(f"wrote {out} ({n:,} rows)")
+    return 0
+
+
+def _new_data(run, source: str, limit: int | None):
+    from .scoring import load_new_data
+
+    raw, what = load_new_data(run, source)
+    if limit is not None and limit < len(raw):
+        raw, what = raw[:limit], f"{what}, first {limit}"
+    return raw, what
+
+
+def _data_stem(source: str) -> str:
+    name = Path(source).name or source
+    for suffix in (".gz", ".npy", ".npz", ".csv"):
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "data"
+
+
+def _write(path: Path, text: str) -> None:
+    from .errors import RunError
+    from .runs import atomic_write_text, describe_os_error
+
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {describe_os_error(exc, path)}; choose a writable "
+                       "place") from None
+
+
+class _closing:
+    """with-block for an optional tqdm bar: closes it if there is one."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _progress_bar(total: int, what: str, enabled: bool):
     """A tqdm bar on stderr counting examples, or None."""
     if not enabled:
@@ -679,7 +891,7 @@ def _check_output(path: Path, suffix: str) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct,
-            "evaluate": cmd_evaluate, "explain": cmd_explain,
+            "evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain,
             "interpolate": cmd_interpolate, "traverse": cmd_traverse, "manifold": cmd_manifold,
             "embed": cmd_embed, "explore": cmd_explore}
 

@@ -51,6 +51,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     "precision": "fp32", "compile": False,
     # --posterior (auto: the family each prior always used)
     "posterior": "auto",
+    # --perturb (training on perturbed inputs, for a background model)
+    "perturb": 0.0,
 }
 
 # Options whose default (None) means "the dataset's preset": config.json stores the value the
@@ -110,6 +112,12 @@ class TrainConfig:
                          "binarisation of each training batch (dynamic, the standard setting) or "
                          "use one fixed seeded binarisation (fixed)", choices=("dynamic", "fixed"),
                          group="data")
+    perturb: float = _opt(0.0, "train on perturbed images: each pixel of every training batch is "
+                          "replaced, with this probability, by a uniform random level (a fresh "
+                          "draw every step). A run trained so is the background model of the "
+                          "likelihood ratio of `vaekit score --background` (Ren et al. 2019: "
+                          "0.1 to 0.2); 0 trains on the data as they are", minimum=0.0,
+                          maximum=0.9, metavar="RATE", group="data")
     # --- model ---
     net: str = _opt("mlp", "encoder/decoder networks: mlp (any data) or conv (images (C, H, W) of "
                     "any size, square or not; stride-2 stages adapt to it)",

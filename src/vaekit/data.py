@@ -139,6 +139,47 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
                   source="vaekit/_data/digits.csv.gz (UCI optical digits, as in scikit-learn)")
 
 
+def read_examples(source: str, *, data_dir: str | None = None, image_size: int | None = None,
+                  channels: int | None = None) -> tuple[Tensor, str, str]:
+    """Every example of `source`, unsplit: (raw x (N, *shape), kind, what was read).
+
+    digits, mnist, fashion-mnist: their test split. A folder: its images (class sub-folders
+    too), resized and converted by image_size and channels as `load_dataset` would. An IDX
+    images file (MNIST's format, raw or .gz). A .npy array, the x array of an .npz (or its only
+    array), the rows of a .csv (a label column dropped).
+    """
+    if source in BUILTIN:
+        dataset = load_dataset(source, data_dir=data_dir)
+        return dataset.test_x, dataset.kind, f"{source} (test split, {len(dataset.test_x)})"
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder; give digits, mnist, fashion-mnist, a "
+                        "folder of images, an IDX images file or a .npy/.npz/.csv file")
+    if path.is_dir():
+        x, _, _ = read_image_folder(path, image_size, channels)
+        return x, "image8", f"{path} ({len(x)} images)"
+    name = path.name.lower()
+    if name.endswith(("ubyte", "ubyte.gz")):
+        array = read_idx(path)
+        if array.ndim != 3:
+            raise DataError(f"{path}: IDX array of shape {array.shape} is not images (N, H, W); "
+                            "give the images file, not the labels file")
+        x = torch.from_numpy(array).unsqueeze(1)  # (N, 1, H, W) uint8
+        return x, "image8", f"{path} ({len(x)} images)"
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = _load_numpy(path)
+    elif suffix == ".npz":
+        array = _load_npz(path)[0]
+    elif suffix == ".csv":
+        array = _load_csv(path)[0]
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
+                        "images, an IDX images file or a .npy, .npz or .csv file")
+    x, kind = _array_to_tensor(array, path)
+    return x, kind, f"{path} ({len(x)} examples)"
+
+
 # --- IDX (MNIST, Fashion-MNIST) -----------------------------------------------------------------
 
 IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -673,6 +714,24 @@ class Pipeline:
         u = fixed_uniform(tuple(raw.shape[1:]), start, start + len(raw),
                           (self.split_seed, "fixed", split))
         return self.apply(raw, u.to(raw.device))
+
+
+def perturb_pixels(raw: Tensor, rate: float, generator: torch.Generator, global_batch: int,
+                   rows: slice) -> Tensor:
+    """Each pixel replaced, with probability `rate`, by a uniform random level: the perturbed
+    inputs of Ren et al. 2019's background model. raw (B_local, *shape) is this process's rows
+    of a global batch: uint8 levels 0..255, or the 0/1 floats of a fixed binarisation (then a
+    random bit). The noise is drawn for the whole global batch and sliced, so it is the same
+    for any number of processes."""
+    shape = (global_batch, *raw.shape[1:])
+    replace = torch.rand(shape, generator=generator, device=raw.device)[rows] < rate
+    if raw.dtype == torch.uint8:
+        levels = torch.randint(0, 256, shape, generator=generator, device=raw.device,
+                               dtype=torch.uint8)[rows]
+    else:
+        levels = (torch.rand(shape, generator=generator, device=raw.device)[rows]
+                  < 0.5).to(raw.dtype)
+    return torch.where(replace, levels, raw)  # (B_local, *shape)
 
 
 def batches(n: int, batch_size: int):

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig
-from .data import Dataset, Pipeline
+from .data import Dataset, Pipeline, perturb_pixels
 from .distributed import DistContext
 from .errors import ConfigError, TrainingError
 from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
 from .model import VAE
 from .objectives import Objective, build_objective
-from .randomness import StepNoise, derive_seed, epoch_permutation
+from .randomness import StepNoise, derive_seed, epoch_permutation, seeded_generator
 from .runs import STEP_LOG_COLUMNS, writing
 from .train_state import Progress, TrainingState
 
@@ -217,6 +217,10 @@ class Trainer(TrainingState):
                 offset = b * self.batch_size
                 index = order[offset + self.rows.start: offset + self.rows.stop]
                 raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                if config.perturb > 0:  # a background model's inputs (Ren et al. 2019)
+                    raw = perturb_pixels(raw, config.perturb, seeded_generator(derive_seed(
+                        config.seed, "perturb", self.progress.global_step), self.device),
+                        self.batch_size, self.rows)
                 y = None if self.train_y is None else self.train_y.index_select(0, index)
                 noise = StepNoise(config.seed, self.progress.global_step, self.batch_size,
                                   self.rows, self.device)

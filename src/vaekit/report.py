@@ -571,8 +571,9 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 
 
 def render_html(title: str, meta: list[str], sections: list[Section],
-                images: dict[str, bytes]) -> str:
-    """One page, figures embedded as data: URIs so it opens from disk with no server."""
+                images: dict[str, bytes], figure_prefix: str | None = "explain-") -> str:
+    """One page, figures embedded as data: URIs so it opens from disk with no server.
+    figure_prefix: the captions name each figure's PNG file, PREFIX + NAME.png (None: no file)."""
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{_esc(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
            f"<h1>{_esc(title)}</h1>"]
@@ -587,8 +588,10 @@ def render_html(title: str, meta: list[str], sections: list[Section],
         for figure in section.figures:
             data = base64.b64encode(images[figure.name]).decode("ascii")
             out.append(f'<figure><img src="data:image/png;base64,{data}" '
-                       f'alt="{_esc(figure.caption)}"><figcaption>{_esc(figure.caption)} '
-                       f"(explain-{_esc(figure.name)}.png)</figcaption></figure>")
+                       f'alt="{_esc(figure.caption)}"><figcaption>{_esc(figure.caption)}'
+                       + ("" if figure_prefix is None
+                          else f" ({_esc(figure_prefix + figure.name)}.png)")
+                       + "</figcaption></figure>")
         if section.table:
             header, *rows = section.table
             out.append("<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header)

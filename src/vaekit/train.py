@@ -75,6 +75,9 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     if config.net == "conv" and len(dataset.shape) != 3:
         raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
                           f"shape {dataset.shape}; use --net mlp")
+    if config.perturb > 0 and dataset.kind != "image8":
+        raise ConfigError(f"--perturb replaces pixels of 8-bit images by random levels, but "
+                          f"{config.data} holds real-valued arrays; drop --perturb")
     pipeline = Pipeline.build(dataset, config.likelihood, config.binarize, config.split_seed)
     return dataset, pipeline, config
 
@@ -268,6 +271,9 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
     objective = build_objective(config).describe()
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
+    if config.perturb > 0:
+        condition += f"\n  background model: {config.perturb:g} of the training pixels " \
+            "replaced by random levels every step (for vaekit score --background)"
     return (f"vaekit: {dataset.name} ({len(dataset.train_x)} train / {len(dataset.test_x)} test, "
             f"shape {'x'.join(map(str, dataset.shape))}) | {config.net} VAE, z in R^"
             f"{config.latent_dim}, prior {config.prior}, likelihood {config.likelihood}, "

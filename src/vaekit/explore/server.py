@@ -211,6 +211,14 @@ class Encoded(BaseModel):
     z: list[float] = Field(description="posterior mean code of the example")
     input: str = Field(description="the example as the model saw it, as a PNG data URL")
     image: str = Field(description="E[x | z] at the posterior mean code: the reconstruction")
+    log_px: Optional[float] = Field(None, description="uploads: importance-sampled log p(x), "
+                                    "nats, in the data's own units")
+    log_px_se: Optional[float] = Field(None, description="its Monte Carlo standard error")
+    score_k: Optional[int] = Field(None, description="importance samples behind log_px")
+    test_percentile: Optional[float] = Field(None, description="percentile of log_px among "
+                                             "the run's test examples (scored at the same k)")
+    test_examples: Optional[int] = Field(None, description="test examples behind the "
+                                         "percentile")
 
 
 class Sampled(Coded):
@@ -380,8 +388,9 @@ def describe_error(error: dict) -> str:
     return f"{where or 'request'}: {error.get('msg', 'invalid')}"
 
 
-def create_app(space: LatentSpace, info: dict, allowed_hosts=()) -> FastAPI:
-    """The explorer for one latent space; info is run_info's dictionary."""
+def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=None) -> FastAPI:
+    """The explorer for one latent space; info is run_info's dictionary. score_upload(raw):
+    log p(x) of an uploaded image and its test-set percentile (scoring.SingleExampleScorer)."""
     app = FastAPI(title=f"vaekit explorer: {info['run']}", version=__version__,
                   description="Decode codes, encode images and walk the latent space of a "
                   "trained VAE. Codes are lists of latent_dim numbers inside code_range (see "
@@ -477,7 +486,8 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=()) -> FastAPI:
                                 "smaller image")
         raw = image_to_raw(data, space.data_shape, invert)  # (1, C, H, W) uint8
         x = pipeline.fixed(raw.to(space.device), 0, split="upload")
-        return encoded(None, x)
+        scored = score_upload(raw.to(space.device)) if score_upload is not None else None
+        return {**encoded(None, x), **(scored or {})}
 
     @app.post("/api/sample", response_model=Sampled, responses=ERRORS,
               summary="A code drawn from the prior, decoded")
@@ -625,9 +635,12 @@ def build(run_dir, allowed_hosts=(), device: str = "cpu"):
     from ..runs import load_run
     from ..device import resolve_device
 
+    from ..scoring import SingleExampleScorer
+
     run = load_run(run_dir, resolve_device(device))
     space = LatentSpace.of_run(run)
-    return run, create_app(space, run_info(run, space), allowed_hosts)
+    return run, create_app(space, run_info(run, space), allowed_hosts,
+                           score_upload=SingleExampleScorer(run))
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(),

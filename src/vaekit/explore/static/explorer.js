@@ -195,7 +195,11 @@ function setupUpload(info) {
         const preview = $("upload-input");
         preview.src = result.input;
         preview.hidden = false;
-        say(`encoded ${chosen.name} (shown beside the button as the model saw it)`);
+        const scored = result.log_px === null || result.log_px === undefined ? "" :
+          `; log p(x) = ${result.log_px.toFixed(1)} ± ${result.log_px_se.toFixed(2)} nats ` +
+          `(k = ${result.score_k}), percentile ${result.test_percentile.toFixed(1)} among ` +
+          `${result.test_examples} test examples`;
+        say(`encoded ${chosen.name} (shown beside the button as the model saw it)${scored}`);
       })
       .catch(fail);
   });
