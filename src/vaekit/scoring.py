@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from .data import Pipeline, batches, read_examples
-from .errors import DataError
 from .device import flush_denormals
+from .errors import DataError
 from .estimate import discrete_likelihood, evaluate
 from .model import VAE
 from .randomness import derive_seed
