@@ -102,3 +102,20 @@ def test_printable_names():
     assert printable("\ud800x") == "\\ud800x"
     for name in (os.fsdecode(b"\xff\xfe"), "\udcff", "a\ud83d"):
         printable(name).encode("utf-8")
+
+
+def test_downloads_never_go_through_a_planted_cache_link(tmp_path, monkeypatch):
+    from vaekit.data import download_idx
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("VAEKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    os.symlink(elsewhere, tmp_path / "cache" / "mnist")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("nothing may be fetched into a linked cache folder")
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    with pytest.raises(DataError, match="is a symbolic link"):
+        download_idx("mnist")
+    assert not list(elsewhere.iterdir())

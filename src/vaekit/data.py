@@ -44,7 +44,7 @@ from torch import Tensor
 from .budget import check_at_most, check_bytes
 from .errors import DataError
 from .randomness import derive_seed, fixed_uniform, seeded_generator
-from .safefiles import check_regular, open_regular, printable
+from .safefiles import check_regular, open_regular, printable, real_folder
 
 BUILTIN = ("digits", "mnist", "fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -279,7 +279,8 @@ def download_idx(name: str) -> dict[str, Path]:
         errors = []
         for mirror in spec["mirrors"]:
             try:
-                target.mkdir(parents=True, exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                real_folder(target, create=True, error=DataError)  # never a planted link
                 with urllib.request.urlopen(mirror + filename, timeout=30) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
                     buffer = io.BytesIO()
