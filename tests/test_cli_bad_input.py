@@ -25,11 +25,11 @@ from conftest import run_vaekit, write_fake_mnist, write_idx
 CASES: dict[str, tuple] = {}  # id -> (setup, problem words, fix words)
 
 
-def case(name: str, problem: str, fix: str):
+def case(name: str, problem: str, fix: str, registry: dict = CASES):
     """Register setup(folder, runs) -> CLI arguments; `problem` and `fix` must be in the error."""
     def register(setup):
-        assert name not in CASES
-        CASES[name] = (setup, problem, fix)
+        assert name not in registry
+        registry[name] = (setup, problem, fix)
         return setup
     return register
 

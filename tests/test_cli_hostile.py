@@ -33,6 +33,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import write_fake_mnist
+from test_cli_bad_input import case as register_case
 from test_cli_bad_input import assert_refused, runs, snapshot  # noqa: F401 (runs: a fixture)
 
 ROOT = os.geteuid() == 0
@@ -49,15 +50,11 @@ class Call:
     skip: str | None = None  # why this machine cannot set the case up
 
 
-CASES: dict[str, tuple] = {}
+CASES: dict[str, tuple] = {}  # id -> (setup(folder, trained runs) -> Call, problem, fix)
 
 
 def case(name: str, problem: str, fix: str):
-    def register(setup):
-        assert name not in CASES
-        CASES[name] = (setup, problem, fix)
-        return setup
-    return register
+    return register_case(name, problem, fix, registry=CASES)
 
 
 def copy_run(trained: dict, folder: Path, key: str = "mlp", name: str = "run") -> Path:
