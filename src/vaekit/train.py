@@ -19,7 +19,6 @@ the gradient of the global mean. The run is the same computation for any number 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import jsonio
+from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, load_dataset, perturb_pixels, resolve_likelihood
 from .distributed import DistContext
@@ -48,6 +49,7 @@ from .runs import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_model_memory,
     check_step_log_length,
     check_train_state,
     describe_filled_options,
@@ -56,6 +58,7 @@ from .runs import (
     list_checkpoints,
     load_state,
     model_config_for,
+    model_shapes,
     model_weights_bytes,
     optimizer_from_files,
     optimizer_to_files,
@@ -168,9 +171,35 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
 def build_model(config: TrainConfig, data_shape: tuple[int, ...],
                 label_names: list[str] | None = None) -> VAE:
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
+    model_config = model_config_for(config, data_shape, label_names)
+    # Counted on the meta device first: a --latent-dim 10**12 is refused, not allocated.
+    check_model_memory(model_shapes(model_config), f"--net {config.net} --hidden "
+                       f"{','.join(map(str, config.hidden)) or 'none'} --latent-dim "
+                       f"{config.latent_dim}", copies=4,  # weights, gradients, Adam's moments
+                       fix="use smaller --hidden, --latent-dim, --prior-components, "
+                       "--likelihood-components or --conv-channels")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        return build_vae(model_config_for(config, data_shape, label_names))
+        return build_vae(model_config)
+
+
+def check_training_sizes(config: TrainConfig, dataset: Dataset) -> None:
+    """Sizes that grow with options times the data's dimensions, checked before training (a
+    --num-samples 10**8 would otherwise fail only after the last epoch, at the pictures)."""
+    dims = math.prod(dataset.shape)
+    widest = max([dims, config.latent_dim, *config.hidden])
+    fix = "lower it"
+    check_elements(f"--num-samples {config.num_samples} (the pictures of {dims}-dimensional "
+                   "examples)", config.num_samples, 4 * (2 * dims + widest), f"{fix}, e.g. "
+                   "--num-samples 64")
+    batch = min(config.batch_size, len(dataset.train_x))
+    if config.objective == "iwae":
+        check_elements(f"--iwae-samples {config.iwae_samples} (decoding {batch} x "
+                       f"{config.iwae_samples} codes per step)", batch * config.iwae_samples,
+                       4 * 3 * (dims + widest), f"{fix} or lower --batch-size")
+    steps = config.epochs * max(1, len(dataset.train_x) // max(1, config.batch_size))
+    check_elements(f"--epochs {config.epochs} (a step log of {steps:,} steps)", steps,
+                   4 * 2 * len(STEP_LOG_COLUMNS), f"{fix}; train in stages with --resume")
 
 
 class Trainer:
@@ -237,13 +266,17 @@ class Trainer:
                  "inexact_resume": self.progress.inexact_resume}
         return {"model.safetensors": model_weights_bytes(self.model),
                 "optimizer.safetensors": tensors_to_bytes(optimizer_tensors),
-                "state.json": (json.dumps(state, indent=1) + "\n").encode()}
+                "state.json": (jsonio.dumps(state, indent=1) + "\n").encode()}
 
     def restore(self, folder: Path, inexact: bool) -> None:
         load_state(self.model, tensors_from_file(folder / "model.safetensors"),
                    folder / "model.safetensors")
         try:
-            state = json.loads((folder / "state.json").read_text())
+            try:
+                state = jsonio.read_json(folder / "state.json", "the training state")
+            except RunError as exc:  # too deep, too large, NaN tokens, not UTF-8, a FIFO
+                reason = str(exc).split(": ", 1)[-1].split(";")[0]
+                raise ValueError(reason) from None
             optimizer_tensors = tensors_from_file(folder / "optimizer.safetensors")
             step_log = optimizer_tensors.pop("step_log")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -614,7 +647,7 @@ class Trainer:
         """model.safetensors and metrics.jsonl of the run folder, from the training state."""
         atomic_write_bytes(self.run_dir / "model.safetensors", model_weights_bytes(self.model))
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-            json.dumps(m) + "\n" for m in self.progress.metrics))
+            jsonio.dumps(m) + "\n" for m in self.progress.metrics))
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
@@ -738,7 +771,8 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
-    model = build_model(config, dataset.shape, dataset.label_names)
+    model = build_model(config, dataset.shape, dataset.label_names)  # its size checked first
+    check_training_sizes(config, dataset)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     with dist.same_outcome("run folder"):
