@@ -25,11 +25,11 @@ from conftest import run_vaekit, write_fake_mnist, write_idx
 CASES: dict[str, tuple] = {}  # id -> (setup, problem words, fix words)
 
 
-def case(name: str, problem: str, fix: str):
+def case(name: str, problem: str, fix: str, registry: dict = CASES):
     """Register setup(folder, runs) -> CLI arguments; `problem` and `fix` must be in the error."""
     def register(setup):
-        assert name not in CASES
-        CASES[name] = (setup, problem, fix)
+        assert name not in registry
+        registry[name] = (setup, problem, fix)
         return setup
     return register
 
@@ -496,10 +496,8 @@ def test_the_corpus_is_large():
     assert len(CASES) >= 30
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gives_one_line_error_and_changes_nothing(outcomes, name):
-    _, problem, fix = CASES[name]
-    args, result, before, after = outcomes[name]
+def assert_refused(args, result, problem: str, fix: str) -> None:
+    """Exit status 2 and one line on stderr naming the problem and the fix; no traceback."""
     stderr = result.stderr.strip()
     assert result.returncode == 2, f"{args}: exit {result.returncode}\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
@@ -507,4 +505,11 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(outcomes, name):
     assert stderr.startswith("vaekit") and "error: " in stderr
     assert problem in stderr, f"problem {problem!r} not named in: {stderr}"
     assert fix in stderr, f"fix {fix!r} not given in: {stderr}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gives_one_line_error_and_changes_nothing(outcomes, name):
+    _, problem, fix = CASES[name]
+    args, result, before, after = outcomes[name]
+    assert_refused(args, result, problem, fix)
     assert after == before, "a file was created or changed"

@@ -102,6 +102,21 @@ def int_list(text: str) -> list[int]:
                                          f"{text!r}") from None
 
 
+def seed_number(text: str) -> int:
+    """A seed: 0 .. 2**63 - 1 (the range torch's generators and vaekit's derived seeds take)."""
+    from .budget import check_seed
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    try:
+        return check_seed("the seed", value)
+    except VaekitError:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got "
+                                         f"{value}") from None
+
+
 def positive_float(text: str) -> float:
     import math
 
@@ -159,7 +174,7 @@ def build_parser() -> Parser:
     sample.add_argument("-n", type=positive_int, default=64, help="how many (default: 64)")
     sample.add_argument("--out", metavar="FILE.png", help="image to write (default: "
                         "RUN_DIR/samples-N-seedS.png)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    sample.add_argument("--seed", type=seed_number, default=0, help="seed of the draws (default: 0)")
     sample.add_argument("--draw", action="store_true", help="show x drawn from p(x|z) instead "
                         "of its mean E[x|z]")
     sample.add_argument("--temperature", type=float, default=1.0, metavar="T",
@@ -197,7 +212,7 @@ def build_parser() -> Parser:
                           "for each estimator (default: 5000)")
     evaluate.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
                           "examples of the split")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the estimators' noise "
+    evaluate.add_argument("--seed", type=seed_number, default=0, help="seed of the estimators' noise "
                           "(default: 0); the data's binarisation is the run's own")
     evaluate.add_argument("--json", action="store_true", help="print the evaluation.json "
                           "object alone on stdout")
@@ -282,7 +297,7 @@ def build_parser() -> Parser:
     explain.add_argument("--gradient-repeats", type=positive_int, default=100,
                          help="independent gradient estimates per estimator and sample count "
                          "(default: 100)")
-    explain.add_argument("--seed", type=int, default=0, help="seed of all the noise (default: 0)")
+    explain.add_argument("--seed", type=seed_number, default=0, help="seed of all the noise (default: 0)")
     explain.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     interp = commands.add_parser("interpolate", help="decode the path between two test examples",
                                  description="Encode two test examples (posterior means) and "
@@ -296,7 +311,7 @@ def build_parser() -> Parser:
                         help="test example at the end (default: 1)")
     interp.add_argument("--random", action="store_true", help="pick two test examples at random "
                         "(with --seed) instead of --from/--to")
-    interp.add_argument("--seed", type=int, default=0, help="seed of --random (default: 0)")
+    interp.add_argument("--seed", type=seed_number, default=0, help="seed of --random (default: 0)")
     interp.add_argument("--steps", type=positive_int, default=10, help="codes on the path, both "
                         "ends included (default: 10)")
     interp.add_argument("--mode", choices=("spherical", "linear"), help="path between the codes "
@@ -452,6 +467,9 @@ def cmd_sample(args) -> int:
     tag += f"-t{args.temperature:g}" if args.temperature != 1.0 else ""
     out = Path(args.out) if args.out else run.path / f"samples-{count}{tag}-seed{args.seed}.png"
     _check_output(out, ".png")
+    _check_decoding(f"-n {count}" if not grid else f"--per-class {args.per_class}", count, run)
+    if args.save_array:
+        _check_output(Path(args.save_array), ".npy")
     device = next(run.model.parameters()).device
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
@@ -462,16 +480,23 @@ def cmd_sample(args) -> int:
         samples = run.model.sample(count, y, mean=not args.draw,
                                    temperature=args.temperature)  # (count, *shape)
     shown = pipeline.display(samples)
-    save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
+    with _writing(out):
+        save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
     given = f", y = {names[label]} (class {label})" if label is not None else \
         f", one row per class ({len(names)} classes)" if grid else ""
     tempered = f" at temperature {args.temperature:g}" if args.temperature != 1.0 else ""
     print(f"wrote {out} ({count} samples, {'drawn from' if args.draw else 'mean of'} p(x|z), "
           f"z ~ p(z) {run.config.prior}{tempered}{given})")
     if args.save_array:
+        import io
+
+        from .runs import atomic_write_bytes
+
         target = Path(args.save_array)
-        _check_output(target, ".npy")
-        np.save(target, shown.cpu().numpy())
+        buffer = io.BytesIO()
+        np.save(buffer, shown.cpu().numpy())
+        with _writing(target):  # atomic: never half an array, never through a FIFO
+            atomic_write_bytes(target, buffer.getvalue())
         print(f"wrote {target} {tuple(shown.shape)}")
     return 0
 
@@ -494,7 +519,9 @@ def cmd_reconstruct(args) -> int:
         x = pipeline.fixed(raw.to(device), 0, args.split)
         y = None if labels is None else labels.to(device)
         reconstructions = run.model.reconstruct(x, y)
-    save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions)), out)
+    with _writing(out):
+        save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions)),
+                 out)
     print(f"wrote {out} ({len(raw)} {args.split} examples above their reconstructions)")
     return 0
 
@@ -529,8 +556,7 @@ def cmd_evaluate(args) -> int:
     if args.bootstrap < 10 or args.bootstrap > 10_000:
         raise VaekitError(f"--bootstrap {args.bootstrap}: give 10 to 10,000 resamples (a 95 % "
                           "interval needs at least 10)")
-    import json
-
+    from . import jsonio
     from .device import resolve_device
     from .distributed import DistContext
     from .estimate import evaluate_run
@@ -547,6 +573,9 @@ def cmd_evaluate(args) -> int:
             raise VaekitError("--sample-quality runs in one process; run it without torchrun")
         total = len(dataset.test_x if args.split == "test" else dataset.train_x)
         total = min(total, args.limit or total)
+        if args.batch_size:
+            _check_decoding(f"--batch-size {args.batch_size} (16 samples of each example per "
+                            "decoder pass)", min(args.batch_size, total) * 16, run)
         bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
         try:
             result = evaluate_run(run, dataset, split=args.split, k=args.k, limit=args.limit,
@@ -568,7 +597,7 @@ def cmd_evaluate(args) -> int:
         with writing("cannot write the evaluation", target, "make the run folder writable"):
             atomic_write_json(target, result)
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(jsonio.dumps(result, indent=2))  # standard JSON: no NaN tokens
         else:
             print(evaluation_table(result))
             print(f"wrote {target}")
@@ -581,10 +610,15 @@ def cmd_explain(args) -> int:
     from .report import explain
     from .runs import load_run_dataset
 
+    from .budget import check_elements
+
     if args.k < 2 or args.examples < 2:
         raise VaekitError("--k and --examples must be at least 2 (an error bar needs two samples)")
     run = _load(args.run_dir, args.device)
     dataset = load_run_dataset(run)
+    examples = min(args.examples, len(dataset.test_x))
+    check_elements(f"--k {args.k} with --examples {examples} (two log-weights per sample and "
+                   "example)", 2 * args.k * examples, 4, "lower --k or --examples")
     page = explain(run, dataset, seed=args.seed, examples=args.examples, k=args.k,
                    gradient_repeats=args.gradient_repeats,
                    log=lambda message: print(message, file=sys.stderr))
@@ -594,8 +628,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_score(args) -> int:
-    import json
-
+    from . import jsonio
     from .scoring import reference_scores, scores_csv
 
     if args.k < 2:
@@ -669,10 +702,10 @@ def cmd_score(args) -> int:
         rows.append((role, item.scores, {name: values for name, values in item.ood_scores.items()
                                          if len(values) == len(item.scores)}))
     _write(out, scores_csv(rows, reference))
-    _write(page.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    _write(page.with_suffix(".json"), jsonio.dumps(result, indent=2) + "\n")
     _write(page, report_page(run, result, *scored))
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(jsonio.dumps(result, indent=2))
         return 0
     print(f"vaekit score {run.path}: {scored[0].name} (in) against {scored[1].name} (out), "
           f"k = {args.k}")
@@ -688,8 +721,7 @@ MAX_BOOTSTRAP = 100_000
 
 
 def _score_one(args, run, new, reference, out: Path) -> int:
-    import json
-
+    from . import jsonio
     from .scoring import data_key, score_examples, scores_csv, scores_summary
 
     raw, what = new
@@ -701,7 +733,7 @@ def _score_one(args, run, new, reference, out: Path) -> int:
     summary = scores_summary(scores, reference, data=what)
     summary.update(run=str(run.path), scores_csv=str(out))
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(jsonio.dumps(summary, indent=2))
         return 0
     n = len(scores)
     print(f"vaekit score {run.path}: {what}, k = {args.k} importance samples per example")
@@ -738,14 +770,10 @@ def _data_stem(source: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    from .errors import RunError
-    from .runs import atomic_write_text, describe_os_error
+    from .runs import atomic_write_text, writing
 
-    try:
+    with writing(f"cannot write {path}", path, "choose a writable place"):
         atomic_write_text(path, text)
-    except OSError as exc:
-        raise RunError(f"cannot write {path}: {describe_os_error(exc, path)}; choose a writable "
-                       "place") from None
 
 
 class _closing:
@@ -799,8 +827,10 @@ def cmd_interpolate(args) -> int:
         end = 1 if args.end is None else args.end
     out = Path(args.out) if args.out else run.path / f"interpolation-{start}-{end}.png"
     _check_output(out, ".png")
+    _check_decoding(f"--steps {args.steps}", args.steps, run)
     interpolation = space.interpolation(start, end, args.steps, args.mode)
-    save_png(interpolation_image(interpolation), out)
+    with _writing(out):
+        save_png(interpolation_image(interpolation), out)
     print(f"wrote {out} (test examples {start} -> {end}, {args.steps} codes on a "
           f"{interpolation.mode} path)")
     return 0
@@ -812,8 +842,11 @@ def cmd_traverse(args) -> int:
     run, space = _latent_space(args)
     out = Path(args.out) if args.out else run.path / "traversal.png"
     _check_output(out, ".png")
+    rows = len(args.dims) if args.dims else space.latent_dim
+    _check_decoding(f"--steps {args.steps} ({rows} rows)", rows * args.steps, run)
     traversal = space.traversal(args.dims, args.steps, args.width, args.base)
-    save_png(traversal_image(traversal), out)
+    with _writing(out):
+        save_png(traversal_image(traversal), out)
     rows = ", ".join(f"z{d} {kl:.2f}" + (" (unused)" if unused else "")
                      for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(),
                                               traversal.unused))
@@ -827,8 +860,10 @@ def cmd_manifold(args) -> int:
     run, space = _latent_space(args)
     out = Path(args.out) if args.out else run.path / "manifold.png"
     _check_output(out, ".png")
+    _check_decoding(f"--grid {args.grid} ({args.grid}**2 codes)", args.grid ** 2, run)
     manifold = space.manifold(args.grid, args.base)
-    save_png(manifold_image(manifold), out)
+    with _writing(out):
+        save_png(manifold_image(manifold), out)
     x_dim, y_dim = manifold.dims
     plane = "the whole 2-D latent space" if space.latent_dim == 2 else (
         f"the plane of z{x_dim} and z{y_dim}, the others at {manifold.base_name}")
@@ -858,8 +893,10 @@ def cmd_embed(args) -> int:
              labels=np.asarray(labels, dtype=np.int64),
              label_names=np.array(embedding.label_names or [], dtype=str),
              projection=projection.numpy(), axis_names=np.array(axis_names, dtype=str))
-    save_png(embedding_image(embedding), out)
-    atomic_write_bytes(arrays, buffer.getvalue())
+    with _writing(out):
+        save_png(embedding_image(embedding), out)
+    with _writing(arrays):
+        atomic_write_bytes(arrays, buffer.getvalue())
     print(f"wrote {out} ({n} test examples; axes: {axis_names[0]}, {axis_names[1]})")
     print(f"wrote {arrays} (means and scales {tuple(embedding.means.shape)}, labels)")
     return 0
@@ -879,6 +916,27 @@ def cmd_explore(args) -> int:
     serve(args.run_dir, host=args.host, port=args.port, allowed_hosts=args.allow_host,
           device=args.device)
     return 0
+
+
+def _writing(path: Path):
+    """A write that fails (read-only folder, full disk, file size limit) is one line, and the
+    atomic writers leave nothing behind (runs.writing)."""
+    from .runs import writing
+
+    return writing(f"cannot write {path}", path, "free some space or choose a writable --out")
+
+
+def _check_decoding(what: str, count: int, run) -> None:
+    """Refuse to decode `count` codes at once when their outputs could not fit in memory."""
+    import math
+
+    from .budget import check_elements
+
+    dims = math.prod(run.data["shape"])
+    outputs = math.prod(run.model.likelihood.params_shape)  # the decoder's numbers per code
+    widest = max([dims, run.config.latent_dim, *run.config.hidden])
+    check_elements(f"{what} (decoding {count:,} codes of {dims}-dimensional examples)", count,
+                   4 * (outputs + dims + widest), "lower it")
 
 
 def _check_output(path: Path, suffix: str) -> None:

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .budget import check_seed
 from .errors import ConfigError
 from .names import (
     ACTIVATIONS,
@@ -233,6 +234,8 @@ class TrainConfig:
         """Check ranges and choices of every field; raise ConfigError naming the first bad one."""
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        check_seed("--seed", self.seed)
+        check_seed("--split-seed", self.split_seed)
         if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
             raise ConfigError(f"--device {self.device!r} is not a device: use auto, cpu, cuda or "
                               "cuda:N")

@@ -41,13 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .budget import check_at_most, check_bytes
 from .errors import DataError
 from .names import LEVEL_LIKELIHOODS
 from .randomness import derive_seed, fixed_uniform, seeded_generator
+from .safefiles import check_regular, open_regular, printable, real_folder
 
 BUILTIN = ("digits", "mnist", "fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
+# Classes a label column may name: a conditional model has one input per class, and a column
+# of a billion distinct values is a measurement, not a class.
+MAX_CLASSES = 10_000
 
 
 @dataclass
@@ -106,6 +111,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     if suffix not in ARRAY_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
                         "images or a .npy, .npz or .csv file")
+    check_regular(path, "the data", DataError)  # a FIFO or device would block or never end
     return load_array_file(path, test_fraction, split_seed)
 
 
@@ -221,11 +227,10 @@ def cache_dir() -> Path:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (raw or .gz) of unsigned bytes, checking its header against its length."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as stream:
-                raw = bytearray(stream.read())  # writable: the array below is not copied again
-        else:
-            raw = bytearray(path.read_bytes())
+        with open_regular(path, "an IDX file", DataError) as handle:
+            stream = gzip.open(handle, "rb") if path.suffix == ".gz" else handle
+            with stream:
+                raw = _read_idx_bytes(stream, path)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}); replace the file with a fresh copy") from None
     if not raw:
@@ -242,10 +247,28 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header; replace the file with a fresh copy")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = math.prod(dims)
+    if expected == 0:  # numpy refuses shapes like (0, 2**32 - 1, 2**32 - 1) anyway
+        raise DataError(f"{path}: the IDX header declares dimensions {dims}, which hold no data; "
+                        "replace the file with the original")
     if len(raw) - header != expected:
         raise DataError(f"{path}: IDX header promises {expected} bytes of data but the file holds "
                         f"{len(raw) - header}; the file is truncated or corrupt, replace it")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx_bytes(stream, path: Path) -> bytearray:
+    """Header, then as many bytes as it promises (checked against the memory limit first, so a
+    small .gz that inflates without end is refused, not decompressed); one byte more tells a
+    file longer than its header says."""
+    raw = bytearray(stream.read(4))
+    if len(raw) == 4 and raw[0] == 0 and raw[1] == 0 and raw[2] == 0x08 and raw[3] > 0:
+        raw += stream.read(4 * raw[3])
+        if len(raw) == 4 + 4 * raw[3]:
+            promised = math.prod(struct.unpack(f">{raw[3]}I", raw[4:]))
+            check_bytes(f"{path} (an IDX file of {promised:,} bytes)", promised,
+                        "give the original MNIST-format file", DataError)
+            raw += stream.read(promised + 1)  # writable: the array is not copied again
+    return raw
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -298,7 +321,8 @@ def download_idx(name: str) -> dict[str, Path]:
         errors = []
         for mirror in spec["mirrors"]:
             try:
-                target.mkdir(parents=True, exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                real_folder(target, create=True, error=DataError)  # never a planted link
                 with urllib.request.urlopen(mirror + filename, timeout=30) as response:
                     total = int(response.headers.get("Content-Length") or 0) or None
                     buffer = io.BytesIO()
@@ -350,21 +374,23 @@ def read_image_folder(folder: Path, image_size: int | None, channels: int | None
     from PIL import Image
 
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Not only regular files: a FIFO named x.png must be refused below, not silently skipped.
+    loose = sorted(p for p in folder.iterdir()
+                   if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
     if subfolders and loose:
         raise DataError(f"{folder}: holds both images and class sub-folders; move the loose images "
                         f"(such as {loose[0].name}) into a sub-folder")
     if subfolders:
         files = [(path, label) for label, sub in enumerate(subfolders)
                  for path in sorted(sub.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
-        label_names = [sub.name for sub in subfolders]
+        label_names = [printable(sub.name) for sub in subfolders]  # any bytes -> valid text
     else:
         files, label_names = [(path, -1) for path in loose], None
     if not files:
         raise DataError(f"{folder}: no images found (looked for "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of images")
 
-    images = []
+    images, decoded = [], 0
     for path, _ in files:
         try:
             with warnings.catch_warnings():
@@ -372,9 +398,17 @@ def read_image_folder(folder: Path, image_size: int | None, channels: int | None
                 # image decodes, so stay quiet. A decompression bomb is refused, not warned of.
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
+                # Regular files only (a FIFO named x.png would block), opened non-blocking.
+                with open_regular(path, "an image", DataError) as handle, \
+                        Image.open(handle) as image:
+                    width, height = image.size  # from the header: budget before decoding
+                    decoded += width * height * len(image.getbands())
+                    check_bytes(f"{folder} ({len(files):,} images, {decoded:,} bytes of pixels "
+                                "so far)", decoded, "use fewer or smaller images", DataError)
                     image.load()
                     images.append(image.copy())
+        except DataError:
+            raise
         except Exception as exc:  # noqa: BLE001 (a decoder fed hostile bytes may raise anything)
             reason = "empty file" if path.stat().st_size == 0 else \
                 (str(exc).split("\n")[0] or type(exc).__name__)
@@ -395,6 +429,10 @@ def read_image_folder(folder: Path, image_size: int | None, channels: int | None
             (w1, h1), (w2, h2) = sorted(sizes)[:2]
             raise DataError(f"{folder}: images differ in size ({w1}x{h1} and {w2}x{h2}); pass "
                             "--image-size N to resize them all to N x N")
+    if image_size is not None:
+        check_bytes(f"--image-size {image_size} ({len(images):,} images of {channels} x "
+                    f"{image_size} x {image_size})", len(images) * channels * image_size ** 2,
+                    "choose a smaller --image-size", DataError)
     arrays = [_image_to_array(image, channels, image_size) for image in images]
     x = torch.from_numpy(np.stack(arrays))  # (N, C, H, W) uint8
     y = torch.tensor([label for _, label in files], dtype=torch.int64) if label_names else None
@@ -443,17 +481,52 @@ def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Datase
         if (y is None) != (test_y is None):
             raise DataError(f"{path}: give labels for both splits (y and y_test) or for neither")
         if y is not None:
-            label_names = [str(v) for v in range(int(max(y.max(), test_y.max())) + 1)]
+            (y, test_y), label_names = class_labels([y, test_y], path)
         return Dataset(name, kind, x, test_x, y, test_y, label_names, source=str(path.resolve()))
     if y is not None and label_names is None:
-        label_names = [str(v) for v in range(int(y.max()) + 1)]
+        (y,), label_names = class_labels([y], path)
     return _split(name, kind, x, y, label_names, test_fraction, split_seed,
                   source=str(path.resolve()))
 
 
+def class_labels(labels: list[Tensor], path: Path) -> tuple[list[Tensor], list[str]]:
+    """Class numbers -> (indices, names). Labels 0..K-1 with K <= MAX_CLASSES keep their numbers
+    (class k is named "k", absent ones included); larger values are mapped sparsely, in order,
+    to the distinct values present, which must be at most MAX_CLASSES."""
+    top = max(int(y.max()) for y in labels)
+    if top < MAX_CLASSES:
+        return labels, [str(v) for v in range(top + 1)]
+    values = torch.unique(torch.cat(labels))  # sorted
+    check_at_most(f"{path}: the label column's distinct values", len(values), MAX_CLASSES,
+                  "a conditional model has one input per class; give class numbers, not "
+                  "measurements", DataError)
+    return [torch.searchsorted(values, y) for y in labels], [str(int(v)) for v in values]
+
+
+def _check_npy_header(handle, path: Path, key: str = "x") -> None:
+    """The shape and dtype a .npy header declares, checked against the memory limit before
+    numpy allocates the array it describes."""
+    from numpy.lib import format as npy
+
+    try:
+        version = npy.read_magic(handle)
+        reader = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
+        shape, _, dtype = reader(handle, max_header_size=10000)
+    except Exception:  # noqa: BLE001 (np.load below names the damage, or reads version 3)
+        handle.seek(0)
+        return
+    handle.seek(0)
+    if dtype.hasobject:
+        return  # np.load refuses it (no pickles)
+    check_bytes(f"{path}: {key} of shape {shape}", math.prod(shape) * dtype.itemsize,
+                "save a smaller array", DataError)
+
+
 def _load_numpy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        with open_regular(path, "a .npy file", DataError) as handle:
+            _check_npy_header(handle, path)
+            return np.load(handle, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise DataError(f"{path}: holds Python objects, which vaekit never unpickles; save a "
@@ -465,8 +538,14 @@ def _load_numpy(path: Path) -> np.ndarray:
 
 def _load_npz(path: Path):
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open_regular(path, "a .npz file", DataError) as handle, \
+                np.load(handle, allow_pickle=False) as archive:
+            for member in archive.zip.infolist():  # inflated sizes, before inflating
+                check_bytes(f"{path}: member {member.filename} ({member.file_size:,} bytes "
+                            "inflated)", member.file_size, "save smaller arrays", DataError)
             arrays = {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
             raise DataError(f"{path}: holds Python objects, which vaekit never unpickles; save "
@@ -488,12 +567,22 @@ LABEL_COLUMNS = ("label", "labels", "y", "class", "target")
 
 
 def _load_csv(path: Path):
+    size = check_regular(path, "a CSV file", DataError).st_size
+    # Each value takes at least 2 characters ("0,") and is held as 8 bytes, plus Python's lists.
+    check_bytes(f"{path} ({size:,} bytes of CSV)", size * 4, "use a smaller file or save the "
+                "data as .npy", DataError)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open_regular(path, "a CSV file", DataError) as handle:
+            text = handle.read().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc}); save it as a CSV file") \
             from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if row and any(c.strip() for c in row)]
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text))
+                if row and any(c.strip() for c in row)]
+    except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
+        raise DataError(f"{path}: not a CSV table of numbers ({exc}); give one row of numbers "
+                        "per example, each value a short number") from None
     if not rows:
         raise DataError(f"{path}: empty CSV file; give one row of numbers per example")
     header = None
@@ -575,7 +664,8 @@ def _labels_to_tensor(labels, n: int, path: Path, key: str) -> Tensor | None:
         raise DataError(f"{path}: {key} has shape {labels.shape}, expected ({n},), one label per "
                         "example")
     if labels.dtype.kind not in "biuf" or not np.all(np.isfinite(labels)) or \
-            np.any(labels != np.round(labels)) or np.any(labels < 0):
+            np.any(labels != np.round(labels)) or np.any(labels < 0) or \
+            np.any(labels > 2**53):  # beyond, floats skip integers and int64 may overflow
         raise DataError(f"{path}: {key} must hold class numbers 0, 1, 2, ...; convert the labels "
                         "to non-negative integers")
     return torch.from_numpy(labels.astype(np.int64))

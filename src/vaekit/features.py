@@ -213,14 +213,15 @@ def save_features(features: Features, path: Path) -> None:
 
 def load_features(path: Path, dataset: Dataset) -> Features:
     """The cached network of this dataset; one-line DataError if the file is not one."""
-    import json
+    from . import jsonio
 
     from safetensors import SafetensorError, safe_open
 
     fix = f"delete {path} and vaekit trains it again"
     try:
         with safe_open(str(path), framework="pt") as handle:
-            info = json.loads((handle.metadata() or {}).get("vaekit_features", "null"))
+            info = jsonio.loads((handle.metadata() or {}).get("vaekit_features", "null"),
+                                str(path), error=DataError, fix=fix)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"{path}: not a readable feature network ({str(exc).splitlines()[0]}); "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -444,11 +443,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
+    from . import jsonio
+    from .errors import VaekitError
+
+    try:
+        lines = jsonio.read_text(path, "metrics.jsonl").splitlines()
+    except VaekitError:  # a FIFO, an oversized or non-UTF-8 file: no curves, not a hang
+        return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = jsonio.loads(line, str(path))  # depth-limited: no RecursionError
+        except VaekitError:
             continue
         if isinstance(row, dict):
             rows.append(row)

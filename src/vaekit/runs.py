@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +35,14 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import jsonio
+from .budget import check_elements
 from .config import CONFIG_FORMAT, TrainConfig
 from .data import Dataset, Pipeline, load_dataset
 from .errors import ConfigError, DataError, RunError
 from .model import VAE, ModelConfig, build_vae
+from .safefiles import (open_private, printable, read_regular, real_folder, refuse_link,
+                        remove_tree)
 
 RUN_FORMAT = "vaekit-run/1"
 CHECKPOINT_PREFIX = "step-"
@@ -98,7 +102,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+    atomic_write_text(path, jsonio.dumps(value, indent=2) + "\n")  # never NaN or Infinity
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -144,7 +148,7 @@ def tensors_from_file(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load
 
     try:
-        return load(Path(path).read_bytes())
+        return load(read_regular(Path(path), "a safetensors file", RunError))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise RunError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); "
                        "the run folder is damaged, restore the file or retrain") from None
@@ -197,8 +201,10 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
+        # Never through a link: a planted .lock -> ~/file would be truncated below.
         with writing("cannot lock the run folder", self.path, "choose another --out"):
-            self.handle = open(self.path, "a+")
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
+            self.handle = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -226,9 +232,9 @@ class RunLock:
 
         path = Path(run_dir) / ".lock"
         try:
-            handle = open(path)
-        except OSError:
-            return None
+            handle = os.fdopen(open_private(path, os.O_RDONLY), "r")
+        except (OSError, RunError):
+            return None  # absent, or a link or special file, which taking the lock refuses
         with handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -266,7 +272,7 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: in
     a new name rather than replacing the first: replacing would open a moment with neither.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(exist_ok=True)
+    real_folder(root, create=True)  # a link would put (and prune) checkpoints elsewhere
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         os.chmod(staging, 0o777 & ~_UMASK)
@@ -282,25 +288,54 @@ def write_checkpoint(run_dir: Path, step: int, files: dict[str, bytes], keep: in
         os.rename(staging, final)
         fsync_dir(root)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     prune_checkpoints(root, keep)
     return final
 
 
+MANIFEST_SCHEMA = {"format": str, "step": int, "files": dict}
+MANIFEST_ENTRY = {"sha256": str, "bytes": int}
+# The largest checkpoint file a manifest may promise: weights and Adam's two moments of a model
+# under the memory limit are each at most that limit.
+CHECKPOINT_FILE_SLACK = 2**20
+
+
 def verify_checkpoint(folder: Path) -> str | None:
-    """None if every file matches the manifest, else the reason it does not."""
-    try:
-        manifest = json.loads((folder / "MANIFEST.json").read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    """None if every file matches the manifest, else the reason it does not.
+
+    The manifest is untrusted JSON: it may only name plain files of its own folder (no path
+    separators, no links out), regular files of the size it states; a FIFO listed in it is
+    refused, not read (reading would block).
+    """
+    from .budget import memory_limit
+
+    if (folder / "MANIFEST.json").is_symlink() or not (folder / "MANIFEST.json").exists():
         return "no readable MANIFEST.json"
-    for name, entry in files.items():
-        try:
-            data = (folder / name).read_bytes()
-        except OSError:
+    try:
+        manifest = jsonio.read_json(folder / "MANIFEST.json", "a checkpoint manifest",
+                                    schema=MANIFEST_SCHEMA)
+        for name, entry in manifest["files"].items():
+            jsonio.check(entry, MANIFEST_ENTRY, f"MANIFEST.json entry {name!r}")
+    except RunError as exc:
+        return f"unusable MANIFEST.json ({str(exc).split(': ', 1)[-1].split(';')[0]})"
+    for name, entry in manifest["files"].items():
+        if name in ("", ".", "..", "MANIFEST.json") or "/" in name or "\\" in name \
+                or "\0" in name:
+            return f"the manifest names {name!r}, which is not a file of the checkpoint"
+        path = folder / name
+        if path.is_symlink():
+            return f"{name} is a symbolic link"
+        if not path.exists():
             return f"{name} is missing"
-        if sha256_bytes(data) != entry.get("sha256"):
+        limit = memory_limit() + CHECKPOINT_FILE_SLACK
+        try:
+            data = read_regular(path, "a checkpoint file", RunError, max_bytes=limit)
+        except RunError as exc:
+            return str(exc).split(": ", 1)[-1].split(";")[0]
+        except OSError:
+            return f"{name} is unreadable"
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
@@ -309,10 +344,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Checkpoint folders, newest step first (by the step in their name, not their mtime)."""
     root = Path(run_dir) / "checkpoints"
     found = []
-    if root.is_dir():
+    if real_folder(root):  # a link to another run's checkpoints is refused, never pruned
         for folder in root.iterdir():
             order = parse_checkpoint_name(folder.name)
             if order is not None:
+                refuse_link(folder)  # resuming from, or pruning, a folder outside the run
                 found.append((order, folder))
     return [(step, folder) for (step, _), folder in sorted(found, reverse=True)]
 
@@ -332,12 +368,12 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         # Out of sight first: a crash in the middle of rmtree must not leave a step-* folder
         # that has lost some of its files.
         trash = root / f".trash-{folder.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(folder, trash)
+        remove_tree(trash)
+        os.rename(folder, trash)  # a step-* link is renamed itself, and then only unlinked
         fsync_dir(root)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash)
     for leftover in [*root.glob(".staging-*"), *root.glob(".trash-*")]:  # from earlier crashes
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_tree(leftover)
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
@@ -346,14 +382,12 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     Only call with the run's lock held: the temporaries of a live writer look the same.
     """
     run_dir = Path(run_dir)
-    removed = [p for p in run_dir.glob(".*" + TMP_SUFFIX) if p.is_file()]
+    removed = [p for p in run_dir.glob(".*" + TMP_SUFFIX) if p.is_file() or p.is_symlink()]
     root = run_dir / "checkpoints"
-    removed += [*root.glob(".staging-*"), *root.glob(".trash-*")]
+    if real_folder(root):
+        removed += [*root.glob(".staging-*"), *root.glob(".trash-*")]
     for path in removed:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_tree(path)  # links are unlinked, never followed
     return removed
 
 
@@ -544,11 +578,8 @@ def read_run_document(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunError(f"{run_dir}: not a vaekit run (no config.json); give the folder `vaekit "
                        "train` wrote")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); restore the run's original "
-                          "config.json") from None
+    document = jsonio.read_json(path, "config.json", error=ConfigError,
+                                fix="restore the run's original config.json")
     where = str(path)
     if isinstance(document, dict):  # the format first: a newer layout may not fit the checks
         _check_format(document.get("format"), RUN_FORMAT, "format", document, path)
@@ -598,30 +629,43 @@ class Run:
 
     @property
     def label_names(self) -> list[str] | None:
-        """The class names a conditional run's labels index; None for unconditional runs."""
-        return self.data["label_names"] if self.config.conditional else None
+        """The class names a conditional run's labels index; None for unconditional runs.
+        Printable text whatever the folder names' bytes were (see safefiles.printable)."""
+        names = self.data["label_names"]
+        return [printable(name) for name in names] if self.config.conditional else None
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-def load_state(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
-    """Load weights, naming the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def check_weight_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: Path) -> None:
+    """Name the first tensor the file lacks, has in excess, or holds in another shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
         raise RunError(f"{source}: weights do not fit the model in config.json ({what}); the "
                        "weights and config.json come from different runs; put back the "
                        "config.json of the run that wrote these weights")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise RunError(f"{source}: weight {key!r} has shape {tuple(tensors[key].shape)} but "
-                           f"config.json builds {tuple(value.shape)}; the weights and config.json "
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise RunError(f"{source}: weight {key!r} has shape {tuple(found[key])} but "
+                           f"config.json builds {tuple(shape)}; the weights and config.json "
                            "come from different runs; put back the config.json of the run that "
                            "wrote these weights")
+
+
+def load_state(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
+    """Load weights, naming the first missing, unexpected, mis-shaped or non-finite tensor."""
+    expected = model.state_dict()
+    check_weight_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                        {k: tuple(v.shape) for k, v in tensors.items()}, source)
+    for key, value in expected.items():
+        if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+            raise RunError(f"{source}: weight {key!r} holds NaN or infinite values (training "
+                           "diverged, or the file is damaged); resume from an earlier checkpoint "
+                           "or retrain with a smaller --lr")
         if tensors[key].dtype != value.dtype:
             raise RunError(f"{source}: weight {key!r} is {tensors[key].dtype}, expected "
                            f"{value.dtype}; the file was not written by vaekit, restore the run's "
@@ -639,10 +683,17 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
                        "epoch yet, or the file was removed (resume with vaekit train --resume)")
     config = document["config"]
     try:
-        model = build_vae(model_config_for(config, tuple(document["data"]["shape"]),
-                                           document["data"]["label_names"]))
+        model_config = model_config_for(config, tuple(document["data"]["shape"]),
+                                        document["data"]["label_names"])
+        # Shapes first, from the meta device and the file's header: a config.json edited to
+        # build a huge model is refused before any of it is allocated.
+        shapes = model_shapes(model_config)
     except ValueError as exc:
         raise ConfigError(f"{run_dir / 'config.json'}: {exc}") from None
+    check_weight_shapes(shapes, safetensors_shapes(weights), weights)
+    check_model_memory(shapes, f"{run_dir / 'config.json'}", copies=1,
+                       fix="restore the run's original config.json")
+    model = build_vae(model_config)
     load_state(model, tensors_from_file(weights), weights)
     model.to(device).eval()
     statistics = {}
@@ -657,8 +708,58 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
                                                     for t in statistics.values()):
             raise RunError(f"{path}: does not hold the mean and std of shape {shape}; restore it "
                            "or retrain")
+        if not all(bool(torch.isfinite(t).all()) for t in statistics.values()) \
+                or not bool((statistics["std"] > 0).all()):
+            raise RunError(f"{path}: the mean or std holds NaN, infinite or non-positive values; "
+                           "the file is damaged, restore it or retrain")
     pipeline = Pipeline.from_info(document["pipeline"], statistics).to(torch.device(device))
     return Run(run_dir, config, document["data"], pipeline, model, document["filled_options"])
+
+
+def model_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model a config builds, by name, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_vae(model_config)
+    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+
+
+def check_model_memory(shapes: dict[str, tuple[int, ...]], what: str, copies: int,
+                       fix: str) -> None:
+    """Refuse a model whose float32 weights, times `copies` (training keeps the gradients and
+    Adam's two moments: 4), exceed the memory limit."""
+    count = sum(math.prod(shape) for shape in shapes.values())
+    check_elements(f"{what} (a model of {count:,} parameters)", count, 4 * copies, fix,
+                   ConfigError)
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors file's header alone (8-byte length, then JSON)."""
+    damaged = (f"{path}: not a readable safetensors file (bad header); the run folder is "
+               "damaged, restore the file or retrain")
+    from .safefiles import open_regular
+
+    with open_regular(Path(path), "a safetensors file", RunError) as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise RunError(damaged)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100 * 2**20:  # the safetensors format's own limit on its header
+            raise RunError(damaged)
+        text = handle.read(length)
+    try:
+        header = jsonio.loads(text.decode("utf-8"), str(path), fix="restore the file")
+    except (UnicodeDecodeError, RunError):
+        raise RunError(damaged) from None
+    if not isinstance(header, dict):
+        raise RunError(damaged)
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            raise RunError(damaged)
+        shapes[name] = tuple(entry["shape"])
+    return shapes
 
 
 def load_run_dataset(run: Run) -> Dataset:

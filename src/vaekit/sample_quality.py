@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import jsonio
 from .data import Dataset
 from .distributions import draw_at_temperature
 from .errors import ConfigError, RunError
@@ -150,8 +151,9 @@ def reference_and_floor(run, dataset: Dataset, features: Features, index: Tensor
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
-                floor = json.loads(handle.metadata()["floor"])
-                kernel_means = json.loads(handle.metadata()["kernel_means"])
+                floor = jsonio.loads(handle.metadata()["floor"], str(path), error=ValueError)
+                kernel_means = jsonio.loads(handle.metadata()["kernel_means"], str(path),
+                                            error=ValueError)
                 references = {pixels: Reference.from_parts(
                     handle.get_tensor(f"{pixels}.features"), handle.get_tensor(f"{pixels}.radii"),
                     kernel_means[pixels]) for pixels in kernel_means}

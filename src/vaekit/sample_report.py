@@ -6,10 +6,10 @@ The scores come from sample_quality.py; this module only arranges them and the p
 
 from __future__ import annotations
 
-import json
-
 import torch
 
+from . import jsonio
+from .errors import RunError
 from .features import data_units, features_for, is_image
 from .sample_metrics import pairwise_distances
 from .sample_quality import draw_samples, reference_indices
@@ -128,8 +128,8 @@ def section_samples(run, dataset, *, seed: int = 0, log=print):
     quality = None
     if evaluation.is_file():
         try:
-            quality = json.loads(evaluation.read_text()).get("sample_quality")
-        except (OSError, ValueError, AttributeError):
+            quality = jsonio.read_json(evaluation, "evaluation.json").get("sample_quality")
+        except (RunError, AttributeError):  # unreadable or not an object: no scores to show
             quality = None
     if quality:
         section.paragraphs.append("The scores of this run's samples (from evaluation.json):")

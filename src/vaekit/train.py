@@ -14,6 +14,7 @@ the gradient of the global mean. The run is the same computation for any number 
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 from dataclasses import replace
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
 from .device import flush_denormals, resolve_device
@@ -41,13 +43,16 @@ from .model import VAE, build_vae
 from .objectives import build_objective
 from .randomness import derive_seed
 from .runs import (
+    STEP_LOG_COLUMNS,
     RunLock,
     atomic_write_bytes,
     atomic_write_json,
+    check_model_memory,
     describe_filled_options,
     latest_checkpoint,
     list_checkpoints,
     model_config_for,
+    model_shapes,
     read_run_document,
     remove_leftovers,
     run_document,
@@ -85,9 +90,37 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
 def build_model(config: TrainConfig, data_shape: tuple[int, ...],
                 label_names: list[str] | None = None) -> VAE:
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
+    model_config = model_config_for(config, data_shape, label_names)
+    # Counted on the meta device first: a --latent-dim 10**12 is refused, not allocated.
+    check_model_memory(model_shapes(model_config), f"--net {config.net} --hidden "
+                       f"{','.join(map(str, config.hidden)) or 'none'} --latent-dim "
+                       f"{config.latent_dim}", copies=4,  # weights, gradients, Adam's moments
+                       fix="use smaller --hidden, --latent-dim, --prior-components, "
+                       "--likelihood-components or --conv-channels")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        return build_vae(model_config_for(config, data_shape, label_names))
+        return build_vae(model_config)
+
+
+def check_training_sizes(config: TrainConfig, dataset: Dataset) -> None:
+    """Sizes that grow with options times the data's dimensions, checked before training (a
+    --num-samples 10**8 would otherwise fail only after the last epoch, at the pictures)."""
+    dims = math.prod(dataset.shape)
+    widest = max([dims, config.latent_dim, *config.hidden])
+    fix = "lower it"
+    check_elements(f"--num-samples {config.num_samples} (the pictures of {dims}-dimensional "
+                   "examples)", config.num_samples, 4 * (2 * dims + widest), f"{fix}, e.g. "
+                   "--num-samples 64")
+    batch = min(config.batch_size, len(dataset.train_x))
+    # codes decoded per example and step: k for the IWAE bound, 1 for the ELBO
+    samples = math.prod(build_objective(config).noise_shape(config.latent_dim)[:-1])
+    if samples > 1:
+        check_elements(f"--iwae-samples {config.iwae_samples} (decoding {batch} x "
+                       f"{config.iwae_samples} codes per step)", batch * config.iwae_samples,
+                       4 * 3 * (dims + widest), f"{fix} or lower --batch-size")
+    steps = config.epochs * max(1, len(dataset.train_x) // max(1, config.batch_size))
+    check_elements(f"--epochs {config.epochs} (a step log of {steps:,} steps)", steps,
+                   4 * 2 * len(STEP_LOG_COLUMNS), f"{fix}; train in stages with --resume")
 
 
 def check_free_space(run_dir: Path, model: nn.Module, keep: int) -> None:
@@ -164,7 +197,8 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         run_dir = Path(dist.broadcast_object(str(Path(config.out) if config.out
                                                  else default_run_dir(config))))
         config = replace(config, out=str(run_dir))
-    model = build_model(config, dataset.shape, dataset.label_names)
+    model = build_model(config, dataset.shape, dataset.label_names)  # its size checked first
+    check_training_sizes(config, dataset)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     with dist.same_outcome("run folder"):

@@ -9,13 +9,13 @@ and with the seed before continuing exactly (or, when asked, inexactly, recorded
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import jsonio
 from .errors import RunError, TrainingError
 from .runs import (
     STATE_FORMAT,
@@ -69,13 +69,17 @@ class TrainingState:
                  "inexact_resume": self.progress.inexact_resume}
         return {"model.safetensors": model_weights_bytes(self.model),
                 "optimizer.safetensors": tensors_to_bytes(optimizer_tensors),
-                "state.json": (json.dumps(state, indent=1) + "\n").encode()}
+                "state.json": (jsonio.dumps(state, indent=1) + "\n").encode()}
 
     def restore(self, folder: Path, inexact: bool) -> None:
         load_state(self.model, tensors_from_file(folder / "model.safetensors"),
                    folder / "model.safetensors")
         try:
-            state = json.loads((folder / "state.json").read_text())
+            try:
+                state = jsonio.read_json(folder / "state.json", "the training state")
+            except RunError as exc:  # too deep, too large, NaN tokens, not UTF-8, a FIFO
+                reason = str(exc).split(": ", 1)[-1].split(";")[0]
+                raise ValueError(reason) from None
             optimizer_tensors = tensors_from_file(folder / "optimizer.safetensors")
             step_log = optimizer_tensors.pop("step_log")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -153,4 +157,4 @@ class TrainingState:
         """model.safetensors and metrics.jsonl of the run folder, from the training state."""
         atomic_write_bytes(self.run_dir / "model.safetensors", model_weights_bytes(self.model))
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(
-            json.dumps(m) + "\n" for m in self.progress.metrics))
+            jsonio.dumps(m) + "\n" for m in self.progress.metrics))

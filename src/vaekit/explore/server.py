@@ -27,7 +27,6 @@ import base64
 import errno
 import io
 import ipaddress
-import json
 import math
 import secrets
 import socket
@@ -45,9 +44,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
-from .. import __version__
+from .. import __version__, jsonio
 from ..errors import VaekitError
 from ..latent_space import LatentSpace, interpolation_path
+from ..safefiles import printable
 from ..viz import is_image_shape, png_bytes, single_image
 
 MAX_UPLOAD_BYTES = 4 * 2**20  # an image file; a model of small images needs few of its pixels
@@ -55,6 +55,7 @@ MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 2**10  # the upload plus its multipart 
 MAX_IMAGE_SIDE = 4096  # pixels, checked from the header before decoding (<= 64 MiB as RGBA)
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # the only decoders Pillow may use
 MAX_STEPS = 64  # codes on one interpolation path
+MAX_IN_FLIGHT = 64  # requests answered at once (each holds a worker thread while decoding)
 GALLERY_LIMIT = 100  # test examples per gallery request
 SLIDER_WIDTH = 3.0  # sliders span +-3 prior standard deviations (the whole cube when uniform)
 # The API accepts codes within +-10 prior standard deviations: the prior puts no mass to speak of
@@ -126,6 +127,7 @@ class Guard:
 
     def __init__(self, app, allowed_hosts: frozenset[str], max_body: int):
         self.app, self.allowed_hosts, self.max_body = app, allowed_hosts, max_body
+        self.in_flight = 0  # requests being answered (idle connections do not count)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -152,6 +154,10 @@ class Guard:
             return await refuse(scope, receive, send, 413, (
                 f"request body of {length} bytes is over the explorer's limit of "
                 f"{self.max_body} bytes; upload a smaller image"))
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return await refuse(scope, receive, send, 503, (
+                f"the explorer is answering {self.in_flight} requests already; retry in a "
+                "moment"))
         received = 0
         limit = self.max_body
 
@@ -171,7 +177,11 @@ class Guard:
                                                   *SECURITY_HEADERS]}
             await send(message)
 
-        await self.app(scope, counted_receive, send_with_headers)
+        self.in_flight += 1
+        try:
+            await self.app(scope, counted_receive, send_with_headers)
+        finally:
+            self.in_flight -= 1
 
 
 async def refuse(scope, receive, send, status: int, detail: str) -> None:
@@ -328,9 +338,11 @@ def data_url(png: bytes) -> str:
 def read_evaluation(run_dir: Path) -> dict | None:
     """evaluation.json's finite numbers (elbo, log_px, log_px_se, k), or None if absent/unusable."""
     path = Path(run_dir) / "evaluation.json"
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    if not path.exists():
+        return None
+    try:  # size- and depth-limited: a planted file cannot stop the explorer from starting
+        document = jsonio.read_json(path, "evaluation.json")
+    except (OSError, VaekitError):
         return None
     if not isinstance(document, dict):
         return None
@@ -344,14 +356,17 @@ def read_evaluation(run_dir: Path) -> dict | None:
 
 
 def last_test_elbo(run_dir: Path) -> tuple[float | None, int | None]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None, None
     try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        lines = jsonio.read_text(path, "metrics.jsonl").splitlines()
+    except (OSError, VaekitError):
         return None, None
     for line in reversed(lines):
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = jsonio.loads(line, str(path))
+        except VaekitError:
             continue
         value = record.get("test_elbo") if isinstance(record, dict) else None
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -363,12 +378,15 @@ def last_test_elbo(run_dir: Path) -> tuple[float | None, int | None]:
 def run_info(run, space: LatentSpace) -> dict:
     prior = space.prior
     test_elbo, epochs = last_test_elbo(run.path)
+    names = None if space.label_names is None else [printable(n) for n in space.label_names]
+    # Names come from the run's folders and files: any bytes, shown as valid text (JSON).
     return dict(
-        run=run.name, dataset=run.data["name"], data_shape=list(space.data_shape),
+        run=printable(run.name), dataset=printable(run.data["name"]),
+        data_shape=list(space.data_shape),
         images=is_image_shape(space.data_shape), n_test=len(space.test_x),
-        label_names=space.label_names, latent_dim=space.latent_dim, prior=run.config.prior,
+        label_names=names, latent_dim=space.latent_dim, prior=run.config.prior,
         prior_description=prior.description, likelihood=run.config.likelihood,
-        scoring=run.pipeline.description, slider_range=prior.range(SLIDER_WIDTH),
+        scoring=printable(run.pipeline.description), slider_range=prior.range(SLIDER_WIDTH),
         code_range=prior.range(CODE_WIDTH), interpolation_modes=list(prior.interpolation_modes),
         dims_by_use=space.dims_by_use, kl_per_dimension=space.kl_per_dimension.tolist(),
         unused=space.unused, test_elbo=test_elbo, epochs=epochs,
@@ -454,7 +472,7 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
             label = None
             if space.test_y is not None:
                 number = int(space.test_y[index])
-                names = space.label_names or []
+                names = info["label_names"] or []  # printable already
                 label = names[number] if number < len(names) else str(number)
             items.append({"index": index, "label": label, "image": gallery_cache[index]})
         return {"total": len(space.test_x), "items": items}
@@ -602,20 +620,27 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app, log_level: str = "warning"):
-    """A uvicorn server for the app; run it with server.run(sockets=[bind_socket(...)])."""
+def make_server(app, log_level: str = "warning", **limits):
+    """A uvicorn server for the app; run it with server.run(sockets=[bind_socket(...)]).
+
+    limits: connections.limited_protocol's timeouts and caps (tests shorten them). No
+    limit_concurrency: uvicorn counts idle connections in it (see connections.py); requests in
+    progress are capped by the Guard instead.
+    """
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=64,
+    from .connections import limited_protocol
+
+    config = uvicorn.Config(app, log_level=log_level, http=limited_protocol(**limits),
                             timeout_keep_alive=5, server_header=False, access_log=False)
     return uvicorn.Server(config)
 
 
 @contextmanager
-def running(app, host: str = "127.0.0.1", port: int = 0):
+def running(app, host: str = "127.0.0.1", port: int = 0, **limits):
     """Serve the app from a background thread while the block runs; yields its base URL."""
     sock = bind_socket(host, port)
-    server = make_server(app)
+    server = make_server(app, **limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -659,7 +684,8 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, allowed_hosts=(),
             f"this address can use the explorer and load its CPU; use --host 127.0.0.1 unless "
             "you mean to share it")
     shown = f"[{host}]" if ":" in host else host
-    log(f"vaekit explore: {run.name} on http://{shown}:{bound_port}/  (Ctrl-C to stop)")
+    log(f"vaekit explore: {printable(run.name)} on http://{shown}:{bound_port}/  (Ctrl-C to "
+        "stop)")
     try:
         make_server(app).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
