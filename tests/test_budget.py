@@ -35,8 +35,10 @@ def test_seeds_must_fit_torch_and_vaekit():
 
     assert budget.check_seed("--seed", budget.MAX_SEED) == 2**63 - 1
     torch.Generator().manual_seed(budget.MAX_SEED)  # torch takes the largest one
-    for bad in (-1, 2**63, 2**70, True, 1.0):
-        with pytest.raises(ConfigError, match="from 0 to 2\\*\\*63 - 1"):
+    assert budget.check_seed("--seed", -1) == -1  # accepted before: old runs keep loading
+    torch.Generator().manual_seed(budget.MIN_SEED)
+    for bad in (-(2**63) - 1, 2**63, 2**70, True, 1.0):
+        with pytest.raises(ConfigError, match="from -2\\*\\*63 to 2\\*\\*63 - 1"):
             budget.check_seed("--seed", bad)
 
 

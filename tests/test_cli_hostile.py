@@ -308,19 +308,19 @@ for options, problem in [
     case(f"train{'='.join(options)}", problem, "memory limit")(
         lambda f, r, options=options: train(*options))
 
-for flag, value in [("--seed", 2**70), ("--seed", -1), ("--split-seed", 2**63)]:
-    case(f"train{flag}={value}", f"{flag} must be a whole number from 0 to 2**63 - 1",
+for flag, value in [("--seed", 2**70), ("--seed", -(2**64)), ("--split-seed", 2**63)]:
+    case(f"train{flag}={value}", f"{flag} must be a whole number from -2**63 to 2**63 - 1",
          "choose a smaller seed")(lambda f, r, flag=flag, value=value: train(flag, str(value)))
 
 for command, options, problem in [
     ("sample", ["-n", str(10**8)], "-n 100000000"),
-    ("sample", ["--seed", str(2**70)], "expected a seed from 0 to 2**63 - 1"),
+    ("sample", ["--seed", str(2**70)], "expected a seed from -2**63 to 2**63 - 1"),
     ("interpolate", ["--steps", str(10**8)], "--steps 100000000"),
-    ("interpolate", ["--random", "--seed", str(2**64)], "expected a seed from 0 to 2**63 - 1"),
+    ("interpolate", ["--random", "--seed", str(2**64)], "expected a seed from -2**63 to 2**63 - 1"),
     ("traverse", ["--steps", str(10**7)], "--steps 10000000"),
     ("manifold", ["--grid", str(10**5)], "--grid 100000"),
     ("explain", ["--k", str(10**9)], "--k 1000000000"),
-    ("evaluate", ["--seed", str(2**63)], "expected a seed from 0 to 2**63 - 1"),
+    ("evaluate", ["--seed", str(2**63)], "expected a seed from -2**63 to 2**63 - 1"),
 ]:
     fix = "see vaekit" if "seed" in problem else "memory limit"
     case(f"{command}{'='.join(options)}", problem, fix)(
@@ -331,7 +331,7 @@ for command, options, problem in [
 for key, value, problem in [
     ("hidden", [10_000_000], "has shape"),
     ("latent_dim", 10**12, "has shape"),
-    ("seed", 2**70, "must be a whole number from 0 to 2**63 - 1"),
+    ("seed", 2**70, "must be a whole number from -2**63 to 2**63 - 1"),
 ]:
     def config_value(folder, trained, key=key, value=value):
         run = copy_run(trained, folder)

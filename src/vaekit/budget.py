@@ -28,6 +28,7 @@ import os
 from .errors import ConfigError
 
 MAX_SEED = 2**63 - 1
+MIN_SEED = -(2**63)
 LIMIT_VARIABLE = "VAEKIT_MEMORY_LIMIT"
 _SUFFIXES = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -86,10 +87,11 @@ def check_elements(what: str, count: int, bytes_each: int, fix: str, error=Confi
 
 
 def check_seed(option: str, value: int, error=ConfigError) -> int:
-    """A seed torch and vaekit can use: 0 .. 2**63 - 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise error(f"{option} must be a whole number from 0 to 2**63 - 1 "
-                    f"({MAX_SEED}), got {value!r}; choose a smaller seed")
+    """A seed torch and vaekit can use: -2**63 .. 2**63 - 1 (negative seeds were always
+    accepted, and runs trained with one must keep loading)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SEED <= value <= MAX_SEED:
+        raise error(f"{option} must be a whole number from -2**63 to 2**63 - 1, got {value!r}; "
+                    "choose a smaller seed")
     return value
 
 

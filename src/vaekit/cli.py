@@ -103,7 +103,7 @@ def int_list(text: str) -> list[int]:
 
 
 def seed_number(text: str) -> int:
-    """A seed: 0 .. 2**63 - 1 (the range torch's generators and vaekit's derived seeds take)."""
+    """A seed: -2**63 .. 2**63 - 1 (the range torch's generators take)."""
     from .budget import check_seed
 
     try:
@@ -113,7 +113,7 @@ def seed_number(text: str) -> int:
     try:
         return check_seed("the seed", value)
     except VaekitError:
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got "
+        raise argparse.ArgumentTypeError(f"expected a seed from -2**63 to 2**63 - 1, got "
                                          f"{value}") from None
 
 
