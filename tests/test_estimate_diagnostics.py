@@ -135,3 +135,49 @@ def test_replicate_standard_error_matches_the_spread_of_independent_runs(sigma):
     if sigma == 2.5:  # heavy at this k: the delta method is too small, the replicates are not
         delta = float(np.median(delta_se))
         assert delta < 0.85 * spread and abs(typical - spread) < abs(delta - spread)
+
+
+# ------------------------------------------------------------------------------------------------
+# On the linear-Gaussian oracle, through vaekit's own estimator
+
+def _oracle(shift: float, shrink: float, examples: int = 200):
+    from conftest import imperfect
+    from vaekit.oracle import exact_log_px, linear_gaussian_vae, sample_data
+
+    model = linear_gaussian_vae(20, 4, 0.5, seed=1)
+    if shift or shrink != 1.0:
+        model = imperfect(model, shift=shift, shrink=shrink)
+    x = sample_data(model, examples, seed=2)
+    return model, x, float(exact_log_px(model, x).mean())
+
+
+def _summary(model, x, k: int, seed: int) -> dict:
+    from vaekit.data import Pipeline
+    from vaekit.estimate import evaluate
+
+    pipeline = Pipeline("identity", "real", 0, description="oracle data (model space)")
+    return evaluate(model, x, pipeline, k=k, seed=seed, naive=False).summary()
+
+
+def test_on_the_oracle_the_jackknife_is_less_biased_than_is_k_at_every_k():
+    model, x, exact = _oracle(shift=0.4, shrink=0.8)
+    for k in (10, 100, 1000):
+        runs = [_summary(model, x, k, seed) for seed in range(6)]
+        is_error = np.array([r["log_px"] - exact for r in runs])
+        jack_error = np.array([r["log_px_jackknife"] - exact for r in runs])
+        noise = np.hypot(is_error.std(ddof=1), jack_error.std(ddof=1)) / math.sqrt(len(runs))
+        assert is_error.mean() < -2 * noise, (k, is_error.mean(), noise)  # IS_k is biased low
+        assert abs(jack_error.mean()) < abs(is_error.mean()), (k, is_error, jack_error)
+
+
+def test_on_the_oracle_pareto_k_is_low_for_the_exact_posterior_and_rises_as_q_worsens():
+    model, x, _ = _oracle(shift=0.0, shrink=1.0, examples=50)
+    exact = _summary(model, x, 1000, seed=0)
+    assert exact["pareto_k_high"] == 0
+    assert all(k is None or k < 0.5 for k in exact["pareto_k"])
+    means = []
+    for shift, shrink in ((0.1, 0.95), (0.4, 0.8), (1.0, 0.6)):
+        model, x, _ = _oracle(shift=shift, shrink=shrink, examples=50)
+        summary = _summary(model, x, 1000, seed=0)
+        means.append(summary["pareto_k_mean"])
+    assert means == sorted(means) and means[-1] > 0.7, means

@@ -27,6 +27,9 @@ from torch import Tensor
 
 PARETO_K_UNRELIABLE = 0.7  # Vehtari et al. 2024: above min(1 - 1/log10(S), 0.7), not reliable
 PARETO_K_FINITE_VARIANCE = 0.5  # below it the weights have a finite variance
+# Largest log-weights closer together than this (nats) are taken as equal: their spread is the
+# rounding of float32 log-densities, and an estimate from them is off by less than this anyway.
+FLAT_TAIL = 1e-3
 
 
 def tail_size(samples: int) -> int:
@@ -93,7 +96,11 @@ class TailWeights:
         # weights relative to the largest: exp of differences, so no overflow whatever the scale
         scaled = torch.exp(top - top[0])  # (M + 1, B) in (0, 1]
         exceedances = (scaled[:-1] - scaled[-1]).flip(0).T  # (B, M) ascending
-        return generalized_pareto_shape(exceedances)
+        k = generalized_pareto_shape(exceedances)
+        # Weights that agree to within FLAT_TAIL nats (q is the posterior, up to the rounding of
+        # float32 log-densities) have no tail to speak of, whatever shape their rounding has.
+        flat = (top[0] - top[-1]) < FLAT_TAIL
+        return torch.where(flat, torch.full_like(k, -math.inf), k)
 
 
 def _log_mean(log_sums: Tensor, counts: Tensor) -> Tensor:
@@ -148,15 +155,26 @@ class BlockedWeights:
         grouped = blocks[:size * groups].reshape(groups, size, -1)  # (G, blocks/G, B)
         return torch.logsumexp(grouped, dim=1) - math.log(size * self.block_size)  # (G, B)
 
-    def replicate_levels(self, max_groups: int = 16) -> list[tuple[float, Tensor]]:
+    def group_jackknives(self, groups: int) -> Tensor:
+        """The jackknife estimate made within each of `groups` disjoint groups of blocks.
+        (groups, B)"""
+        blocks = self._complete()[:self.blocks]
+        size = self.blocks // groups
+        grouped = blocks[:size * groups].reshape(groups, size, -1)  # (G, blocks/G, B)
+        return torch.stack([_jackknife(group, size, self.block_size, size * self.block_size)
+                            for group in grouped])
+
+    def replicate_levels(self, max_groups: int = 16,
+                         statistic: str = "estimate") -> list[tuple[float, Tensor]]:
         """(draws per group, the per-example variance of one group's estimate) for G = 2, 4, ...,
         max_groups groups: the spread of disjoint replicates at each group size, from k/2 down
         to k/max_groups draws (smaller groups say little about k: the log of a mean of few heavy
         tailed weights behaves differently). [(m, (B,)), ...]"""
         levels = []
         groups = 2
-        while groups <= min(self.blocks, max_groups):
-            estimates = self.group_estimates(groups)  # (G, B)
+        make = {"estimate": self.group_estimates, "jackknife": self.group_jackknives}[statistic]
+        while groups <= min(self.blocks // (2 if statistic == "jackknife" else 1), max_groups):
+            estimates = make(groups)  # (G, B)
             levels.append((float(self.blocks // groups * self.block_size), estimates.var(dim=0)))
             groups *= 2
         return levels
@@ -170,14 +188,7 @@ class BlockedWeights:
         log_sums = self._complete()  # (blocks + 1, B)
         if self.blocks < 2:
             return self.estimate()
-        k, m = self.samples, self.block_size
-        full = self.estimate()  # (B,)
-        # log of the total less block b, from the other rows' sums (no cancellation)
-        leave_out = torch.stack([
-            torch.logsumexp(torch.cat([log_sums[:b], log_sums[b + 1:]]), dim=0)
-            for b in range(self.blocks)]) - math.log(k - m)  # (blocks, B)
-        c = (full - leave_out.mean(0)) / (1.0 / (k - m) - 1.0 / k)  # (B,)
-        return full + c / k
+        return _jackknife(log_sums, self.blocks, self.block_size, self.samples)
 
     def last_doubling_rise(self) -> Tensor:
         """IS_k minus IS_(k/2) of the first half of the blocks: what the last doubling of k
@@ -185,8 +196,20 @@ class BlockedWeights:
         return self.estimate() - self.group_estimates(2)[0]
 
 
-def replicate_variance_at(levels: list[tuple[float, Tensor]], samples: int,
-                          weights: Tensor | None = None) -> tuple[float, float]:
+def _jackknife(rows: Tensor, blocks: int, block_size: int, draws: int) -> Tensor:
+    """The grouped jackknife of weight sums: rows (R, B) are log sums of which the first
+    `blocks` are blocks of block_size draws (left out in turn) and any others a remainder that
+    every leave-out keeps; `draws` in all. (B,)"""
+    full = torch.logsumexp(rows, dim=0) - math.log(draws)  # (B,)
+    # log of the total less block b, from the other rows' sums (no cancellation)
+    leave_out = torch.stack([torch.logsumexp(torch.cat([rows[:b], rows[b + 1:]]), dim=0)
+                             for b in range(blocks)]) - math.log(draws - block_size)  # (blocks, B)
+    c = (full - leave_out.mean(0)) / (1.0 / (draws - block_size) - 1.0 / draws)  # (B,)
+    return full + c / draws
+
+
+def replicate_variance_at(levels: list[tuple[float, Tensor]],
+                          samples: int) -> tuple[float, float]:
     """The variance of a dataset mean of IS estimates at `samples` draws, from replicates.
 
     levels: replicate_levels() of every example pooled (m, per-example variances (B,)). The
@@ -198,8 +221,7 @@ def replicate_variance_at(levels: list[tuple[float, Tensor]], samples: int,
     if not levels:
         return math.nan, math.nan
     sizes = torch.tensor([m for m, _ in levels], dtype=torch.float64)
-    totals = torch.stack([v.sum() if weights is None else (v * weights).sum()
-                          for _, v in levels]).double().cpu()  # (levels,)
+    totals = torch.stack([v.sum() for _, v in levels]).double().cpu()  # (levels,)
     usable = totals > 0
     if not bool(usable.any()):
         return 0.0, -1.0
@@ -211,3 +233,64 @@ def replicate_variance_at(levels: list[tuple[float, Tensor]], samples: int,
         slope = min(0.0, max(-1.0, slope))
     intercept = float(y.mean()) - slope * float(x.mean())  # the fit with the held slope
     return math.exp(intercept + slope * math.log(samples)), slope
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-example columns and the dataset figures made of them
+
+REPLICATE_GROUPS = (2, 4, 8, 16)  # group counts whose replicate spreads are kept per example
+BLOCKS = 64
+
+
+def group_size(samples: int, groups: int) -> int:
+    """Draws in each of `groups` groups of BlockedWeights(samples)'s blocks."""
+    blocks = max(1, min(BLOCKS, samples))
+    return blocks // groups * (samples // blocks)
+
+
+def diagnostic_columns(prefix: str, blocked: BlockedWeights, tail: TailWeights, *,
+                       jackknife: bool) -> dict[str, Tensor]:
+    """Per-example diagnostics of one estimator as named columns (B,) each: Pareto k, the
+    replicate variance at each of REPLICATE_GROUPS (NaN where there are too few blocks) and,
+    with jackknife=True, the jackknife estimate, its replicate variances and the rise over the
+    last doubling of k."""
+    examples = blocked.log_sums.shape[1]
+    nan = torch.full((examples,), math.nan, dtype=torch.float64, device=blocked.log_sums.device)
+    columns = {f"{prefix}_pareto_k": tail.pareto_k().to(nan.device)}
+    statistics = ("estimate", "jackknife") if jackknife else ("estimate",)
+    for statistic in statistics:
+        name = prefix if statistic == "estimate" else f"{prefix}_jackknife"
+        found = {groups: variance for groups, (_, variance) in zip(
+            REPLICATE_GROUPS, blocked.replicate_levels(max(REPLICATE_GROUPS), statistic))}
+        for groups in REPLICATE_GROUPS:
+            columns[f"{name}_rep_var_{groups}"] = found.get(groups, nan)
+    if jackknife:
+        two_blocks = blocked.blocks >= 2
+        columns[f"{prefix}_jackknife"] = blocked.jackknife() if two_blocks else nan
+        columns[f"{prefix}_rise"] = blocked.last_doubling_rise() if two_blocks else nan
+    return columns
+
+
+def diagnostic_names(prefix: str, *, jackknife: bool) -> tuple[str, ...]:
+    """The column names diagnostic_columns gives, in its order."""
+    names = [f"{prefix}_pareto_k", *(f"{prefix}_rep_var_{g}" for g in REPLICATE_GROUPS)]
+    if jackknife:
+        names += [*(f"{prefix}_jackknife_rep_var_{g}" for g in REPLICATE_GROUPS),
+                  f"{prefix}_jackknife", f"{prefix}_rise"]
+    return tuple(names)
+
+
+def replicate_standard_error(per_example: dict[str, Tensor], name: str,
+                             samples: int) -> tuple[float, float]:
+    """The standard error of the dataset mean of estimator `name` (log_px, log_px_jackknife,
+    log_px_naive) at `samples` draws, from its replicate columns; and the fitted slope of the
+    variance against the draws per group (-1: the 1/k of finite-variance weights)."""
+    levels = []
+    for groups in REPLICATE_GROUPS:
+        variance = per_example.get(f"{name}_rep_var_{groups}")
+        if variance is not None and bool(torch.isfinite(variance).all()):
+            levels.append((float(group_size(samples, groups)), variance))
+    if not levels:
+        return math.nan, math.nan
+    total, slope = replicate_variance_at(levels, samples)
+    return math.sqrt(total) / len(levels[0][1]), slope
