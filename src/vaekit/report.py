@@ -45,6 +45,9 @@ def _fmt_se(value: float | None) -> str:
     return f"{value:.2g}"
 
 
+NAIVE_ESS = 2.0  # below this mean effective sample size the naive estimator's s.e. means nothing
+
+
 def evaluation_table(result: dict) -> str:
     """The evaluation object (estimate.evaluate_run) as a readable table."""
     k, n = result["k"], result["n"]
@@ -64,9 +67,13 @@ def evaluation_table(result: dict) -> str:
 
     row("log p(x)  importance sampled (IWAE bound)", result["log_px"], result["log_px_se"],
         f"k = {k} from q(z|x), mean ESS {result['log_px_ess']:,.1f}")
+    if result.get("log_px_jackknife") is not None:
+        row("  jackknife, O(1/k) bias removed", result["log_px_jackknife"],
+            result["log_px_jackknife_se"], f"the same k = {k}, 64 blocks")
+    naive_meaningless = "log_px_naive" in result and result["log_px_naive_ess"] < NAIVE_ESS
     if "log_px_naive" in result:
         row("log p(x)  naive, z from the prior", result["log_px_naive"],
-            result["log_px_naive_se"],
+            "n/a" if naive_meaningless else result["log_px_naive_se"],
             f"k = {k} from p(z), mean ESS {result['log_px_naive_ess']:,.1f}")
     row("ELBO", result["elbo"], result["elbo_se"], f"the same k = {k} from q(z|x)")
     row("  reconstruction  E_q[log p(x|z)]", result["reconstruction"],
@@ -83,12 +90,37 @@ def evaluation_table(result: dict) -> str:
                  f"   {n:,} examples")
     per_dim = result["kl_per_dim"]
     lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
+    lines.append("s.e.: from replicates of disjoint groups of the draws (the delta method's "
+                 f"would say {_fmt_se(result.get('log_px_se_delta', math.nan)).strip()} for "
+                 "log p(x))")
+    rise = result.get("log_px_last_doubling_rise")
+    if rise is not None:
+        lines.append(f"the last doubling of k ({k // 2:,} -> {k:,}) raised log p(x) by "
+                     f"{rise:,.3f} nats; the jackknife estimates what is left")
+    if "pareto_k_high" in result:
+        limit, high = result["pareto_k_threshold"], result["pareto_k_high"]
+        worst = result.get("pareto_k_max")
+        worst = "" if worst is None else f", largest {worst:.2f}"
+        if high:
+            lines.append(f"warning: {high:,} of {n:,} examples have importance weights with a "
+                         f"Pareto k above {limit:.2f}{worst}: their estimates are not to be "
+                         "trusted (q(z|x) misses their posterior's tail); see pareto_k in "
+                         "evaluation.json")
+        else:
+            lines.append(f"Pareto k of every example's weights is at most {limit:.2f}{worst}: "
+                         "the importance-sampling estimates can be trusted")
     if "log_px_naive" in result:
         diff = result["log_px"] - result["log_px_naive"]
         se = math.hypot(result["log_px_se"], result["log_px_naive_se"])
         lines.append(f"naive vs importance sampling at equal k: {diff:,.2f} nats apart"
-                     + (f" ({diff / se:,.0f} standard errors)" if se > 0 else ""))
-        if result["log_px_naive_ess"] < 10:
+                     + (f" ({diff / se:,.0f} standard errors)"
+                        if se > 0 and not naive_meaningless else ""))
+        if naive_meaningless:
+            lines.append(f"note: the naive estimator's effective sample size is "
+                         f"{result['log_px_naive_ess']:.1f} of {k}: one prior draw carries all "
+                         "the weight of nearly every example, so no error bar is meaningful "
+                         "and none is shown")
+        elif result["log_px_naive_ess"] < 10:
             lines.append(f"note: the naive estimator's effective sample size is "
                          f"{result['log_px_naive_ess']:.1f} of {k}: one prior draw carries nearly "
                          "all the weight, so its standard error understates its real error")

@@ -27,6 +27,7 @@ from ..model import VAE
 from ..randomness import SAMPLE_BLOCK, per_example_normal
 from .chunks import decode_samples, sample_block
 from .decoding import log_likelihood
+from .diagnostics import BlockedWeights, TailWeights, diagnostic_columns, diagnostic_names
 from .statistics import LogMeanExp, MeanSums
 
 
@@ -130,7 +131,9 @@ def log_weights(model: VAE, x: Tensor, start: int, k: int, *, seed: int = 0,
 
 SCALARS = ("log_px", "log_px_var", "log_px_ess", "elbo", "elbo_var", "elbo_gap_var",
            "reconstruction", "reconstruction_var", "kl", "kl_var",
-           "log_px_naive", "log_px_naive_var", "log_px_naive_ess")
+           "log_px_naive", "log_px_naive_var", "log_px_naive_ess",
+           *diagnostic_names("log_px", jackknife=True),
+           *diagnostic_names("log_px_naive", jackknife=False))
 
 
 def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, split: str,
@@ -145,6 +148,7 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
     inference = model.infer(x, y)
     exact_kl = inference.exact_kl_per_dimension()  # (B, D) or None
     weights, likelihood, kl_sums = LogMeanExp(), MeanSums(), MeanSums()
+    blocked, tail, drawn = BlockedWeights(k), TailWeights(k), 0  # diagnostics of the weights
     kl_dims = torch.zeros(len(x), model.latent_dim, dtype=torch.float64, device=x.device)
     posterior_mean = inference.mean_code()  # (B, D) or None
     if posterior_mean is not None:
@@ -161,6 +165,9 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
             kl_dims += b.kl_per_dim.double().sum(0)
             kl_sums.add(b.log_likelihood - b.log_weight)  # log q(z|x) - log p(z)
         weights.add(b.log_weight, companion=summand)
+        blocked.add(b.log_weight, drawn)
+        tail.add(b.log_weight)
+        drawn += len(b.log_weight)
         likelihood.add(b.log_likelihood)
         if z_sum is not None:
             z_sum += b.z.double().sum(0)
@@ -179,18 +186,25 @@ def evaluate_batch(model: VAE, x: Tensor, start: int, *, k: int, seed: int, spli
         "elbo_gap_var": weights.gap_variance,
         "reconstruction": likelihood.mean, "reconstruction_var": likelihood.variance_of_mean,
         "kl": kl, "kl_var": kl_var,
+        **diagnostic_columns("log_px", blocked, tail, jackknife=True),
     }
     if naive:
         prior_weights = LogMeanExp()
+        prior_blocked, prior_tail, drawn = BlockedWeights(k), TailWeights(k), 0
         for log_px_given_z in prior_blocks(model, x, start, k, seed=seed, split=split,
                                            block=block, y=y, samples_per_pass=samples_per_pass):
             prior_weights.add(log_px_given_z)
+            prior_blocked.add(log_px_given_z, drawn)
+            prior_tail.add(log_px_given_z)
+            drawn += len(log_px_given_z)
         columns.update(log_px_naive=prior_weights.estimate,
                        log_px_naive_var=prior_weights.variance,
-                       log_px_naive_ess=prior_weights.effective_sample_size)
+                       log_px_naive_ess=prior_weights.effective_sample_size,
+                       **diagnostic_columns("log_px_naive", prior_blocked, prior_tail,
+                                            jackknife=False))
     else:
         nan = torch.full((len(x),), math.nan, dtype=torch.float64, device=x.device)
-        columns.update(log_px_naive=nan, log_px_naive_var=nan, log_px_naive_ess=nan)
+        columns.update({name: nan for name in SCALARS if name.startswith("log_px_naive")})
     scalars = torch.stack([columns[name] for name in SCALARS], dim=1)  # (B, len(SCALARS))
     return torch.cat([scalars, posterior_mean, kl_dims], dim=1)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..data import Pipeline
 from ..model import VAE
+from .diagnostics import pareto_k_threshold, replicate_standard_error
 from .statistics import bits_per_dim
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active if Cov_x(E_q[z_d]) > 0.01
@@ -46,7 +47,7 @@ class Evaluation:
     def data_units(self, name: str) -> Tensor:
         """A per-example log-quantity in the data's own units (log-densities get the Jacobian)."""
         values = self.per_example[name]
-        if name in ("log_px", "log_px_naive", "elbo", "reconstruction"):
+        if name in ("log_px", "log_px_naive", "log_px_jackknife", "elbo", "reconstruction"):
             return values + self.log_jacobian
         return values
 
@@ -66,12 +67,28 @@ class Evaluation:
         spread = posterior_mean.var(0) if n > 1 else torch.zeros(posterior_mean.shape[1],
                                                                   dtype=torch.float64)
         threshold = ACTIVE_THRESHOLD * torch.tensor(self.prior_variance, dtype=torch.float64)
-        log_px, log_px_se = mean("log_px"), se("log_px_var")
+        log_px, log_px_se_delta = mean("log_px"), se("log_px_var")
+        log_px_se, slope = replicate_standard_error(per, "log_px", k)
+        if not math.isfinite(log_px_se):  # too few draws for replicates (k < 4)
+            log_px_se = log_px_se_delta
+        pareto_k = per["log_px_pareto_k"]
+        pareto_limit = pareto_k_threshold(k)
         result = {
             "format": "vaekit-evaluation/1", "split": self.split, "n": n, "k": k,
             "seed": self.seed, "likelihood_of": self.description,
             "units": "nats per example; log-densities in the data's own units",
-            "log_px": log_px, "log_px_se": log_px_se,
+            "log_px": log_px, "log_px_se": log_px_se, "log_px_se_delta": log_px_se_delta,
+            "log_px_se_slope": _finite_or_none(slope),
+            "log_px_jackknife": _finite_or_none(mean("log_px_jackknife")),
+            "log_px_jackknife_se": _finite_or_none(
+                replicate_standard_error(per, "log_px_jackknife", k)[0]),
+            "log_px_last_doubling_rise": _finite_or_none(per["log_px_rise"].mean()),
+            "pareto_k_threshold": pareto_limit,
+            "pareto_k_high": int((pareto_k > pareto_limit).sum()),
+            "pareto_k_max": _finite_or_none(pareto_k.max()),
+            "pareto_k_mean": _finite_or_none(pareto_k[torch.isfinite(pareto_k)].mean()
+                                             if bool(torch.isfinite(pareto_k).any())
+                                             else torch.tensor(math.nan)),
             "log_px_sd": float(self.data_units("log_px").std()) if n > 1 else 0.0,
             "log_px_ess": float(per["log_px_ess"].mean()),
             "log_px_ess_min": float(per["log_px_ess"].min()),
@@ -84,9 +101,14 @@ class Evaluation:
             "elbo_gap": float(gap.mean()), "elbo_gap_se": se("elbo_gap_var"),
         }
         if self.naive:
+            naive_se, _ = replicate_standard_error(per, "log_px_naive", k)
+            naive_delta = se("log_px_naive_var")
             result.update(log_px_naive=mean("log_px_naive"),
-                          log_px_naive_se=se("log_px_naive_var"),
-                          log_px_naive_ess=float(per["log_px_naive_ess"].mean()))
+                          log_px_naive_se=naive_se if math.isfinite(naive_se) else naive_delta,
+                          log_px_naive_se_delta=naive_delta,
+                          log_px_naive_ess=float(per["log_px_naive_ess"].mean()),
+                          log_px_naive_pareto_k_high=int(
+                              (per["log_px_naive_pareto_k"] > pareto_limit).sum()))
         if self.discrete:
             result.update(bits_per_dim=bits_per_dim(log_px, self.data_dims),
                           bits_per_dim_se=-bits_per_dim(log_px_se, self.data_dims))
@@ -103,9 +125,27 @@ class Evaluation:
                 + ("in closed form" if self.kl_exact else "estimated from them"),
                 "log_px_ess": "effective sample size (sum w)^2 / sum w^2 of the importance "
                 "weights: mean, minimum over examples, examples below 10",
+                "log_px_se": f"replicates: the spread of estimates from disjoint groups of "
+                f"k/2 ... k/16 of the k draws, carried to k by its fitted decay (slope "
+                f"{slope:.2f}; -1 for finite-variance weights); log_px_se_delta is the delta "
+                "method's, which heavy-tailed weights make too small",
+                "log_px_jackknife": "the grouped jackknife over 64 blocks of the same draws: "
+                "IS_k with its O(1/k) bias removed (Nowozin 2018)",
+                "log_px_last_doubling_rise": "IS_k minus IS_(k/2) of the first half of the "
+                "draws: what the last doubling of k added",
+                "pareto_k": f"the generalized Pareto shape of each example's largest weights "
+                f"(PSIS, Vehtari et al. 2024); above {pareto_limit:.2f} the estimate of that "
+                "example is not to be trusted",
                 "active_units": f"{n} examples (covariance over data of E_q[z])",
             })
+        result["pareto_k"] = [_finite_or_none(v) for v in pareto_k]
         return result
+
+
+def _finite_or_none(value) -> float | None:
+    """A float for JSON, or None (null) where it is not finite (JSON has no NaN or infinity)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def discrete_likelihood(model: VAE, pipeline: Pipeline) -> bool:
