@@ -41,6 +41,7 @@ change to objectives, estimators or training.
 
 from __future__ import annotations
 
+import abc
 import functools
 import operator
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class LatentDraw:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-class Inference:
+class Inference(abc.ABC):
     """What a model infers from a batch x before any noise: `draw(eps)` gives a LatentDraw.
 
     A model computes here what does not depend on the noise (the flat VAE's q(z|x); a
@@ -163,9 +164,9 @@ class Inference:
     examples pay for it once.
     """
 
+    @abc.abstractmethod
     def draw(self, eps: Tensor) -> LatentDraw:
-        """A draw of every group from noise eps (..., B, D)."""
-        raise NotImplementedError
+        """A draw of every group from noise eps (..., B, D); every model's inference defines it."""
 
     def exact_kl_per_dimension(self) -> Tensor | None:
         """The KL of every latent dimension in closed form, (B, D), where it does not depend on
