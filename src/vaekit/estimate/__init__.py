@@ -12,6 +12,7 @@ each do one job:
     chunks       how many examples and samples go together; the map over a split's examples
     decoding     the decoder fast path: log p(x | z_j) for many codes of the same examples
     importance   importance sampling and the naive estimator for one batch of examples
+    diagnostics  Pareto k, replicate standard errors and the jackknife of the weights
     bounds       ELBO terms, the IWAE bound and the KL per dimension of a split, fixed noise
     summary      dataset means with standard errors: the evaluation.json object
     evaluation   evaluate (a split) and evaluate_run (what `vaekit evaluate` computes)
