@@ -267,7 +267,7 @@ def build_parser() -> Parser:
                        "example (default: 1000); the test set is scored at the same k")
     score.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
                        "examples of each set")
-    score.add_argument("--seed", type=int, default=0, help="seed of the importance samples "
+    score.add_argument("--seed", type=seed_number, default=0, help="seed of the importance samples "
                        "(default: 0)")
     score.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap "
                        "resamples of the report's intervals (default: 1000)")
