@@ -125,9 +125,13 @@ def test_conditional_rgb_folder_end_to_end(vaekit_cli, tmp_path):
 
     loaded = load_run(run)
     assert loaded.label_names == ["blue", "green", "red"]
+    # 64 seeded draws: a 2-d latent this small may also carry some of the class, so a single
+    # draw can look like another class (about 1 in 5 at worst across training seeds); the
+    # average over 64 is that class with a margin of 0.2 in brightness
+    torch.manual_seed(0)
     for label, name in enumerate(loaded.label_names):
         with torch.no_grad():
-            samples = loaded.pipeline.display(loaded.model.sample(8, label, mean=True))
+            samples = loaded.pipeline.display(loaded.model.sample(64, label, mean=True))
         assert brightest_region(samples.numpy()) == name
 
     result = vaekit_cli("sample", run, "--per-class", "5", "--out", tmp_path / "grid.png")
