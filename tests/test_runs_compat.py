@@ -33,8 +33,8 @@ WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
 # --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
 LACKS = {"bb52941": set(ADDED_OPTIONS),
-         "76a75dd": {"precision", "compile", "posterior", "perturb"},
-         "0f6a429": {"posterior", "perturb"}}
+         "76a75dd": {"precision", "compile", "posterior", "perturb", "flow_steps"},
+         "0f6a429": {"posterior", "perturb", "flow_steps"}}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:
@@ -125,9 +125,9 @@ def _edit_config(run_dir: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("edit,words", [
-    # an option of a newer vaekit (--posterior is this one's: a later one's --flow-steps)
-    (lambda d: d["config"].update(flow_steps=4) or d.update(vaekit_version="9.1.0"),
-     ("'flow_steps'", "vaekit 9.1.0", "upgrade vaekit")),
+    # an option of a newer vaekit (--posterior is this one's: a later one's --attention-heads)
+    (lambda d: d["config"].update(attention_heads=4) or d.update(vaekit_version="9.1.0"),
+     ("'attention_heads'", "vaekit 9.1.0", "upgrade vaekit")),
     (lambda d: d.update(config_format="vaekit-config/2", vaekit_version="9.1.0"),
      ("vaekit 9.1.0", "vaekit-config/2", "upgrade vaekit")),
     (lambda d: d.update(format="vaekit-run/7"), ("vaekit-run/7", "upgrade vaekit")),

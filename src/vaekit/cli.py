@@ -37,6 +37,8 @@ class Parser(argparse.ArgumentParser):
                 names = {option[2:]: option for option in known}
                 close = difflib.get_close_matches(word.partition("=")[0][2:], names, n=1,
                                                   cutoff=0.7)
+                if close and names[close[0]] == word.partition("=")[0]:
+                    return f"; {names[close[0]]} is an option of another vaekit command"
                 if close:
                     return f"; did you mean {names[close[0]]}?"
         return ""

@@ -52,6 +52,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     "precision": "fp32", "compile": False,
     # --posterior (auto: the family each prior always used)
     "posterior": "auto",
+    # --flow-steps (only the iaf posterior reads it)
+    "flow_steps": None,
     # --perturb (training on perturbed inputs, for a background model)
     "perturb": 0.0,
 }
@@ -139,10 +141,15 @@ class TrainConfig:
                       "of Gaussians) or vamp (VampPrior, Tomczak & Welling 2018: the posterior "
                       "mixed over learned pseudo-inputs); the KL of all but normal is estimated "
                       "by Monte Carlo", choices=PRIORS, group="model")
-    posterior: str = _opt("auto", "q(z|x): gaussian (diagonal) or sigmoid-gaussian (a diagonal "
-                          "Gaussian squashed into the unit cube); auto: what the prior needs "
-                          "(gaussian for normal, mixture and vamp; sigmoid-gaussian for uniform)",
+    posterior: str = _opt("auto", "q(z|x): gaussian (diagonal), sigmoid-gaussian (a diagonal "
+                          "Gaussian squashed into the unit cube), full-covariance (a Gaussian "
+                          "with every correlation, Cholesky-factored) or iaf (inverse "
+                          "autoregressive flow, Kingma et al. 2016; --flow-steps); auto: what "
+                          "the prior needs (gaussian for normal, mixture and vamp; "
+                          "sigmoid-gaussian for uniform)",
                           choices=("auto", *POSTERIORS), group="model")
+    flow_steps: Optional[int] = _opt(None, "steps of the iaf posterior, each a MADE network "
+                                     "(default: 2)", minimum=1, maximum=64, group="model")
     prior_components: Optional[int] = _opt(None, "components of the mixture prior, pseudo-inputs "
                                            "of the vamp prior (default: mixture 10, vamp 500)",
                                            minimum=1, group="model")

@@ -286,12 +286,13 @@ class LatentSpace:
 
     def embeddings(self, batch_size: int = 1000) -> Embedding:
         """Posterior means and scales of every test example."""
-        from .distributions import base_normal, posterior_mean_code
+        from .distributions import posterior_mean_code
         from .estimate import map_examples
+        from .posteriors import posterior_scale
 
         def mean_and_scale(x: Tensor, start: int, stop: int) -> Tensor:
             q = self.model.encode(x)
-            return torch.cat([posterior_mean_code(q), base_normal(q).scale], 1)  # (b, 2D)
+            return torch.cat([posterior_mean_code(q), posterior_scale(q)], 1)  # (b, 2D)
 
         both = map_examples(mean_and_scale, self.test_x, self.pipeline, "test", batch_size,
                             self.device, outputs=2 * self.latent_dim).float().cpu()

@@ -29,7 +29,6 @@ from torch.distributions import Distribution, MixtureSameFamily
 from .config import TrainConfig
 from .distributions import (
     build_likelihood,
-    build_posterior,
     build_prior,
     draw_at_temperature,
     draw_from_noise,
@@ -38,6 +37,7 @@ from .distributions import (
     reparameterize,
 )
 from .latent import Inference, LatentDraw, LatentGroup
+from .posteriors import build_posterior
 from .nets import build_decoder, build_encoder
 
 
@@ -70,6 +70,7 @@ class ModelConfig:
     activation: str = _as_configured("activation")
     prior: str = _as_configured("prior")
     posterior: str = _as_configured("posterior")
+    flow_steps: int | None = _as_configured("flow_steps")
     prior_components: int | None = _as_configured("prior_components")
     # TrainConfig's "auto" is settled from the data (data.resolve_likelihood) before a model is
     # built; a model built directly scores binary data unless told otherwise.
@@ -239,7 +240,8 @@ def build_vae(config: ModelConfig) -> VAE:
                          "mixture")
     condition = config.num_classes or 0
     prior = build_prior(config.prior, config.latent_dim, config.prior_components, data_shape)
-    posterior = build_posterior(config.posterior, config.latent_dim, config.prior)
+    posterior = build_posterior(config.posterior, config.latent_dim, config.prior,
+                                config.flow_steps)
     likelihood = build_likelihood(config.likelihood, data_shape, config.gaussian_scale,
                                   config.likelihood_components)
     encoder = build_encoder(config.net, data_shape, config.hidden, posterior.params_per_example,

@@ -89,7 +89,11 @@ def evaluation_table(result: dict) -> str:
                  f"{result['active_units']:>8} of {result['latent_dim']:<4}"
                  f"   {n:,} examples")
     per_dim = result["kl_per_dim"]
-    lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
+    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in per_dim):
+        lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
+    else:
+        lines.append("KL per latent dimension: not defined (q(z|x) or p(z) does not factorise "
+                     "over dimensions; the KL above is of all of z)")
     lines.append("s.e.: from replicates of disjoint groups of the draws (the delta method's "
                  f"would say {_fmt_se(result.get('log_px_se_delta', math.nan)).strip()} for "
                  "log p(x))")
