@@ -33,8 +33,9 @@ WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
 # --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
 LACKS = {"bb52941": set(ADDED_OPTIONS),
-         "76a75dd": {"precision", "compile", "posterior", "perturb", "flow_steps"},
-         "0f6a429": {"posterior", "perturb", "flow_steps"}}
+         "76a75dd": {"precision", "compile", "posterior", "perturb", "flow_steps",
+                     "latent_groups"},
+         "0f6a429": {"posterior", "perturb", "flow_steps", "latent_groups"}}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:

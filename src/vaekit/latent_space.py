@@ -143,7 +143,10 @@ class LatentSpace:
                               "prior that factorises over dimensions "
                               f"({', '.join(FACTORISED_PRIORS)})")
         dataset = dataset if dataset is not None else load_run_dataset(run)
-        return cls(run.model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
+        from .hierarchy import single_latent_view
+
+        model = single_latent_view(run.model)  # a hierarchy is steered by its top group
+        return cls(model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
 
     # --- facts ----------------------------------------------------------------------------
     @property

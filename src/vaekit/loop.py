@@ -424,7 +424,7 @@ class Trainer(TrainingState):
                 y = torch.arange(len(names), device=self.device).repeat_interleave(per_class)
             else:
                 y = None
-            z = self.model.prior.sample((n if y is None else len(y),)).to(self.device)  # (n, D)
+            z = self.model.sample_codes(n if y is None else len(y), y=y)  # (n, code_dim)
             samples = self.pipeline.display(self.model.decode(z, y).mean)
             raw = self.dataset.test_x[:n].to(self.device)
             y_test = None if self.test_y is None else self.test_y[:n].to(self.device)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .distributions import posterior_mean_code
 from .estimate import log_mean_exp, log_weights
 from .gradients import gradient_variance
 from .plot import Chart
@@ -277,7 +276,7 @@ def section_pixel_distance(run, dataset, *, k: int, seed: int, count: int = 4) -
                 original = pipeline.fixed(originals[row:row + 1].to(device), index, "test")
                 weights = log_weights(model, x, index, k, seed=seed, split="test")
                 estimates.append(float(log_mean_exp(weights).estimate[0]))
-                code = posterior_mean_code(model.encode(original))  # (1, D)
+                code = model.point_code(original)  # (1, code_dim)
                 likelihoods.append(float(model.decode(code).log_prob(x)[0]))
                 scored_images.append(pipeline.display(x).cpu())
             log_px[name] = [v + pipeline.log_jacobian for v in estimates]
@@ -535,8 +534,10 @@ def section_curves(run) -> Section:
 
 def section_gradients(run, raw: Tensor, *, samples: tuple[int, ...], repeats: int,
                       seed: int) -> Section:
+    from .hierarchy import single_latent_view
+
     section = Section("point-16", "Point 16: the reparameterisation trick")
-    model, pipeline = run.model, run.pipeline
+    model, pipeline = single_latent_view(run.model), run.pipeline  # a hierarchy: its top group
     device = next(model.parameters()).device
     with torch.inference_mode():
         x = pipeline.fixed(raw.to(device), 0, "test")
@@ -648,7 +649,7 @@ def render_html(title: str, meta: list[str], sections: list[Section],
 
 def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
             gradient_examples: int = 8, gradient_samples: tuple[int, ...] = (1, 10, 100),
-            gradient_repeats: int = 100, log=print) -> Path:
+            gradient_repeats: int = 100, refit_steps: int = 1000, log=print) -> Path:
     """Write RUN_DIR/explain.html and its figures RUN_DIR/explain-*.png; returns the page.
 
     examples: test examples for the estimator sweep and the ELBO gap; k: the largest number of
@@ -676,6 +677,11 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
             f"k up to {k})")
         sweep = estimator_sweep(run, raw, k=k, seed=seed)
         sections += [section_estimators(run, sweep), section_gap(run, sweep)]
+        from .approximation_report import section_approximation
+
+        sections.append(section_approximation(run, dataset, examples=examples,
+                                              k=min(k, 1000), steps=refit_steps, seed=seed,
+                                              log=log))
         log("explain: point 15 (training curves)")
         sections.append(section_curves(run))
         log(f"explain: point 16 (gradient variance, {gradient_repeats} repeats)")
