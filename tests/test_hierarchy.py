@@ -161,6 +161,10 @@ def test_a_hierarchical_run_trains_resumes_exactly_and_samples(vaekit_cli, tmp_p
     assert result.returncode == 0, result.stderr
     evaluation = json.loads((straight / "evaluation.json").read_text())
     assert evaluation["log_px"] >= evaluation["elbo"]
+    groups = evaluation["latent_groups"]  # KL and active units of each group
+    assert [(g["name"], g["dims"]) for g in groups] == [("z1", 4), ("z2", 8)]
+    assert abs(sum(g["kl"] for g in groups) - sum(evaluation["kl_per_dim"])) < 1e-6
+    assert "group z1 (4 dimensions): KL" in result.stdout
     # latent steering reads the top group (hierarchy.TopGroupView): 4 dimensions
     result = vaekit_cli("traverse", straight, "--out", tmp_path / "t.png")
     assert result.returncode == 0, result.stderr

@@ -56,6 +56,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     "flow_steps": None,
     # --latent-groups (a hierarchical VAE; older runs have one group)
     "latent_groups": None,
+    # --skip-threshold (older runs applied every update)
+    "skip_threshold": None,
     # --perturb (training on perturbed inputs, for a background model)
     "perturb": 0.0,
 }
@@ -220,6 +222,12 @@ class TrainConfig:
                                      "each dimension)", minimum=1, group="objective")
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value",
                                       minimum=0.0, exclusive_minimum=True)
+    skip_threshold: Optional[float] = _opt(None, "skip every update whose gradient norm (before "
+                                           "--grad-clip) exceeds this or is not finite, leaving "
+                                           "the weights and Adam's moments as they were (VDVAE's "
+                                           "grad-skip, Child 2021); counted per epoch as "
+                                           "skipped_updates in metrics.jsonl", minimum=0.0,
+                                           exclusive_minimum=True, metavar="NORM")
     seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", metavar="DEVICE")
     precision: str = _opt("fp32", "arithmetic of the networks while training: fp32, or bf16 "

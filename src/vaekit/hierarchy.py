@@ -240,6 +240,13 @@ class TopDownInference(Inference):
             state = group.merge(state, z)
         return LatentDraw(groups, code=state)
 
+    def mean_code(self) -> Tensor:
+        """Every group at its posterior mean given the groups above at theirs (B, D): the top
+        group's E_q[z1] exactly; below it the conditional mean along that path (E_q over the
+        upper groups has no closed form), a deterministic code for active units."""
+        batch = len(self.features[0])
+        zeros = self.features[0].new_zeros(batch, self.model.latent_dim)
+        return self.draw(zeros).z
 
 @dataclass
 class TopDownPrior:

@@ -88,6 +88,10 @@ def evaluation_table(result: dict) -> str:
                  f"{result['active_units']:>8} of {result['latent_dim']:<4}"
                  f"   {n:,} examples")
     per_dim = result["kl_per_dim"]
+    for group in result.get("latent_groups", []):
+        kl = "not defined" if group["kl"] is None else f"{group['kl']:.2f} nats"
+        lines.append(f"group {group['name']} ({group['dims']} dimensions): KL {kl}, "
+                     f"{group['active_units']} of {group['dims']} units active")
     if all(isinstance(v, (int, float)) and math.isfinite(v) for v in per_dim):
         lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
     else:
