@@ -175,3 +175,20 @@ def test_a_hierarchical_run_trains_resumes_exactly_and_samples(vaekit_cli, tmp_p
                     ("manifold", straight, "--out", tmp_path / "m.png")):
         result = vaekit_cli(*command)
         assert result.returncode == 0, result.stderr
+
+
+def test_a_conditional_hierarchy_carries_the_label_into_every_group_and_the_decoder():
+    torch.manual_seed(8)
+    model = build_vae(ModelConfig(data_shape=(6,), latent_dim=3, hidden=[16],
+                                  latent_groups=[1, 2], num_classes=3)).eval()
+    eps = torch.randn(5, 3)
+    with torch.no_grad():
+        codes = [model.generate(eps, torch.full((5,), label)) for label in range(3)]
+        assert not torch.allclose(codes[0], codes[1])  # the state starts from the label
+        samples = model.sample(5, 2, mean=True)
+        assert samples.shape == (5, 6)
+        x = torch.rand(5, 6).round()
+        y = torch.tensor([0, 1, 2, 0, 1])
+        assert elbo_terms(model, x, eps, y).elbo.shape == (5,)
+    with pytest.raises(ValueError, match="this model is conditional"):
+        model.infer(x)
