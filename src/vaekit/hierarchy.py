@@ -323,13 +323,23 @@ class TopGroupView(nn.Module):
         state = model.initial_state((len(x),), None, feature)  # (B, W)
         return top.posterior(feature, state, top.prior(state))  # batch (B,), event (D_1,)
 
-    def decode(self, z: Tensor, y: Tensor | None = None):
-        """p(x | z_1) with the lower groups at their prior means. z (..., D_1)"""
+    @property
+    def detail_dim(self) -> int:
+        """Dimensions of the groups below the top one: the detail `decode` can redraw."""
+        return sum(self.hierarchy.groups_sizes[1:])
+
+    def decode(self, z: Tensor, y: Tensor | None = None, detail: Tensor | None = None):
+        """p(x | z_1) with the lower groups at their prior means given the groups above, or, with
+        detail noise (..., detail_dim), drawn from those priors: z_l = mu_p + sigma_p eps_l (a
+        temperature is the noise's scale). z (..., D_1)"""
         model = self.hierarchy
         state = model.initial_state(z.shape[:-1], None, z)  # (..., W)
         state = model.top_down[0].merge(state, z)
-        for group in model.top_down[1:]:
-            state = group.merge(state, group.prior(state).base_dist.loc)
+        noise = split_noise(detail, model.groups_sizes[1:]) if detail is not None else None
+        for index, group in enumerate(model.top_down[1:]):
+            normal = group.prior(state).base_dist
+            below = normal.loc if noise is None else normal.loc + normal.scale * noise[index]
+            state = group.merge(state, below)
         return model.decode(state)
 
 

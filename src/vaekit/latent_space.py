@@ -220,10 +220,26 @@ class LatentSpace:
             return self.centre(), "the prior's centre"
         return self.code_of(index), f"test example {index}'s posterior mean"
 
+    @property
+    def detail_dim(self) -> int:
+        """Latent dimensions below the steered ones (a hierarchy's lower groups), else 0."""
+        return getattr(self.model, "detail_dim", 0)
+
+    @property
+    def groups(self) -> list[tuple[str, int]]:
+        """The model's latent groups ((name, dims), ...), the steered one first."""
+        model = getattr(self.model, "hierarchy", self.model)
+        return [(name, dims) for name, dims in getattr(model, "latent_groups",
+                                                        (("z", self.latent_dim),))]
+
     @torch.inference_mode()
-    def decode(self, z: Tensor) -> Tensor:
-        """E[x | z] in the data's units for codes z (..., D). (..., *shape)"""
-        return self.pipeline.display(self.model.decode(z.to(self.device)).mean)
+    def decode(self, z: Tensor, detail: Tensor | None = None) -> Tensor:
+        """E[x | z] in the data's units for codes z (..., D); detail (..., detail_dim): noise of
+        the lower groups of a hierarchy (None: at their prior means). (..., *shape)"""
+        if detail is None:
+            return self.pipeline.display(self.model.decode(z.to(self.device)).mean)
+        return self.pipeline.display(self.model.decode(z.to(self.device),
+                                                       detail=detail.to(self.device)).mean)
 
     # --- paths ----------------------------------------------------------------------------
     def interpolation(self, start: int, end: int, steps: int = 10,
