@@ -18,6 +18,8 @@ bodies are limited before they are read; uploaded images are checked for format 
 dimensions from their header before any pixel is decoded; every field is validated (length,
 finiteness, range) and a bad one gets a 4xx with one line saying why. Only the page's own three
 files are served, from memory, by name. Nothing a request sends is written to disk or unpickled.
+The checks live in their own modules: guard.py (hosts, origins, body sizes, requests in flight,
+security headers), schemas.py (every request and response model), uploads.py (uploaded images).
 
 No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run
 time, and the request models are built per run (their lengths and bounds depend on it).
@@ -25,7 +27,6 @@ time, and the request models are built per run (their lengths and bounds depend 
 
 import base64
 import errno
-import io
 import ipaddress
 import math
 import secrets
@@ -35,29 +36,35 @@ import time
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated
 
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
-from pydantic_core import PydanticCustomError
 
 from .. import __version__, jsonio
 from ..errors import VaekitError
 from ..latent_space import LatentSpace, interpolation_path
 from ..safefiles import printable
 from ..viz import is_image_shape, png_bytes, single_image
+from .guard import MAX_IN_FLIGHT, Guard  # noqa: F401  (MAX_IN_FLIGHT: the server's limits)
+from .schemas import (  # noqa: F401  (the limits, read by tests and clients from here)
+    ERRORS,
+    MAX_DETAIL_TEMPERATURE,
+    MAX_STEPS,
+    Encoded,
+    Gallery,
+    Info,
+    InterpolationPath,
+    Picture,
+    Sampled,
+    request_models,
+)
+from .uploads import MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES, UPLOAD_FORMATS, image_to_raw
 
-MAX_UPLOAD_BYTES = 4 * 2**20  # an image file; a model of small images needs few of its pixels
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 2**10  # the upload plus its multipart framing
-MAX_IMAGE_SIDE = 4096  # pixels, checked from the header before decoding (<= 64 MiB as RGBA)
-UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # the only decoders Pillow may use
-MAX_STEPS = 64  # codes on one interpolation path
-MAX_IN_FLIGHT = 64  # requests answered at once (each holds a worker thread while decoding)
 GALLERY_LIMIT = 100  # test examples per gallery request
-MAX_DETAIL_TEMPERATURE = 2.0  # the largest scale of a hierarchy's redrawn lower-group noise
 SLIDER_WIDTH = 3.0  # sliders span +-3 prior standard deviations (the whole cube when uniform)
 # The API accepts codes within +-10 prior standard deviations: the prior puts no mass to speak of
 # beyond (about 1e-23 per coordinate) and the decoder was never trained there.
@@ -65,282 +72,6 @@ CODE_WIDTH = 10.0
 STATIC_FILES = {"index.html": "text/html; charset=utf-8",
                 "explorer.js": "text/javascript; charset=utf-8",
                 "explorer.css": "text/css; charset=utf-8"}
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; "
-     b"style-src 'self'; script-src 'self'; connect-src 'self'; object-src 'none'; "
-     b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-]
-
-
-# ------------------------------------------------------------------------------------------------
-# Host check and size limit: plain ASGI, in front of everything else
-
-
-def host_of(header: str) -> str | None:
-    """The host in a Host header ('name:port', '[v6]:port'), lower-case; None if malformed."""
-    value = header.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        host, rest = value[1:end], value[end + 1:]
-        if end < 0 or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
-            return None
-        return host
-    host, colon, port = value.partition(":")
-    if colon and not port.isdigit():
-        return None
-    return host.rstrip(".") or None
-
-
-def host_allowed(host: str | None, names: frozenset[str]) -> bool:
-    """localhost, an IP address, or a name the user allowed.
-
-    An IP address is safe: DNS rebinding needs a name the attacker controls, and a page whose
-    origin is this very address and port can only be this server's own page.
-    """
-    if host is None:
-        return False
-    if host in names:
-        return True
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def same_origin(origin: str, host: str) -> bool:
-    """Whether a browser's Origin header ('http://name:port') names the server of this Host."""
-    scheme, separator, address = origin.strip().lower().partition("://")
-    if not separator or scheme != "http":
-        return False
-    host = host.strip().lower()
-    return address == host or address == host.removesuffix(":80") or \
-        f"{address}:80" == host
-
-
-class Guard:
-    """Rejects foreign Host headers (400), requests a page of another site sends (403) and
-    bodies over max_body bytes (413); adds security headers to every response."""
-
-    def __init__(self, app, allowed_hosts: frozenset[str], max_body: int):
-        self.app, self.allowed_hosts, self.max_body = app, allowed_hosts, max_body
-        self.in_flight = 0  # requests being answered (idle connections do not count)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        headers = {}
-        for key, value in scope.get("headers", []):
-            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
-        host = headers.get("host")
-        if not host_allowed(host_of(host or ""), self.allowed_hosts):
-            return await refuse(scope, receive, send, 400, (
-                f"Host header {host!r} is not accepted: the explorer answers requests addressed "
-                "to localhost, an IP address, or a name given with --allow-host"))
-        origin = headers.get("origin")
-        if origin is not None and not same_origin(origin, host):
-            # Browsers name the page's site in Origin; only the explorer's own page may call it,
-            # so a site the user visits cannot make it decode (and burn CPU) on its behalf.
-            return await refuse(scope, receive, send, 403, (
-                f"requests from {origin!r} are refused: only the explorer's own page may call "
-                "its API"))
-        if scope["type"] == "websocket":
-            return await self.app(scope, receive, send)
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await refuse(scope, receive, send, 413, (
-                f"request body of {length} bytes is over the explorer's limit of "
-                f"{self.max_body} bytes; upload a smaller image"))
-        if self.in_flight >= MAX_IN_FLIGHT:
-            return await refuse(scope, receive, send, 503, (
-                f"the explorer is answering {self.in_flight} requests already; retry in a "
-                "moment"))
-        received = 0
-        limit = self.max_body
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:  # a chunked body that did not say its length
-                    raise HTTPException(413, f"request body is over the explorer's limit of "
-                                             f"{limit} bytes; upload a smaller image")
-            return message
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  *SECURITY_HEADERS]}
-            await send(message)
-
-        self.in_flight += 1
-        try:
-            await self.app(scope, counted_receive, send_with_headers)
-        finally:
-            self.in_flight -= 1
-
-
-async def refuse(scope, receive, send, status: int, detail: str) -> None:
-    if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008})
-        return
-    response = JSONResponse({"detail": detail}, status_code=status,
-                            headers={"connection": "close"})
-    await response(scope, receive, send)
-
-
-# ------------------------------------------------------------------------------------------------
-# Response models (fixed) and request models (built per run)
-
-
-class Problem(BaseModel):
-    detail: str = Field(description="what is wrong with the request and how to fix it")
-
-
-ERRORS = {status: {"model": Problem, "description": text} for status, text in (
-    (400, "malformed request or foreign Host header"),
-    (403, "sent by a page of another site (Origin header)"), (413, "request or image too large"),
-    (415, "upload is not an image the explorer reads"), (422, "a field is missing or invalid"))}
-
-
-class Picture(BaseModel):
-    image: str = Field(description="E[x | z] in the data's units, as a PNG data URL")
-
-
-class Coded(BaseModel):
-    z: list[float] = Field(description="the code, one number per latent dimension")
-    image: str = Field(description="E[x | z] for the code, as a PNG data URL")
-
-
-class Encoded(BaseModel):
-    index: Optional[int] = Field(description="the test example encoded (null for an upload)")
-    z: list[float] = Field(description="posterior mean code of the example")
-    input: str = Field(description="the example as the model saw it, as a PNG data URL")
-    image: str = Field(description="E[x | z] at the posterior mean code: the reconstruction")
-    log_px: Optional[float] = Field(None, description="uploads: importance-sampled log p(x), "
-                                    "nats, in the data's own units")
-    log_px_se: Optional[float] = Field(None, description="its Monte Carlo standard error")
-    score_k: Optional[int] = Field(None, description="importance samples behind log_px")
-    test_percentile: Optional[float] = Field(None, description="percentile of log_px among "
-                                             "the run's test examples (scored at the same k)")
-    test_examples: Optional[int] = Field(None, description="test examples behind the "
-                                         "percentile")
-
-
-class Sampled(Coded):
-    seed: int = Field(description="seed of the draw; send it again to repeat it")
-
-
-class InterpolationPath(BaseModel):
-    mode: str
-    codes: list[list[float]]
-    images: list[str]
-
-
-class GalleryItem(BaseModel):
-    index: int
-    label: Optional[str]
-    image: str = Field(description="the test example in the data's units, as a PNG data URL")
-
-
-class Gallery(BaseModel):
-    total: int = Field(description="test examples in all")
-    items: list[GalleryItem]
-
-
-class Evaluation(BaseModel):
-    elbo: Optional[float] = None
-    log_px: Optional[float] = None
-    log_px_se: Optional[float] = None
-    k: Optional[int] = None
-
-
-class Info(BaseModel):
-    run: str
-    dataset: str
-    data_shape: list[int]
-    images: bool = Field(description="whether examples are images (uploads accepted)")
-    n_test: int
-    label_names: Optional[list[str]]
-    latent_dim: int
-    prior: str
-    prior_description: str
-    likelihood: str
-    scoring: str = Field(description="what the likelihood scores (the data pipeline)")
-    slider_range: tuple[float, float]
-    code_range: tuple[float, float] = Field(description="the range every code coordinate the "
-                                            "API accepts must lie in")
-    interpolation_modes: list[str]
-    dims_by_use: list[int] = Field(description="latent dimensions, most used first")
-    kl_per_dimension: list[float] = Field(description="mean KL(q(z_d|x) || p(z_d)) over the "
-                                          "test set, nats, by dimension index")
-    unused: list[bool]
-    test_elbo: Optional[float] = Field(description="test ELBO per example after the last epoch")
-    epochs: Optional[int]
-    evaluation: Optional[Evaluation] = Field(description="from RUN_DIR/evaluation.json")
-    max_upload_bytes: int
-    max_image_side: int
-    max_steps: int
-    gallery_limit: int
-    groups: list[tuple[str, int]] = Field(description="the model's latent groups (name, "
-                                          "dimensions), the one the sliders steer first")
-    detail_dim: int = Field(description="dimensions below the steered group (a hierarchy's "
-                            "lower groups), which /api/decode can redraw; 0 for one group")
-
-
-def whole_number(value):
-    """JSON Schema's integer: 3 and 3.0 alike, but never true or "3"."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PydanticCustomError("int_type", "Input should be an integer")
-    return value
-
-
-def integer(low: int, high: int, description: str = ""):
-    # The bounds first: after a validator, pydantic would not put them in the JSON schema.
-    return Annotated[int, Field(ge=low, le=high, strict=True, description=description or None),
-                     BeforeValidator(whole_number)]
-
-
-def code_type(dims: int, low: float, high: float):
-    coordinate = Annotated[float, Field(ge=low, le=high, allow_inf_nan=False, strict=True)]
-    return Annotated[list[coordinate], Field(min_length=dims, max_length=dims, description=(
-        f"a code: {dims} finite numbers in [{low:g}, {high:g}]"))]
-
-
-def request_models(space: LatentSpace, code_range: tuple[float, float]):
-    strict = ConfigDict(extra="forbid")
-    code = code_type(space.latent_dim, *code_range)
-    last = max(len(space.test_x) - 1, 0)
-    detail = {}  # a hierarchy's lower groups: redrawn from their priors, or at their means
-    if space.detail_dim:
-        detail = dict(
-            detail_seed=(Optional[integer(0, 2**31 - 1)], Field(
-                None, description="seed of the lower groups' noise (default: every lower "
-                "group at its prior mean given the groups above)")),
-            detail_temperature=(Annotated[float, Field(ge=0.0, le=MAX_DETAIL_TEMPERATURE,
-                                                       allow_inf_nan=False)], Field(
-                1.0, description="scale of the lower groups' noise")))
-    decode = create_model("DecodeRequest", __config__=strict, z=(code, ...), **detail)
-    encode = create_model("EncodeRequest", __config__=strict,
-                          index=(integer(0, last, "test example number"), ...))
-    sample = create_model("SampleRequest", __config__=strict, seed=(
-        Optional[integer(0, 2**31 - 1)],
-        Field(None, description="seed of the draw (default: a fresh one)")))
-    interpolate = create_model(
-        "InterpolateRequest", __config__=strict, start=(code, ...), end=(code, ...),
-        steps=(integer(2, MAX_STEPS, "codes on the path, both ends included"), 9),
-        mode=(Optional[Literal["spherical", "linear"]],
-              Field(None, description="path between the codes (default: the prior's own)")))
-    return decode, encode, sample, interpolate
-
-
 # ------------------------------------------------------------------------------------------------
 # The app
 
@@ -556,53 +287,6 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
     names = frozenset({"localhost", *(h.lower().rstrip(".") for h in allowed_hosts)})
     app.add_middleware(Guard, allowed_hosts=names, max_body=MAX_BODY_BYTES)
     return app
-
-
-def image_to_raw(data: bytes, shape: tuple[int, ...], invert: bool = False) -> torch.Tensor:
-    """An uploaded image file as the run's raw data: uint8 (1, C, H, W), centre-cropped to the
-    data's aspect ratio and resized. Size and format are checked before any pixel is decoded."""
-    import numpy as np
-    from PIL import Image
-
-    if not data:
-        raise HTTPException(422, "the uploaded file is empty; choose an image file")
-    channels, height, width = shape
-    try:
-        image = Image.open(io.BytesIO(data), formats=list(UPLOAD_FORMATS))  # reads the header
-        size = image.size
-    except Image.DecompressionBombError:  # the header declares far more pixels than allowed
-        raise HTTPException(413, f"the image declares more pixels than the explorer's limit of "
-                            f"{MAX_IMAGE_SIDE} x {MAX_IMAGE_SIDE}; scale it down") from None
-    except Exception:  # Pillow's parsers raise many kinds; all mean "not a readable image"
-        raise HTTPException(415, f"the upload is not an image the explorer reads; give a "
-                            f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} file") \
-            from None
-    if max(size) > MAX_IMAGE_SIDE or min(size) < 1:
-        raise HTTPException(413, f"the image is {size[0]} x {size[1]} pixels; the explorer "
-                            f"accepts 1 to {MAX_IMAGE_SIDE} pixels a side, scale it down")
-    try:
-        image.load()
-        if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float grey levels
-            values = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
-        image = image.convert("L" if channels == 1 else "RGB")
-        w, h = image.size
-        if w * height > h * width:  # too wide: keep the centre columns
-            keep = max(1, round(h * width / height))
-            box = ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
-        else:
-            keep = max(1, round(w * height / width))
-            box = (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
-        image = image.crop(box).resize((width, height), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.uint8)
-    except Exception as exc:  # truncated or corrupt pixel data, in any decoder
-        raise HTTPException(422, f"the image could not be decoded ({type(exc).__name__}); it "
-                            "may be damaged, try another file") from None
-    if invert:
-        array = 255 - array
-    array = array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
-    return torch.from_numpy(array.copy())[None]  # (1, C, H, W), writable and contiguous
 
 
 # ------------------------------------------------------------------------------------------------
