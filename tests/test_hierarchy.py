@@ -130,6 +130,7 @@ def test_latent_groups_are_checked(vaekit_cli, tmp_path):
     for args, words in ((["--latent-groups", "8,16", "--prior", "mixture"], "--prior normal"),
                         (["--latent-groups", "8,16", "--net", "conv"], "--net mlp"),
                         (["--latent-groups", "8,16", "--latent-dim", "30"], "has 24 latent"),
+                        (["--latent-groups", "8,16", "--latent-dim", "20"], "has 24 latent"),
                         (["--latent-groups", "0,16"], "positive sizes")):
         result = vaekit_cli("train", *args, "--out", tmp_path / "run")
         assert result.returncode == 2, (args, result.stderr)
@@ -192,3 +193,25 @@ def test_a_conditional_hierarchy_carries_the_label_into_every_group_and_the_deco
         assert elbo_terms(model, x, eps, y).elbo.shape == (5,)
     with pytest.raises(ValueError, match="this model is conditional"):
         model.infer(x)
+
+
+def test_a_float64_hierarchy_takes_float32_noise_and_keeps_float32_densities_under_bf16():
+    model = tiny_hierarchy(seed=9)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert elbo_terms(model, x).elbo.dtype == torch.float64  # eps drawn in float32 inside
+    flat = build_vae(ModelConfig(data_shape=(6,), latent_dim=3, hidden=[16],
+                                 latent_groups=[1, 2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        draw = flat.infer(torch.rand(3, 6)).draw(torch.randn(3, 3))
+    for group in draw.groups:  # the networks may run in bfloat16, the distributions do not
+        assert group.q.base_dist.loc.dtype == torch.float32
+        assert group.p.base_dist.scale.dtype == torch.float32
+
+
+def test_a_conditional_hierarchy_is_not_steered_by_its_top_group_alone():
+    from vaekit.hierarchy import TopGroupView
+
+    model = build_vae(ModelConfig(data_shape=(6,), latent_dim=3, hidden=[16],
+                                  latent_groups=[1, 2], num_classes=3))
+    with pytest.raises(ValueError, match="depend on the label"):
+        TopGroupView(model)

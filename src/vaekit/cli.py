@@ -158,6 +158,9 @@ def build_parser() -> Parser:
                                 description="Train a VAE by maximising the ELBO. Every option "
                                 "below is also a key of the run's config.json.")
     add_config_arguments(train)
+    train.add_argument("--config", metavar="FILE", help="a JSON file of training options (keys "
+                       "as in config.json, such as the recipes in recipes/); options given on "
+                       "the command line override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last "
                        "complete checkpoint (only "
                        f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} "
@@ -421,6 +424,18 @@ def cmd_train(args) -> int:
     from .train import Interrupted, train
 
     overrides = config_overrides(args, TrainConfig)
+    if args.config is not None:
+        if args.resume is not None:
+            raise VaekitError("--config starts a new run; a resumed run keeps the options in its "
+                              "own config.json (drop --config)")
+        from . import jsonio
+        from .config import options_from_file
+        from .errors import ConfigError
+
+        path = Path(args.config)
+        values = jsonio.read_json(path, "a config file", error=ConfigError,
+                                  fix="give a JSON object of training options")
+        overrides = {**options_from_file(values, str(path)), **overrides}
     try:
         train(TrainConfig() if args.resume is None else None, resume=args.resume,
               overrides=overrides, inexact_resume=args.inexact_resume)

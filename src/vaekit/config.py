@@ -284,6 +284,11 @@ class TrainConfig:
         problem = posterior_problem(self.posterior, self.prior)
         if problem:
             raise ConfigError(problem)
+        if self.flow_steps is not None and self.latent_groups is None and \
+                resolve_posterior(self.posterior, self.prior) != "iaf":
+            raise ConfigError(f"--flow-steps sets the steps of --posterior iaf; this run's "
+                              f"posterior is {resolve_posterior(self.posterior, self.prior)}: "
+                              "drop --flow-steps or use --posterior iaf")
         if self.free_bits is not None and self.free_bits_group_size < self.latent_dim:
             # the KL splits over dimensions only when prior and posterior both factorise
             posterior = resolve_posterior(self.posterior, self.prior)
@@ -383,6 +388,25 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             kwargs[f.name] = _coerce_json(f, values[f.name], where)
         return cls(**kwargs).validate()
+
+
+def options_from_file(values: Any, where: str) -> dict:
+    """Training options a user's file gives (`vaekit train --config FILE`, the recipes/): a JSON
+    object of some of TrainConfig's keys, each checked as config.json's are. Unknown keys are
+    refused naming the closest option."""
+    import difflib
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a JSON object of training options, for example "
+                          '{"epochs": 30, "latent_groups": [16, 32]}')
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                " (see vaekit train --help: every option's key is its name with underscores)"
+            raise ConfigError(f"{where} has {key!r}, which is not a training option{hint}")
+    return {key: _coerce_json(fields[key], value, where) for key, value in values.items()}
 
 
 def _is_cuda_index(device: str) -> bool:

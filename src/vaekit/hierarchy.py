@@ -11,7 +11,8 @@ the top-down state. Inference shares the top-down path with generation (Sønderb
 Ladder VAE), and each posterior is parameterised relative to its prior (Vahdat & Kautz 2020,
 NVAE's residual normal distributions), so an untrained posterior is near its prior and the
 groups' KLs start small. Scales are bounded, exp(5 tanh(./5)), so no group can blow up a draw or
-a log-density in one update. The decoder reads the last top-down state s_L: that is the code of
+a log-density in one update (the posterior's log-scale, its prior's plus a learned shift, is
+bounded as a whole). The decoder reads the last top-down state s_L: that is the code of
 latent.py, made by the model from the groups' draws.
 
 The model speaks latent.py's interface, so training, every objective, importance sampling and
@@ -29,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .latent import Inference, LatentDraw, LatentGroup, split_noise
-from .model import LatentModel
+from .model import LatentModel, _full_precision
 from .nets import MLPDecoder, activation, join_condition
 from .posteriors import DiagonalGaussian
 
-# log-scales of every prior and of every posterior relative to its prior stay within +-5
+# log-scales of every prior and every posterior stay within +-5 (scales e^-5 .. e^5)
 LOG_SCALE_LIMIT = 5.0
 MAX_GROUPS = 64  # a model of more groups than this is a typing error, not a hierarchy
 
@@ -95,7 +96,8 @@ class TopDownGroup(nn.Module):
         if self.top:
             zeros = state.new_zeros(*state.shape[:-1], self.dim)  # (..., B, D_l)
             return diagonal_normal(zeros, zeros)
-        loc, raw = self.prior_net(state).chunk(2, dim=-1)  # (..., B, D_l) each
+        # float32 under bf16 autocast: densities and KLs need its mantissa (as model.py's)
+        loc, raw = _full_precision(self.prior_net(state)).chunk(2, dim=-1)  # (..., B, D_l)
         return diagonal_normal(loc, bounded_log_scale(raw))
 
     def features(self, h: Tensor) -> Tensor:
@@ -106,7 +108,7 @@ class TopDownGroup(nn.Module):
                   prior: DiagonalGaussian) -> DiagonalGaussian:
         """q(z_l | x, z_<l): the prior shifted and rescaled (NVAE's residual normal)."""
         hidden = self.act(feature + self.from_state(state))  # (..., B, W)
-        shift, raw = self.posterior_out(hidden).chunk(2, dim=-1)  # (..., B, D_l) each
+        shift, raw = _full_precision(self.posterior_out(hidden)).chunk(2, dim=-1)  # (..., B, D_l)
         normal = prior.base_dist
         return diagonal_normal(normal.loc + shift,
                                bounded_log_scale(normal.scale.log() + raw))
@@ -159,6 +161,12 @@ class HierarchicalVAE(LatentModel):
     def code_dim(self) -> int:
         return self.width  # the decoder reads the last top-down state
 
+    @property
+    def inference_elements_per_sample(self) -> int:
+        """Numbers one draw's top-down pass holds (per group: the prior's and the posterior's
+        hidden units and outputs, the merge's, the state): what estimators budget for."""
+        return sum(6 * self.width + 6 * dim for dim in self.groups_sizes)
+
     def bottom_up_features(self, x: Tensor, y: Tensor | None = None) -> list[Tensor]:
         """h_1 (deepest) ... h_L (shallowest) of a batch x, each (B, W): one per group."""
         h = self.input_layer(join_condition(x.flatten(1), self.condition(y)))  # (B, W)
@@ -170,8 +178,8 @@ class HierarchicalVAE(LatentModel):
 
     def initial_state(self, batch_shape: tuple[int, ...], condition: Tensor | None,
                       like: Tensor) -> Tensor:
-        """s_0 (..., B, W): the learned start [+ the label's projection]."""
-        state = self.top_state.to(like.dtype).expand(*batch_shape, self.width)
+        """s_0 (..., B, W): the learned start [+ the label's projection], in the model's dtype."""
+        state = self.top_state.expand(*batch_shape, self.width)
         if condition is not None:
             state = state + self.condition_in(condition)  # (B, W) broadcast over samples
         return state
@@ -227,6 +235,7 @@ class TopDownInference(Inference):
 
     def draw(self, eps: Tensor) -> LatentDraw:
         model = self.model
+        eps = eps.to(model.top_state.dtype)  # float32 noise for a float64 model, as estimators make
         noise = split_noise(eps, model.groups_sizes)
         state = model.initial_state(eps.shape[:-1], self.condition, eps)  # (..., B, W)
         groups = []
@@ -240,13 +249,6 @@ class TopDownInference(Inference):
             state = group.merge(state, z)
         return LatentDraw(groups, code=state)
 
-    def mean_code(self) -> Tensor:
-        """Every group at its posterior mean given the groups above at theirs (B, D): the top
-        group's E_q[z1] exactly; below it the conditional mean along that path (E_q over the
-        upper groups has no closed form), a deterministic code for active units."""
-        batch = len(self.features[0])
-        zeros = self.features[0].new_zeros(batch, self.model.latent_dim)
-        return self.draw(zeros).z
 
 @dataclass
 class TopDownPrior:
@@ -257,6 +259,7 @@ class TopDownPrior:
 
     def _run(self, eps: Tensor, condition: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         model = self.model
+        eps = eps.to(model.top_state.dtype)
         state = model.initial_state(eps.shape[:-1], condition, eps)  # (..., B, W)
         draws = []
         for group, group_eps in zip(model.top_down, split_noise(eps, model.groups_sizes)):
@@ -292,6 +295,9 @@ class TopGroupView(nn.Module):
         super().__init__()
         from .distributions import StandardNormalPrior
 
+        if model.conditional:
+            raise ValueError("a conditional hierarchy's groups depend on the label: its top group "
+                             "is not steered alone (latent steering takes unconditional runs)")
         self.hierarchy = model
         self.prior_module = StandardNormalPrior(model.groups_sizes[0]).to(model.top_state)
         self.num_classes = None

@@ -319,6 +319,8 @@ class Trainer(TrainingState):
 
     def _check_finite(self, rows: Tensor, first_step: int) -> None:
         finite = torch.isfinite(rows)  # (steps, len(STEP_COLUMNS))
+        # a skipped update (--skip-threshold) changed nothing, whatever its loss was
+        finite |= rows[:, STEP_COLUMNS.index("skipped_update"), None] > 0
         if bool(finite.all()):
             return
         bad = int((~finite.all(1)).nonzero()[0])
@@ -377,17 +379,19 @@ class Trainer(TrainingState):
         epoch_steps = steps[len(steps) - (self.progress.global_step - self._epoch_first_step()):]
         record = {"epoch": self.progress.epoch if complete else self.progress.epoch + 1,
                   "step": self.progress.global_step, "complete": complete}
-        if len(epoch_steps):
-            means = step_columns(epoch_steps.double().mean(0))
+        applied = epoch_steps
+        if self.config.skip_threshold is not None:  # skipped updates changed nothing: left out
+            skipped = epoch_steps[:, STEP_COLUMNS.index("skipped_update")] > 0
+            record["skipped_updates"] = int(skipped.sum())
+            applied = epoch_steps[~skipped]
+        if len(applied):
+            means = step_columns(applied.double().mean(0))
             rec = means["reconstruction"] + self.pipeline.log_jacobian
             record.update(train_elbo=rec - means["kl"], train_reconstruction=rec,
                           train_kl=means["kl"],
                           train_objective=-means["loss"] + self.pipeline.log_jacobian)
             record.update(self.training_objective.epoch_record(
-                means, step_columns(epoch_steps[-1])))
-            if self.config.skip_threshold is not None:
-                skipped = int(epoch_steps[:, STEP_COLUMNS.index("skipped_update")].sum())
-                record["skipped_updates"] = skipped
+                means, step_columns(applied[-1])))
         record.update(self.evaluate())
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(

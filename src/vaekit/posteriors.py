@@ -143,6 +143,7 @@ class FullCovarianceGaussian(MultivariateNormal):
 
     def draw(self, eps: Tensor) -> Tensor:
         # (B, D, D) @ (..., B, D, 1): every sample of an example through that example's L
+        eps = eps.to(self.loc.dtype)  # a matrix product does not promote float32 noise
         return self.loc + (self._unbroadcasted_scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
     def point_code(self) -> Tensor:
@@ -218,9 +219,11 @@ class MaskedLinear(nn.Linear):
 
 class MADE(nn.Module):
     """An autoregressive network with a context (Germain et al. 2015; Kingma et al. 2016):
-    (z (..., B, D), h (B, H)) -> (shift, log_scale) (..., B, D) each, where output d depends on
-    the coordinates before d in `order` only, and on h. Two masked hidden layers of `width` ELU
-    units; the output layer starts at zero, so an untrained step is the identity."""
+    (z (..., B, D), h (B, W)) -> (shift, log_scale) (..., B, D) each, where output d depends on
+    the coordinates before d in `order` only, and on h (through the hidden units and directly, so
+    the first coordinate in the order, which sees no other, still depends on x). Two masked
+    hidden layers of `width` ELU units; the output layers start at zero, so an untrained step is
+    the identity."""
 
     def __init__(self, dim: int, width: int, order: Tensor):
         super().__init__()
@@ -234,13 +237,15 @@ class MADE(nn.Module):
         self.context = nn.Linear(width, width, bias=False)  # h enters every first-layer unit
         self.second = MaskedLinear(width, width, hidden_to_hidden)
         self.out = MaskedLinear(width, 2 * dim, torch.cat([to_output, to_output]))
+        self.context_out = nn.Linear(width, 2 * dim, bias=False)  # h straight to every output
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.context_out.weight)
 
     def forward(self, z: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
         hidden = F.elu(self.first(z) + self.context(context))  # (..., B, W)
         hidden = F.elu(self.second(hidden))  # (..., B, W)
-        shift, raw = self.out(hidden).chunk(2, dim=-1)  # (..., B, D) each
+        shift, raw = (self.out(hidden) + self.context_out(context)).chunk(2, dim=-1)  # (..., B, D)
         log_scale = LOG_SCALE_BOUND * torch.tanh(raw / LOG_SCALE_BOUND)  # bounded, 0 at 0
         return shift, log_scale
 

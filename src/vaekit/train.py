@@ -171,6 +171,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                               " may")
         config = replace(config, **changed).validate()
     else:
+        groups, dims = overrides.get("latent_groups"), overrides.get("latent_dim")
+        if groups and dims is not None and dims != sum(groups):  # said both, and they disagree
+            raise ConfigError(f"--latent-groups {','.join(map(str, groups))} has {sum(groups)} "
+                              f"latent dimensions, not --latent-dim {dims}: drop --latent-dim "
+                              "(it follows the groups) or make them agree")
         config = replace(config or TrainConfig(), **overrides).validate().with_presets()
     device = resolve_device(config.device)
     dist = DistContext.from_env(device.type)

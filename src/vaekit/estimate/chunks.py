@@ -124,8 +124,10 @@ def examples_per_chunk(model: VAE, block: int, budget: int | None = None) -> int
     """Examples to process together: enough that a decoder pass (DECODE_ELEMENTS) holds
     PASS_SAMPLES samples of each, and few enough that a block of `block` samples of each fits
     the memory budget (default CHUNK_ELEMENTS) with its noise, codes and per-dimension terms
-    (about 6 numbers per latent dimension, and 24 per sample for the sums)."""
+    (about 6 numbers per latent dimension, and 24 per sample for the sums), and what a model's
+    inference holds per draw beyond that (a hierarchy's top-down pass)."""
     budget = budget or CHUNK_ELEMENTS
     by_pass = DECODE_ELEMENTS // (decoded_elements_per_sample(model) * PASS_SAMPLES)
-    by_memory = budget // (block * (6 * model.latent_dim + 24))
+    per_sample = 6 * model.latent_dim + 24 + getattr(model, "inference_elements_per_sample", 0)
+    by_memory = budget // (block * per_sample)
     return max(1, min(by_pass, by_memory))

@@ -48,7 +48,7 @@ function showCode() {
 function setCode(z, image) {
   state.z = clampToApi(z);
   showCode();
-  if (image) {
+  if (image && state.detailSeed === null) {  // the server's picture has the detail at its mean
     $("decoded").src = image;
   } else {
     redraw();
@@ -275,8 +275,8 @@ function setupDetail(info) {
   $("detail-temperature").addEventListener("change", () => {
     const value = Number($("detail-temperature").value);
     if (!(value >= 0 && value <= 2)) {
-      say("the detail temperature is a number from 0 to 2", true);
-      return;
+      $("detail-temperature").value = "1";
+      say("the detail temperature is a number from 0 to 2; set back to 1", true);
     }
     if (state.detailSeed !== null) redraw();
   });
