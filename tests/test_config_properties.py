@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vaekit.cli import build_parser
 from vaekit.config import TrainConfig, _base_type, config_overrides
 from vaekit.errors import ConfigError
-from vaekit.names import POSTERIORS_FOR_PRIOR
+from vaekit.names import FACTORISED_POSTERIORS, POSTERIORS_FOR_PRIOR, resolve_posterior
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -44,15 +44,16 @@ def valid_value(name: str) -> st.SearchStrategy:
         strategy = st.booleans()
     elif base is int:
         low = int(meta["minimum"]) if meta.get("minimum") is not None else -10**6
-        strategy = st.integers(low + (1 if meta.get("exclusive_minimum") else 0), low + 10**6)
+        high = int(meta["maximum"]) if meta.get("maximum") is not None else low + 10**6
+        strategy = st.integers(low + (1 if meta.get("exclusive_minimum") else 0), high)
     elif base is float:
         low = meta.get("minimum") if meta.get("minimum") is not None else -1e6
         high = meta.get("maximum") if meta.get("maximum") is not None else 1e6
         strategy = st.floats(low, high, allow_nan=False, allow_infinity=False,
                              exclude_min=bool(meta.get("exclusive_minimum")))
     elif base is list:
-        strategy = st.lists(st.integers(1, 4096), min_size=1 if name == "conv_channels" else 0,
-                            max_size=4)
+        strategy = st.lists(st.integers(1, 4096), max_size=4,
+                            min_size=1 if name in ("conv_channels", "latent_groups") else 0)
     else:  # free text: data, data_dir, out
         strategy = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1,
                            max_size=20)
@@ -63,14 +64,25 @@ def within_cross_field_rules(values: dict) -> dict:
     """Fields valid one by one can still clash; keep the draws inside the rules that relate them
     (TrainConfig.validate): IWAE has no KL term to weight, the VampPrior cannot be conditional,
     and free bits per group need a factorised prior (else one group over all dimensions), and
-    the posterior must suit the prior (names.POSTERIORS_FOR_PRIOR)."""
+    the posterior must suit the prior (names.POSTERIORS_FOR_PRIOR); --flow-steps belongs to the
+    iaf posterior; a hierarchy (--latent-groups) is an MLP with its own priors and posteriors,
+    its latent dimension their sum."""
+    if values["latent_groups"] is not None:
+        values.update(net="mlp", prior="normal", posterior="auto", prior_components=None,
+                      flow_steps=None, latent_dim=sum(values["latent_groups"]),
+                      hidden=values["hidden"] or [64])
     if values["posterior"] not in ("auto", *POSTERIORS_FOR_PRIOR[values["prior"]]):
         values["posterior"] = "auto"
+    if resolve_posterior(values["posterior"], values["prior"]) != "iaf":
+        values["flow_steps"] = None
     if values["objective"] == "iwae":
         values.update(beta=1.0, kl_schedule="constant", free_bits=None)
     if values["prior"] == "vamp":
         values["conditional"] = False
-    if values["free_bits"] is not None and values["prior"] not in ("normal", "uniform"):
+    if values["free_bits"] is not None and (
+            values["prior"] not in ("normal", "uniform")
+            or resolve_posterior(values["posterior"], values["prior"]) not in
+            FACTORISED_POSTERIORS):
         values["free_bits_group_size"] = max(values["free_bits_group_size"],
                                              values["latent_dim"])
     return values
