@@ -31,10 +31,12 @@ from vaekit.runs import (
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
-# --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
+# --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two;
+# all of them predate the cache's --data-memory, --skip-bad-images and --fast-resize.
+CACHE_OPTIONS = {"data_memory", "skip_bad_images", "fast_resize"}
 LACKS = {"bb52941": set(ADDED_OPTIONS),
-         "76a75dd": {"precision", "compile", "posterior", "perturb"},
-         "0f6a429": {"posterior", "perturb"}}
+         "76a75dd": {"precision", "compile", "posterior", "perturb"} | CACHE_OPTIONS,
+         "0f6a429": {"posterior", "perturb"} | CACHE_OPTIONS}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:

@@ -1,0 +1,131 @@
+"""The Dataset: a train/test split of raw tensors, held in memory or mapped from the cache.
+
+Small data are tensors in process memory. Data above the memory budget (`--data-memory`,
+budget.data_memory_budget) are two views of one memory-mapped split file of the cache
+(data_cache.py): train rows, then test rows. Either way train_x and test_x are uint8 (or
+float32) tensors that training indexes with index_select, so the batch path has no
+per-example Python, and a mapped run computes exactly what an in-memory run computes: the same
+rows in the same order, with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .budget import data_memory_budget, human, memory_limit
+from .errors import DataError
+from .randomness import derive_seed, seeded_generator
+
+
+@dataclass
+class Dataset:
+    """A train/test split; x raw (see data.py), y int64 labels or None."""
+
+    name: str
+    kind: str  # "image8" | "real"
+    train_x: Tensor  # (N_train, *shape)
+    test_x: Tensor  # (N_test, *shape)
+    train_y: Tensor | None = None  # (N_train,)
+    test_y: Tensor | None = None  # (N_test,)
+    label_names: list[str] | None = None
+    source: str = ""
+    # Set for data mapped from the cache: the SHA-256 its split file recorded when written,
+    # which is what fingerprint() would compute (hashing gigabytes again would take seconds).
+    known_fingerprint: str | None = field(default=None, repr=False)
+    memory: str = "in memory"  # or "memory-mapped from FILE"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def mapped(self) -> bool:
+        return self.known_fingerprint is not None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the raw data, so a run can tell when its dataset has changed."""
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
+        digest = hashlib.sha256()
+        for tensor in (self.train_x, self.test_x, self.train_y, self.test_y):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy())  # the buffer itself, no copy
+        return digest.hexdigest()
+
+    def info(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
+                "n_train": len(self.train_x), "n_test": len(self.test_x),
+                "label_names": self.label_names, "source": self.source,
+                "fingerprint": self.fingerprint()}
+
+
+def split_indices(name: str, n: int, test_fraction: float, split_seed: int
+                  ) -> tuple[Tensor, Tensor]:
+    """The seeded random train/test split of n examples: (train indices, test indices), each
+    sorted, for data without a split of their own."""
+    n_test = max(1, round(n * test_fraction))
+    if n - n_test < 1:
+        raise DataError(f"{name}: {n} example(s) are too few to hold out a test set; add data "
+                        "(at least 2 examples) or lower --test-fraction")
+    order = torch.randperm(n, generator=seeded_generator(derive_seed(split_seed, "split")))
+    return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+def split_dataset(name: str, kind: str, x: Tensor, y: Tensor | None,
+                  label_names: list[str] | None, test_fraction: float, split_seed: int,
+                  source: str) -> Dataset:
+    """A seeded random train/test split of data held in memory."""
+    train_idx, test_idx = split_indices(name, len(x), test_fraction, split_seed)
+    pick = (lambda t, idx: None if t is None else t[idx].contiguous())
+    return Dataset(name, kind, pick(x, train_idx), pick(x, test_idx), pick(y, train_idx),
+                   pick(y, test_idx), label_names, source)
+
+
+def fits_in_memory(nbytes: int, data_memory: str) -> bool:
+    """Whether data of nbytes are held in memory (else mapped): within --data-memory and
+    within the memory limit of one allocation."""
+    return nbytes <= min(data_memory_budget(data_memory), memory_limit())
+
+
+def from_cache(cache, name: str, labels: np.ndarray | None, label_names: list[str] | None,
+               split: tuple[np.ndarray, np.ndarray] | None, *, test_fraction: float,
+               split_seed: int, data_memory: str, source: str) -> Dataset:
+    """The Dataset of a cache entry's readable rows (data_cache.CachedArray).
+
+    labels: one per row of the cache (or None); split: (train rows, test rows) of the cache
+    for data with a split of their own, else the seeded split of the readable rows.
+    """
+    kept = cache.kept()
+    if split is None:
+        train_pos, test_pos = split_indices(name, len(kept), test_fraction, split_seed)
+        train_rows, test_rows = kept[train_pos.numpy()], kept[test_pos.numpy()]
+    else:
+        bad = set(cache.bad)
+        train_rows, test_rows = ([r for r in rows if r not in bad] for rows in split)
+        train_rows, test_rows = np.asarray(train_rows, np.int64), np.asarray(test_rows, np.int64)
+    as_labels = (lambda rows: None if labels is None else
+                 torch.from_numpy(np.ascontiguousarray(labels[rows], np.int64)))
+    train_y, test_y = as_labels(train_rows), as_labels(test_rows)
+    row_bytes = int(np.prod(cache.shape[1:]))
+    nbytes = row_bytes * (len(train_rows) + len(test_rows))
+    if fits_in_memory(nbytes, data_memory):
+        images = torch.from_numpy(cache.images(mapped=False))  # (N, C, H, W) uint8
+        return Dataset(name, "image8", images[torch.from_numpy(train_rows)].contiguous(),
+                       images[torch.from_numpy(test_rows)].contiguous(), train_y, test_y,
+                       label_names, source)
+    rows, fingerprint = cache.split(train_rows, test_rows, (
+        None if train_y is None else train_y.numpy(), None if test_y is None else test_y.numpy()))
+    with warnings.catch_warnings():  # a copy-on-write map is writable; torch need not warn
+        warnings.simplefilter("ignore", UserWarning)
+        mapped = torch.from_numpy(rows)  # (N, C, H, W) uint8, pages of the page cache
+    n_train = len(train_rows)
+    return Dataset(name, "image8", mapped[:n_train], mapped[n_train:], train_y, test_y,
+                   label_names, source, known_fingerprint=fingerprint,
+                   memory=f"memory-mapped ({human(nbytes)} over --data-memory {data_memory}) "
+                   f"from {cache.folder}")
