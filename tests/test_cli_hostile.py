@@ -514,6 +514,23 @@ def _(folder, trained):
     return train("--data", "mnist", "--data-dir", data)
 
 
+@case("npz-member-header-promises-more-than-memory", "x of shape (1000000, 1000000)",
+      "save a smaller array")
+def _(folder, trained):
+    """A zip member honest about its few inflated bytes, whose .npy header declares 7 TiB."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                        "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(folder / "data.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
+    return train("--data", folder / "data.npz")
+
+
 @case("image-over-the-memory-limit", "1,000 x 1,000 pixels", "shrink or remove the image")
 def _(folder, trained):
     """A small PNG whose header declares more pixels than the memory limit: refused from the

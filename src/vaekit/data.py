@@ -45,12 +45,13 @@ from .data_cache import cache_dir
 from .dataset import Dataset, split_dataset
 from .errors import DataError
 from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
+from .image_datasets import load_celeba, load_cifar10
 from .image_folder import load_image_folder, read_image_folder
 from .names import LEVEL_LIKELIHOODS
 from .randomness import derive_seed, fixed_uniform, seeded_generator
 from .safefiles import check_regular, open_regular, real_folder
 
-BUILTIN = ("digits", "mnist", "fashion-mnist")
+BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
 ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
 # Classes a label column may name: a conditional model has one input per class, and a column
 # of a billion distinct values is a measurement, not a class.
@@ -74,10 +75,16 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
         return load_digits(test_fraction, split_seed)
     if name in ("mnist", "fashion-mnist"):
         return load_idx_dataset(name, data_dir, download=download)
+    if name == "cifar10":
+        return load_cifar10(data_dir, image_size=image_size, channels=channels,
+                            download=download, data_memory=data_memory)
+    if name == "celeba":
+        return load_celeba(data_dir, image_size=image_size, channels=channels, download=download,
+                           skip_bad=skip_bad_images, fast=fast_resize, data_memory=data_memory)
     path = Path(name).expanduser()
     if not path.exists():
-        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, or the path "
-                        "of an image folder or a .npy/.npz/.csv file")
+        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, cifar10, "
+                        "celeba, or the path of an image folder or a .npy/.npz/.csv file")
     if path.is_dir():
         return load_image_folder(path, image_size, channels, test_fraction=test_fraction,
                                  split_seed=split_seed, skip_bad=skip_bad_images,
@@ -411,6 +418,10 @@ def _load_npz(path: Path):
             for member in archive.zip.infolist():  # inflated sizes, before inflating
                 check_bytes(f"{path}: member {member.filename} ({member.file_size:,} bytes "
                             "inflated)", member.file_size, "save smaller arrays", DataError)
+                # The zip's sizes are the writer's word; the array's own header decides what
+                # numpy allocates, so it is checked too (a few bytes inflated, no more).
+                with archive.zip.open(member) as inner:
+                    _check_npy_header(inner, path, member.filename.removesuffix(".npy"))
             arrays = {key: archive[key] for key in archive.files}
     except DataError:
         raise
