@@ -233,8 +233,10 @@ def test_cache_metadata_records_the_files_and_the_transform(tmp_path):
     assert meta["format"] == data_cache.CACHE_FORMAT
     assert meta["transform"] == {"channels": 1, "height": 8, "width": 8, "size": 8,
                                  "crop": None, "fast": True}
-    assert [row[0] for row in meta["files"]] == ["0000.png", "0001.png", "0002.png"]
-    assert all(row[1] > 0 and row[2] > 0 for row in meta["files"])
+    assert meta["files"] == 3 and len(meta["files_sha256"]) == 64
+    rows = json.loads((cache.folder / "files.json").read_text())
+    assert [row[0] for row in rows] == ["0000.png", "0001.png", "0002.png"]
+    assert all(row[1] > 0 and row[2] > 0 for row in rows)
 
 
 # --- training from the map ----------------------------------------------------------------------

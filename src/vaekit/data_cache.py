@@ -2,8 +2,9 @@
 
     $VAEKIT_CACHE/arrays/KEY/           KEY: a hash of the source and how it is decoded
         images.npy                      uint8 (N, C, H, W), one row per source file or record
-        meta.json                       format, source, request, transform, shape, the file
-                                        list (name, size, mtime_ns), unreadable rows, a build id
+        meta.json                       format, source, request, transform, shape, unreadable
+                                        rows, a build id, the digest of the file list
+        files.json                      the file list: name, size, mtime_ns of each file
         skipped.txt                     the unreadable files, one message a line (if any)
         split-HASH.npy, split-HASH.json the rows of one train/test split, train rows first, and
                                         the SHA-256 of the split (the Dataset's fingerprint)
@@ -35,7 +36,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,16 +64,44 @@ def arrays_dir() -> Path:
     return cache_dir() / "arrays"
 
 
-def file_listing(files: list[Path], root: Path) -> list[list]:
-    """[name relative to root, size, mtime_ns] of each file: what a cache is checked against."""
-    out = []
+@dataclass
+class Listing:
+    """The files a cache was decoded from: names (relative to their folder), sizes and
+    modification times. A cache holds its digest in meta.json (checked on every open: cheap for
+    200,000 files) and the rows in files.json (read only to say what changed)."""
+
+    names: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def digest(self) -> str:
+        digest = hashlib.sha256("\0".join(self.names).encode("utf-8", "surrogateescape"))
+        digest.update(np.asarray(self.sizes, np.int64).tobytes())
+        digest.update(np.asarray(self.mtimes, np.int64).tobytes())
+        return digest.hexdigest()
+
+    def rows(self) -> list[list]:
+        return [list(row) for row in zip(self.names, self.sizes, self.mtimes)]
+
+
+def file_listing(files: Sequence[str | Path], root: Path | str) -> Listing:
+    """The listing of files (paths under root) as they are now."""
+    skip = len(os.fspath(root).rstrip("/")) + 1  # the files lie under root: cut its prefix
+    names, sizes, mtimes = [], [], []
     for path in files:
+        text = os.fspath(path)
         try:
-            info = os.stat(path)
-            out.append([os.fsdecode(path.relative_to(root)), info.st_size, info.st_mtime_ns])
+            info = os.stat(text)
+            size, mtime = info.st_size, info.st_mtime_ns
         except OSError:  # vanished or unreadable: the decode reports it by name
-            out.append([os.fsdecode(path.relative_to(root)), -1, -1])
-    return out
+            size = mtime = -1
+        names.append(text[skip:])
+        sizes.append(size)
+        mtimes.append(mtime)
+    return Listing(names, sizes, mtimes)
 
 
 def _describe_change(old: list, new: list) -> str:
@@ -184,7 +213,7 @@ class CachedArray:
         return facts
 
 
-def cached_array(source: str, request: dict, listing: list, build: Builder, *,
+def cached_array(source: str, request: dict, listing: Listing, build: Builder, *,
                  log: Callable[[str], None]) -> CachedArray:
     """The cache entry of `source` decoded as `request`, opened, or built now by `build`.
 
@@ -208,7 +237,7 @@ def cached_array(source: str, request: dict, listing: list, build: Builder, *,
                         "VAEKIT_CACHE to a writable folder with free space") from None
 
 
-def _build(folder: Path, source: str, request: dict, listing: list, build: Builder
+def _build(folder: Path, source: str, request: dict, listing: Listing, build: Builder
            ) -> CachedArray:
     # Everything that could pass for a complete cache goes first: meta.json, then the rest.
     for path in sorted(folder.iterdir()):
@@ -227,12 +256,13 @@ def _build(folder: Path, source: str, request: dict, listing: list, build: Build
             f.writelines(f"{bad[i]}\n" for i in sorted(bad))
     meta = {"format": CACHE_FORMAT, "source": source, "request": request, **facts,
             "shape": shape, "bad": [[i, bad[i]] for i in sorted(bad)],
-            "build": uuid.uuid4().hex, "files": listing}
-    _atomic_write_json(folder / "meta.json", meta)
+            "build": uuid.uuid4().hex, "files": len(listing), "files_sha256": listing.digest()}
+    _atomic_write_json(folder / "files.json", listing.rows())
+    _atomic_write_json(folder / "meta.json", meta)  # last: the mark of a complete cache
     return CachedArray(folder, meta)
 
 
-def _read_meta(folder: Path, source: str, request: dict, listing: list
+def _read_meta(folder: Path, source: str, request: dict, listing: Listing
                ) -> tuple[dict | None, str]:
     """(meta, "") for a complete cache matching the source now, else (None, why not)."""
     what = f"{source}: decoding once {len(listing):,} file(s) into the cache ({folder}); later " \
@@ -252,9 +282,14 @@ def _read_meta(folder: Path, source: str, request: dict, listing: list
         str(meta["build"])
     except (DataError, KeyError, TypeError, ValueError, OSError):
         return None, f"{source}: the cache in {folder} is damaged; decoding again"
-    if meta.get("files") != listing:
+    if meta.get("files_sha256") != listing.digest():
+        try:
+            before = jsonio.read_json(folder / "files.json", "a cache's file list",
+                                      error=DataError, max_bytes=MAX_META_BYTES)
+        except DataError:
+            before = []
         return None, (f"{source} changed since it was cached "
-                      f"({_describe_change(meta.get('files') or [], listing)}); decoding again")
+                      f"({_describe_change(before, listing.rows())}); decoding again")
     return meta, ""
 
 

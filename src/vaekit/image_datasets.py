@@ -18,6 +18,7 @@ over --data-memory are memory-mapped.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -243,8 +244,9 @@ def load_celeba(data_dir: str | None, *, image_size: int | None = None,
     entries = [(name, part) for name, part in read_partition(root / "list_eval_partition.txt")
                if part != 1]
     images = root / "img_align_celeba"
-    files = [images / name for name, _ in entries]
-    missing = next((path for path in files if not path.exists()), None)
+    base = os.fspath(images)
+    files = [os.path.join(base, name) for name, _ in entries]  # strings: 202,599 of them
+    missing = next((path for path in files if not os.path.exists(path)), None)
     if missing is not None:
         raise DataError(f"{missing}: listed in list_eval_partition.txt but missing; the folder "
                         "is incomplete, unpack img_align_celeba.zip again")

@@ -221,7 +221,7 @@ def _decode_chunk(task: tuple[int, Sequence[str], Transform, int]
     return start, rows, bad
 
 
-def _chunks(paths: Sequence[Path], *extra) -> Iterator[tuple]:
+def _chunks(paths: Sequence[str | Path], *extra) -> Iterator[tuple]:
     for start in range(0, len(paths), CHUNK):
         yield (start, [str(p) for p in paths[start:start + CHUNK]], *extra)
 
@@ -245,7 +245,7 @@ def _bar(n: int, what: str, progress: bool):
                 disable=None if progress else True)  # None: shown on a terminal only
 
 
-def read_headers(paths: Sequence[Path], workers: int, progress: bool = True
+def read_headers(paths: Sequence[str | Path], workers: int, progress: bool = True
                  ) -> list[Header | str]:
     """The header of each file, or the one-line message saying why it is unusable."""
     out: list[Header | str] = []
@@ -256,7 +256,7 @@ def read_headers(paths: Sequence[Path], workers: int, progress: bool = True
     return out
 
 
-def decode_into(out: np.ndarray, paths: Sequence[Path], transform: Transform, workers: int,
+def decode_into(out: np.ndarray, paths: Sequence[str | Path], transform: Transform, workers: int,
                 progress: bool = True) -> dict[int, str]:
     """Decode paths[i] into out[i] (uint8 (N, C, H, W), e.g. a memory map); returns
     {index: message} of the files that could not be read (their rows stay zero)."""
