@@ -11,7 +11,8 @@ Writes N synthetic JPEGs of 178 x 218 (CelebA's size: smooth gradients, shapes a
     single      the first decode into the cache in one process (workers=1)
     parallel    the first decode into a second cache with every core (the same run's images)
     open        a second load_dataset of the cached folder (what a second `vaekit train` does):
-                in memory (--data-memory auto) and memory-mapped (--data-memory 0)
+                in memory (--data-memory auto), memory-mapped (--data-memory 0) the first time
+                (which writes the split's file) and again
     train       training steps of the conv net at 64 x 64 from memory and from the map
 
 Memory is RssAnon (resident memory less the file-backed pages, such as a map's), sampled every
@@ -240,6 +241,43 @@ def run_phase(args: argparse.Namespace, phase: str, cache: Path, *extra) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def summary(results: dict, size: int) -> list[str]:
+    """The figures of a run, one line each (printed, and recorded in RESULTS.md)."""
+    n = results["n"]
+    rate = {k: results[k]["images"] / results[k]["seconds"] for k in ("single", "parallel")}
+    lines = [f"{n:,} JPEGs of 178 x 218 -> 3 x {size} x {size}"]
+    if "reference" in results:
+        ref = results["reference"]
+        lines.append(f"  before the cache (hold all, then resize): {ref['seconds']:.2f} s, "
+                     f"{n / ref['seconds']:.0f} img/s, peak RssAnon {ref['peak_anon_mib']:.0f} "
+                     f"MiB (+{ref['added_mib']:.0f} MiB over the process at the start)")
+    for key in ("single", "parallel"):
+        r = results[key]
+        lines.append(f"  first decode, {r['workers']} worker(s): {r['seconds']:.2f} s, "
+                     f"{rate[key]:.0f} img/s, peak RssAnon {r['peak_anon_mib']:.0f} MiB with the "
+                     f"workers (+{r['added_mib']:.0f} MiB; the parent alone "
+                     f"+{r['parent_added_mib']:.0f} MiB); cache {r['cache_mib']:.0f} MiB; CPU "
+                     f"{r['cpu_seconds']:.2f} s ({r['images'] / r['cpu_seconds']:.0f} img per "
+                     "CPU-second)")
+    lines.append(f"  parallel / single: {rate['parallel'] / rate['single']:.2f} x (goal >= 1.6 "
+                 "on 2 otherwise idle cores)")
+    for key, what in (("open_memory", "in memory"),
+                      ("open_mapped_first", "mapped, writing the split file"),
+                      ("open_mapped", "mapped, the split file written")):
+        r = results[key]
+        lines.append(f"  second open ({what}): {r['seconds']:.3f} s (goal < 2 s), RssAnon added "
+                     f"{r['anon_added_mib']:.0f} MiB, peak {r['peak_anon_mib']:.0f} MiB")
+    if "train_memory" in results:
+        memory, mapped = results["train_memory"], results["train_mapped"]
+        lines.append(f"  conv {size} x {size} training, batch 64, {memory['steps']} steps: in "
+                     f"memory {memory['images_per_second']:.1f} img/s (peak RssAnon "
+                     f"{memory['peak_anon_mib']:.0f} MiB), mapped "
+                     f"{mapped['images_per_second']:.1f} img/s (peak RssAnon "
+                     f"{mapped['peak_anon_mib']:.0f} MiB): "
+                     f"{mapped['images_per_second'] / memory['images_per_second']:.2f} x")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="images to write (default 2000)")
@@ -248,6 +286,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vaekit-scale")
     parser.add_argument("--reference-max", type=int, default=5000)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--no-record", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,42 +314,34 @@ def main() -> None:
     results["single"] = run_phase(args, "decode", caches["single"], 1)
     results["parallel"] = run_phase(args, "decode", caches["parallel"], args.workers)
     results["open_memory"] = run_phase(args, "open", caches["parallel"], "auto")
+    results["open_mapped_first"] = run_phase(args, "open", caches["parallel"], "0")
     results["open_mapped"] = run_phase(args, "open", caches["parallel"], "0")
     if args.train_steps:
         results["train_memory"] = run_phase(args, "train", caches["parallel"], "auto",
                                             args.train_steps)
         results["train_mapped"] = run_phase(args, "train", caches["parallel"], "0",
                                             args.train_steps)
-    rate = {k: results[k]["images"] / results[k]["seconds"] for k in ("single", "parallel")}
-    print(f"machine: {machine()}; date {today()}; load average {os.getloadavg()[0]:.1f}")
-    print(f"{args.n:,} JPEGs of 178 x 218 -> 3 x {args.size} x {args.size}")
-    if "reference" in results:
-        ref = results["reference"]
-        print(f"  before the cache (hold all, then resize): {ref['seconds']:.2f} s, "
-              f"{args.n / ref['seconds']:.0f} img/s, peak RssAnon {ref['peak_anon_mib']:.0f} MiB "
-              f"(+{ref['added_mib']:.0f} MiB over the process at the start)")
-    for key in ("single", "parallel"):
-        r = results[key]
-        print(f"  first decode, {r['workers']} worker(s): {r['seconds']:.2f} s, {rate[key]:.0f} "
-              f"img/s, peak RssAnon {r['peak_anon_mib']:.0f} MiB with the workers (+"
-              f"{r['added_mib']:.0f} MiB; the parent alone +{r['parent_added_mib']:.0f} MiB); "
-              f"cache {r['cache_mib']:.0f} MiB; CPU {r['cpu_seconds']:.2f} s "
-              f"({r['images'] / r['cpu_seconds']:.0f} img per CPU-second)")
-    print(f"  parallel / single: {rate['parallel'] / rate['single']:.2f} x (goal >= 1.6 on 2 "
-          "cores)")
-    for key in ("open_memory", "open_mapped"):
-        r = results[key]
-        print(f"  second open ({'mapped' if r['mapped'] else 'in memory'}): {r['seconds']:.3f} s"
-              f" (goal < 2 s), RssAnon added {r['anon_added_mib']:.0f} MiB, peak "
-              f"{r['peak_anon_mib']:.0f} MiB")
-    if args.train_steps:
-        memory, mapped = results["train_memory"], results["train_mapped"]
-        print(f"  conv {args.size} x {args.size} training, batch 64: in memory "
-              f"{memory['images_per_second']:.1f} img/s (peak RssAnon "
-              f"{memory['peak_anon_mib']:.0f} MiB), mapped {mapped['images_per_second']:.1f} "
-              f"img/s (peak RssAnon {mapped['peak_anon_mib']:.0f} MiB): "
-              f"{mapped['images_per_second'] / memory['images_per_second']:.2f} x")
+    lines = summary(results, args.size)
+    header = (f"machine: {machine()}; date {today()}, commit {commit()}; load average at the end "
+              f"{os.getloadavg()[0]:.1f}")
+    print("\n".join([header, *lines]))
     print(json.dumps(results))
+    if not args.no_record:
+        record(args.n, header, lines)
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                          text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def record(n: int, header: str, lines: list[str]) -> None:
+    from common import record as write_section
+
+    write_section(f"data_scale: image folders at scale, N = {n:,} (benchmarks/data_scale.py)",
+                  "\n".join([f"- {header}", f"- command: `OMP_NUM_THREADS=1 nice python "
+                             f"benchmarks/data_scale.py --n {n}`", "", "```", *lines, "```"]))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ def test_parallel_decoding_gives_the_bytes_of_one_process(tmp_path, monkeypatch)
     assert decode_into(alone, paths, transform, workers=1, progress=False) == {}
     assert decode_into(pooled, paths, transform, workers=2, progress=False) == {}
     assert np.array_equal(alone, pooled) and alone.any()
+    from numpy.lib.format import open_memmap  # a file: each worker writes its own rows there
+
+    mapped = open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.uint8, shape=alone.shape)
+    assert decode_into(mapped, paths, transform, workers=2, progress=False) == {}
+    mapped.flush()
+    assert np.array_equal(np.load(tmp_path / "out.npy"), alone)
 
 
 def test_the_full_decode_is_the_one_older_runs_trained_on(tmp_path):

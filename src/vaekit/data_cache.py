@@ -202,7 +202,7 @@ class CachedArray:
             for start in range(0, len(rows), step):
                 block = source[rows[start:start + step]]  # (k, C, H, W): a bounded copy
                 out[start:start + len(block)] = block
-                digest.update(block.tobytes())
+                digest.update(block)  # a contiguous copy already: hashed in place
             for y in labels:
                 if y is not None:
                     digest.update(np.ascontiguousarray(y, np.int64).tobytes())
@@ -214,12 +214,13 @@ class CachedArray:
 
 
 def cached_array(source: str, request: dict, listing: Listing, build: Builder, *,
-                 log: Callable[[str], None]) -> CachedArray:
+                 log: Callable[[str], None], announce: bool = True) -> CachedArray:
     """The cache entry of `source` decoded as `request`, opened, or built now by `build`.
 
     source: what is decoded (a folder's resolved path, a dataset's name); request: the options
     that decide the decoded array (image size, channels, crop, fast); listing: the files and
-    their sizes and times (file_listing), which a cache must match to be used.
+    their sizes and times (file_listing), which a cache must match to be used. A rebuild is
+    always logged, a first build only if announce (a build of a second or two need not be).
     """
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, source, request], sort_keys=True)
                          .encode()).hexdigest()[:24]
@@ -230,7 +231,8 @@ def cached_array(source: str, request: dict, listing: Listing, build: Builder, *
             meta, why = _read_meta(folder, source, request, listing)
             if meta is not None:
                 return CachedArray(folder, meta)
-            log(why)
+            if announce or (folder / "meta.json").exists():
+                log(why)
             return _build(folder, source, request, listing, build)
     except OSError as exc:
         raise DataError(f"cannot write the data cache in {folder} ({exc.strerror or exc}); set "

@@ -11,6 +11,7 @@ rows in the same order, with the same fingerprint.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -88,9 +89,12 @@ def split_dataset(name: str, kind: str, x: Tensor, y: Tensor | None,
 
 
 def fits_in_memory(nbytes: int, data_memory: str) -> bool:
-    """Whether data of nbytes are held in memory (else mapped): within --data-memory and
-    within the memory limit of one allocation."""
-    return nbytes <= min(data_memory_budget(data_memory), memory_limit())
+    """Whether data of nbytes are held in memory (else mapped): within --data-memory, shared
+    by the processes torchrun starts on this machine (each would hold its own copy; a map is
+    one copy in the page cache for all), and within the memory limit of one allocation."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return nbytes * local_processes <= data_memory_budget(data_memory) and \
+        nbytes <= memory_limit()
 
 
 def from_cache(cache, name: str, labels: np.ndarray | None, label_names: list[str] | None,
@@ -115,10 +119,9 @@ def from_cache(cache, name: str, labels: np.ndarray | None, label_names: list[st
     row_bytes = int(np.prod(cache.shape[1:]))
     nbytes = row_bytes * (len(train_rows) + len(test_rows))
     if fits_in_memory(nbytes, data_memory):
-        images = torch.from_numpy(cache.images(mapped=False))  # (N, C, H, W) uint8
-        return Dataset(name, "image8", images[torch.from_numpy(train_rows)].contiguous(),
-                       images[torch.from_numpy(test_rows)].contiguous(), train_y, test_y,
-                       label_names, source)
+        images = cache.images(mapped=True)  # gathered from the map: one copy in memory, not two
+        return Dataset(name, "image8", torch.from_numpy(images[train_rows]),  # (N_train, C, H, W)
+                       torch.from_numpy(images[test_rows]), train_y, test_y, label_names, source)
     rows, fingerprint = cache.split(train_rows, test_rows, (
         None if train_y is None else train_y.numpy(), None if test_y is None else test_y.numpy()))
     with warnings.catch_warnings():  # a copy-on-write map is writable; torch need not warn

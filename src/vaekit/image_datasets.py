@@ -110,14 +110,18 @@ def _unpack_cifar(archive: Path, home: Path) -> Path:
     return found
 
 
+def _check_framing(path: Path, size: int) -> int:
+    if size == 0 or size % CIFAR_RECORD:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of CIFAR-10 records "
+                        f"({CIFAR_RECORD:,} bytes each); give the binary version's files, not "
+                        "the Python version (which is pickled and never read)")
+    return size
+
+
 def read_cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One .bin file: images uint8 (n, 3, 32, 32) and labels int64 (n,)."""
     with open_regular(path, "a CIFAR-10 .bin file", DataError) as handle:
-        size = handle.seek(0, 2)
-        if size == 0 or size % CIFAR_RECORD:
-            raise DataError(f"{path}: {size:,} bytes is not a whole number of CIFAR-10 records "
-                            f"({CIFAR_RECORD:,} bytes each); give the binary version's files, "
-                            "not the Python version (which is pickled and never read)")
+        size = _check_framing(path, handle.seek(0, 2))
         check_bytes(f"{path} ({size:,} bytes)", size, "give the original file", DataError)
         handle.seek(0)
         records = np.frombuffer(handle.read(size), dtype=np.uint8).reshape(-1, CIFAR_RECORD)
@@ -145,8 +149,10 @@ def load_cifar10(data_dir: str | None, *, image_size: int | None = None,
         counts = [len(images) for images, _ in parts]
         return {}, {"labels": np.concatenate([y for _, y in parts]).tolist(), "counts": counts}
 
+    for path in files:  # the records' framing, from the sizes, before anything is written
+        _check_framing(path, path.stat().st_size)
     cache = cached_array(f"cifar10:{folder.resolve()}", {"format": "binary"},
-                         file_listing(files, folder), build, log=stderr_line)
+                         file_listing(files, folder), build, log=stderr_line, announce=False)
     labels = np.asarray(cache.meta["labels"], dtype=np.int64)
     counts = cache.meta["counts"]
     n_train = sum(counts[:len(CIFAR_TRAIN)])

@@ -208,17 +208,34 @@ def _header_chunk(task: tuple[int, Sequence[str], int]) -> list[Header | str]:
     return out
 
 
-def _decode_chunk(task: tuple[int, Sequence[str], Transform, int]
-                  ) -> tuple[int, np.ndarray, list[tuple[int, str]]]:
-    start, paths, transform, workers = task
-    rows = np.zeros((len(paths), *transform.shape), dtype=np.uint8)  # (k, C, H, W)
+# A worker's view of the output file, opened once per worker: it writes its rows there itself,
+# so the pixels never travel through the pool's pipes (a copy and two pickles per image).
+_TARGETS: dict[tuple, np.memmap] = {}
+
+
+def _target(spec: tuple[str, int, tuple]) -> np.memmap:
+    if spec not in _TARGETS:
+        filename, offset, shape = spec
+        _TARGETS.clear()
+        _TARGETS[spec] = np.memmap(filename, dtype=np.uint8, mode="r+", offset=offset,
+                                   shape=shape)
+    return _TARGETS[spec]
+
+
+def _decode_chunk(task: tuple[int, Sequence[str], Transform, int, tuple | None]
+                  ) -> tuple[int, np.ndarray | None, list[tuple[int, str]]]:
+    start, paths, transform, workers, target = task
+    block = np.zeros((len(paths), *transform.shape), dtype=np.uint8)  # (k, C, H, W)
     bad = []
     for i, path in enumerate(paths):
         try:
-            rows[i] = decode(Path(path), transform, workers)
+            block[i] = decode(Path(path), transform, workers)
         except BadImage as exc:
             bad.append((start + i, str(exc)))
-    return start, rows, bad
+    if target is None:
+        return start, block, bad
+    _target(target)[start:start + len(paths)] = block
+    return start, None, bad
 
 
 def _chunks(paths: Sequence[str | Path], *extra) -> Iterator[tuple]:
@@ -258,13 +275,18 @@ def read_headers(paths: Sequence[str | Path], workers: int, progress: bool = Tru
 
 def decode_into(out: np.ndarray, paths: Sequence[str | Path], transform: Transform, workers: int,
                 progress: bool = True) -> dict[int, str]:
-    """Decode paths[i] into out[i] (uint8 (N, C, H, W), e.g. a memory map); returns
-    {index: message} of the files that could not be read (their rows stay zero)."""
+    """Decode paths[i] into out[i] (uint8 (N, C, H, W)); returns {index: message} of the files
+    that could not be read (their rows stay zero). Into a memory map of a file (np.memmap),
+    each worker writes its rows itself."""
+    pooled = workers > 1 and len(paths) >= POOL_FROM
+    target = (out.filename, out.offset, out.shape) if pooled and \
+        isinstance(out, np.memmap) and out.filename else None
     bad: dict[int, str] = {}
     with _bar(len(paths), "decoding images", progress) as bar:
-        for start, rows, failed in _mapped(_decode_chunk, _chunks(paths, transform, workers),
-                                           workers, len(paths)):
-            out[start:start + len(rows)] = rows
+        for start, block, failed in _mapped(_decode_chunk, _chunks(paths, transform, workers,
+                                                                   target), workers, len(paths)):
+            if block is not None:
+                out[start:start + len(block)] = block
             bad.update(failed)
-            bar.update(len(rows))
+            bar.update(min(CHUNK, len(paths) - start))
     return bad

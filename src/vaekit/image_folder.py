@@ -109,17 +109,13 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                            math.prod(transform.shape), workers, "choose a smaller --image-size",
                            DataError)
         out = allocate((len(files), *transform.shape))
-        todo = [i for i in range(len(files)) if i not in bad]  # rows of readable headers
-        target = out if len(todo) == len(files) else _Scatter(out, todo)
-        found = decode_into(target, [files[i] for i in todo], transform, workers, progress)
-        bad.update({todo[i]: message for i, message in found.items()})
+        # Files with unreadable headers fail again here, cheaply; their header's message stays.
+        bad = {**decode_into(out, files, transform, workers, progress), **bad}
         return bad, {"transform": transform.info()}
 
-    # Decoding a few hundred images takes a moment: only longer ones are announced.
-    announce = (lambda line: (log(line) if len(files) >= ANNOUNCE_FROM or
-                              "decoding once" not in line else None))
     cache = cached_array(source or str(folder.resolve()), request,
-                         file_listing(files, folder), build, log=announce)
+                         file_listing(files, folder), build, log=log,
+                         announce=len(files) >= ANNOUNCE_FROM)
     bad = cache.bad
     if bad:
         first = bad[min(bad)]
@@ -132,17 +128,6 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                             f"{first}")
         log(f"{folder}: skipped {where}")
     return cache
-
-
-class _Scatter:
-    """out[rows[i]] = value[i] for a contiguous block of positions i (rows with readable
-    headers: those that failed keep their zero rows)."""
-
-    def __init__(self, out: np.ndarray, rows: list[int]):
-        self.out, self.rows = out, np.asarray(rows)
-
-    def __setitem__(self, block: slice, value: np.ndarray) -> None:
-        self.out[self.rows[block]] = value
 
 
 def _channels_of(folder: Path, good: list[tuple[str, Header]]) -> int:
