@@ -65,7 +65,8 @@ MAX_CLASSES = 10_000
 def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | None = None,
                  channels: int | None = None, test_fraction: float = 0.2,
                  split_seed: int = 0, download: bool = True, skip_bad_images: bool = False,
-                 fast_resize: bool = True, data_memory: str = "auto") -> Dataset:
+                 fast_resize: bool = True, data_memory: str = "auto",
+                 progress: bool = True) -> Dataset:
     """Load a built-in dataset by name, or a folder of images / an array file by path.
 
     Image folders go through the decode-once cache: skip_bad_images leaves unreadable images
@@ -80,7 +81,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
                             download=download, data_memory=data_memory)
     if name == "celeba":
         return load_celeba(data_dir, image_size=image_size, channels=channels, download=download,
-                           skip_bad=skip_bad_images, fast=fast_resize, data_memory=data_memory)
+                           skip_bad=skip_bad_images, fast=fast_resize, data_memory=data_memory,
+                           progress=progress)
     path = Path(name).expanduser()
     if not path.exists():
         raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, cifar10, "
@@ -88,7 +90,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     if path.is_dir():
         return load_image_folder(path, image_size, channels, test_fraction=test_fraction,
                                  split_seed=split_seed, skip_bad=skip_bad_images,
-                                 fast=fast_resize, data_memory=data_memory)
+                                 fast=fast_resize, data_memory=data_memory, progress=progress)
     suffix = path.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
@@ -117,11 +119,13 @@ def dataset_for(config) -> Dataset:
     return load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
                         channels=config.channels, test_fraction=config.test_fraction,
                         split_seed=config.split_seed, skip_bad_images=config.skip_bad_images,
-                        fast_resize=config.fast_resize, data_memory=config.data_memory)
+                        fast_resize=config.fast_resize, data_memory=config.data_memory,
+                        progress=config.progress)
 
 
 def read_examples(source: str, *, data_dir: str | None = None, image_size: int | None = None,
-                  channels: int | None = None) -> tuple[Tensor, str, str]:
+                  channels: int | None = None, fast_resize: bool = True
+                  ) -> tuple[Tensor, str, str]:
     """Every example of `source`, unsplit: (raw x (N, *shape), kind, what was read).
 
     digits, mnist, fashion-mnist: their test split. A folder: its images (class sub-folders
@@ -137,7 +141,7 @@ def read_examples(source: str, *, data_dir: str | None = None, image_size: int |
         raise DataError(f"{source}: no such file or folder; give digits, mnist, fashion-mnist, a "
                         "folder of images, an IDX images file or a .npy/.npz/.csv file")
     if path.is_dir():
-        x, _, _ = read_image_folder(path, image_size, channels)
+        x, _, _ = read_image_folder(path, image_size, channels, fast=fast_resize)
         return x, "image8", f"{path} ({len(x)} images)"
     name = path.name.lower()
     if name.endswith(("ubyte", "ubyte.gz")):

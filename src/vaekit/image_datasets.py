@@ -245,7 +245,7 @@ def read_partition(path: Path) -> list[tuple[str, int]]:
 
 def load_celeba(data_dir: str | None, *, image_size: int | None = None,
                 channels: int | None = None, download: bool = True, skip_bad: bool = False,
-                fast: bool = True, data_memory: str = "auto") -> Dataset:
+                fast: bool = True, data_memory: str = "auto", progress: bool = True) -> Dataset:
     root = locate_celeba(data_dir, download)
     entries = [(name, part) for name, part in read_partition(root / "list_eval_partition.txt")
                if part != 1]
@@ -258,7 +258,7 @@ def load_celeba(data_dir: str | None, *, image_size: int | None = None,
                         "is incomplete, unpack img_align_celeba.zip again")
     cache = cache_images(images, files, image_size or CELEBA_SIZE, channels or 3,
                          crop=CELEBA_CROP, fast=fast, skip_bad=skip_bad,
-                         source=f"celeba:{images.resolve()}")
+                         source=f"celeba:{images.resolve()}", progress=progress)
     parts = np.array([part for _, part in entries])
     split = (np.flatnonzero(parts == 0), np.flatnonzero(parts == 2))
     if not len(split[0]) or not len(split[1]):

@@ -153,10 +153,12 @@ def _size_of(folder: Path, good: list[tuple[str, Header]]) -> tuple[int, int]:
 
 def load_image_folder(folder: Path, image_size: int | None, channels: int | None, *,
                       test_fraction: float, split_seed: int, skip_bad: bool = False,
-                      fast: bool = True, data_memory: str = "auto") -> Dataset:
+                      fast: bool = True, data_memory: str = "auto",
+                      progress: bool = True) -> Dataset:
     """A folder as a Dataset: seeded split, in memory or mapped (see dataset.from_cache)."""
     files, labels, label_names = list_image_folder(folder)
-    cache = cache_images(folder, files, image_size, channels, fast=fast, skip_bad=skip_bad)
+    cache = cache_images(folder, files, image_size, channels, fast=fast, skip_bad=skip_bad,
+                         progress=progress)
     return from_cache(cache, str(folder), labels, label_names, None,
                       test_fraction=test_fraction, split_seed=split_seed,
                       data_memory=data_memory, source=str(folder.resolve()))
