@@ -1,7 +1,7 @@
 """Image folders at scale: decode rate, cache open time and memory, in one run.
 
     OMP_NUM_THREADS=1 nice python benchmarks/data_scale.py --n 3000
-    OMP_NUM_THREADS=1 nice python benchmarks/data_scale.py --n 200000 --work /big/disk  # CelebA's size
+    OMP_NUM_THREADS=1 nice python benchmarks/data_scale.py --n 200000 --work /big/disk  # CelebA
 
 Writes N synthetic JPEGs of 178 x 218 (CelebA's size: smooth gradients, shapes and noise, quality
 90) and measures, each phase in a fresh process so that its memory is its own:

@@ -48,7 +48,7 @@ from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
 from .image_datasets import load_celeba, load_cifar10
 from .image_folder import load_image_folder, read_image_folder
 from .names import LEVEL_LIKELIHOODS
-from .randomness import derive_seed, fixed_uniform, seeded_generator
+from .randomness import fixed_uniform
 from .safefiles import check_regular, open_regular, real_folder
 
 BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
@@ -111,7 +111,8 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     labels = table[:, 64].astype(np.int64)
     return split_dataset("digits", "image8", torch.from_numpy(pixels), torch.from_numpy(labels),
                          [str(d) for d in range(10)], test_fraction, split_seed,
-                         source="vaekit/_data/digits.csv.gz (UCI optical digits, as in scikit-learn)")
+                         source="vaekit/_data/digits.csv.gz (UCI optical digits, as in "
+                         "scikit-learn)")
 
 
 def dataset_for(config) -> Dataset:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .budget import check_elements
 from .config import TrainConfig
 from .data import Dataset, Pipeline, perturb_pixels
 from .distributed import DistContext
@@ -101,6 +102,10 @@ class Trainer(TrainingState):
         self.host_rows = dataset.mapped and device.type != "cpu"
         self.train_x = dataset.train_x if self.host_rows else dataset.train_x.to(device)
         if config.binarize == "fixed" and pipeline.mode == "binarize":
+            # one float per pixel, in memory: a mapped dataset may not fit
+            check_elements(f"--binarize fixed ({dataset.train_x.numel():,} training pixels "
+                           "binarised once, as floats)", dataset.train_x.numel(), 4,
+                           "use --binarize dynamic", ConfigError)
             self.train_x = pipeline.fixed(dataset.train_x, 0, split="train").to(device)
             self.train_mode = "identity"
         else:
