@@ -270,3 +270,25 @@ def test_training_from_the_map_is_training_in_memory_and_resumes_exactly(tmp_pat
     assert stored["data"]["fingerprint"] == held_fingerprint
     # where the data live is no part of the run: a mapped run resumes in memory too
     train(resume=mapped, overrides={"epochs": 3, "data_memory": "auto"}, log=quiet)
+
+
+def test_idx_and_uint8_arrays_over_the_budget_are_mapped_too(tmp_path):
+    from conftest import write_fake_mnist
+
+    data = write_fake_mnist(tmp_path / "mnist", n_train=40, n_test=10)
+    held = load_dataset("mnist", data_dir=str(data))
+    mapped = load_dataset("mnist", data_dir=str(data), data_memory="0")
+    assert not held.mapped and mapped.mapped
+    assert mapped_file(mapped.train_x.data_ptr()).startswith(str(data_cache.arrays_dir()))
+    for name in ("train_x", "test_x", "train_y", "test_y"):
+        assert torch.equal(getattr(held, name), getattr(mapped, name)), name
+    assert replace(mapped, known_fingerprint=None).fingerprint() == held.fingerprint()
+    images = np.random.default_rng(0).integers(0, 256, (12, 5, 5), np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    array = load_dataset(str(tmp_path / "images.npy"), data_memory="0")
+    assert array.mapped and torch.equal(
+        torch.cat([array.train_x, array.test_x]).sort(0).values,
+        torch.from_numpy(images[:, None]).sort(0).values)
+    np.save(tmp_path / "reals.npy", np.random.default_rng(1).random((12, 3)))
+    reals = load_dataset(str(tmp_path / "reals.npy"), data_memory="0")
+    assert not reals.mapped  # real-valued arrays stay in memory: the cache holds uint8 images

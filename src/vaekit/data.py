@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .budget import check_at_most, check_bytes
 from .data_cache import cache_dir
-from .dataset import Dataset, split_dataset
+from .dataset import Dataset, mapped_if_over_budget, split_dataset
 from .errors import DataError
 from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
 from .image_datasets import load_celeba, load_cifar10
@@ -75,7 +75,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     if name == "digits":
         return load_digits(test_fraction, split_seed)
     if name in ("mnist", "fashion-mnist"):
-        return load_idx_dataset(name, data_dir, download=download)
+        return mapped_if_over_budget(load_idx_dataset(name, data_dir, download=download),
+                                     data_memory)
     if name == "cifar10":
         return load_cifar10(data_dir, image_size=image_size, channels=channels,
                             download=download, data_memory=data_memory)
@@ -96,7 +97,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
                         "images or a .npy, .npz or .csv file")
     check_regular(path, "the data", DataError)  # a FIFO or device would block or never end
-    return load_array_file(path, test_fraction, split_seed)
+    return mapped_if_over_budget(load_array_file(path, test_fraction, split_seed), data_memory)
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:

@@ -132,3 +132,34 @@ def from_cache(cache, name: str, labels: np.ndarray | None, label_names: list[st
                    label_names, source, known_fingerprint=fingerprint,
                    memory=f"memory-mapped ({human(nbytes)} over --data-memory {data_memory}) "
                    f"from {cache.folder}")
+
+
+def mapped_if_over_budget(dataset: Dataset, data_memory: str) -> Dataset:
+    """An image dataset read into memory (IDX files, a uint8 .npy) over --data-memory: written
+    once into the cache, train rows then test rows, and returned as two views of its memory map
+    (the copy in memory is then dropped: processes on one machine share the page cache's)."""
+    from .data_cache import Listing, cached_array
+
+    nbytes = dataset.train_x.numel() + dataset.test_x.numel()
+    if dataset.kind != "image8" or dataset.mapped or fits_in_memory(nbytes, data_memory):
+        return dataset
+    fingerprint = dataset.fingerprint()
+    n_train = len(dataset.train_x)
+
+    def build(allocate):
+        out = allocate((n_train + len(dataset.test_x), *dataset.shape))
+        out[:n_train] = dataset.train_x.numpy()
+        out[n_train:] = dataset.test_x.numpy()
+        return {}, {}
+
+    # Keyed by the data's own hash: the same data map to the same file, wherever they came from.
+    cache = cached_array(f"data:{fingerprint}", {}, Listing([], [], []), build,
+                         log=lambda line: None, announce=False)
+    with warnings.catch_warnings():  # a copy-on-write map is writable; torch need not warn
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.from_numpy(cache.images(mapped=True))  # (N, C, H, W) uint8
+    return Dataset(dataset.name, "image8", rows[:n_train], rows[n_train:], dataset.train_y,
+                   dataset.test_y, dataset.label_names, dataset.source,
+                   known_fingerprint=fingerprint,
+                   memory=f"memory-mapped ({human(nbytes)} over --data-memory {data_memory}) "
+                   f"from {cache.folder}")
