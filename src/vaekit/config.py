@@ -115,9 +115,10 @@ class TrainConfig:
                            "test set; independent of --seed so runs compare on the same test data",
                            group="data")
     data_memory: str = _opt("auto", "training data up to this size (shared by the processes "
-                            "torchrun starts on one machine) are held in memory; larger data "
-                            "(image folders, celeba, cifar10) are read from their memory-mapped "
-                            "cache file, one copy in the page cache for all processes (0: always "
+                            "torchrun starts on one machine) are held in memory; larger image "
+                            "data (folders, celeba, cifar10, mnist, uint8 arrays) are read from "
+                            "their memory-mapped cache file, one copy in the page cache for all "
+                            "processes (0: always "
                             "mapped; auto: a quarter of this machine's RAM; sizes such as 8G)",
                             metavar="SIZE", group="data")
     skip_bad_images: bool = _opt(False, "leave unreadable images of an image folder out (their "
