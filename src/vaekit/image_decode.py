@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ def _unreadable(path: Path, exc: BaseException) -> BadImage:
     except OSError:
         empty = False
     reason = "empty file" if empty else (str(exc).split("\n")[0] or type(exc).__name__)
+    reason = re.sub(r" <_io\.\w+ name=\d+>", "", reason)  # Pillow names the handle, not the file
     return BadImage(f"{path}: not a readable image ({reason}); remove or replace it")
 
 

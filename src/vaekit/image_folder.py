@@ -118,15 +118,15 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                          announce=len(files) >= ANNOUNCE_FROM)
     bad = cache.bad
     if bad:
-        first = bad[min(bad)]
-        where = f"{len(bad):,} of {cache.shape[0]:,} images could not be used; the list is " \
-            f"in {cache.skipped_file}"
+        first, listed = bad[min(bad)], f"the list is in {cache.skipped_file}"
         if not skip_bad:
-            raise DataError(f"{first}, or pass --skip-bad-images to leave it out ({where})")
+            raise DataError(f"{first}, or pass --skip-bad-images to leave it out ({len(bad):,} "
+                            f"of {cache.shape[0]:,} images could not be used; {listed})")
         if len(bad) == cache.shape[0]:
             raise DataError(f"{folder}: none of the {len(bad):,} images is readable, e.g. "
                             f"{first}")
-        log(f"{folder}: skipped {where}")
+        log(f"{folder}: skipped {len(bad):,} of {cache.shape[0]:,} images that could not be "
+            f"used; {listed}")
     return cache
 
 
