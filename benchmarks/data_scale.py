@@ -16,6 +16,8 @@ Writes N synthetic JPEGs of 178 x 218 (CelebA's size: smooth gradients, shapes a
     train       training steps of the conv net at 64 x 64 from memory and from the map
     fashion     training steps of the 784-400-20 MLP on Fashion-MNIST from memory and forced
                 through the map (--data-memory 0), three alternating processes each
+    processes   `vaekit train` for --process-seconds on one process and on two under torchrun,
+                in memory and mapped: peak RssAnon of all the processes together
 
 Memory is RssAnon (resident memory less the file-backed pages, such as a map's), sampled every
 10 ms over the process and its children (the decoding pool), peak reported. The issue's goals
@@ -200,66 +202,97 @@ def phase_open(folder: Path, size: int, memory: str) -> dict:
             "peak_anon_mib": peak.own / 1024, "anon_added_mib": (peak.own - before) / 1024}
 
 
-def phase_train(folder: Path, size: int, memory: str, steps: int) -> dict:
+def timed_steps(config, warmup: int, steps: int) -> tuple[float, object, int]:
+    """What Trainer.fit does per step (the batch from the data, its noise, an update), timed
+    over `steps` steps after `warmup`: (images/s, the dataset, the steps timed)."""
     import torch
 
-    from vaekit.config import TrainConfig
     from vaekit.distributed import DistContext
     from vaekit.randomness import StepNoise, epoch_permutation
     from vaekit.train import Trainer, build_model, prepare_data
 
-    with PeakAnon() as peak:
-        config = TrainConfig(data=str(folder), image_size=size, channels=3, net="conv",
-                             epochs=1, batch_size=64, latent_dim=64, progress=False,
-                             data_memory=memory).with_presets()
-        dataset, pipeline, config = prepare_data(config)
-        trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
-                          build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
-                          log=lambda *a, **k: None)
-        order = epoch_permutation(len(trainer.train_x), 0, 0, torch.device("cpu"))
-        steps = max(1, min(steps, len(order) // 64 - 2))  # after the 2 warm-up steps
+    dataset, pipeline, config = prepare_data(config.with_presets())
+    trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
+                      build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
+                      log=lambda *a, **k: None)
+    batch, cpu = config.batch_size, torch.device("cpu")
+    order = epoch_permutation(len(trainer.train_x), 0, 0, cpu)
+    steps = max(1, min(steps, len(order) // batch - warmup))
 
-        def run(first, count):
-            for step in range(first, first + count):
-                raw = trainer.batch_rows(order[step * 64:(step + 1) * 64])
-                noise = StepNoise(0, step, 64, slice(0, 64), torch.device("cpu"))
-                trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(64))
-        run(0, 2)  # warm-up
-        started = time.perf_counter()
-        run(2, steps)
-        seconds = time.perf_counter() - started
-    return {"images_per_second": 64 * steps / seconds, "steps": steps, "mapped": dataset.mapped,
+    def run(first, count):
+        for step in range(first, first + count):
+            raw = trainer.batch_rows(order[step * batch:(step + 1) * batch])
+            noise = StepNoise(0, step, batch, slice(0, batch), cpu)
+            trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(config.latent_dim))
+    run(0, warmup)
+    started = time.perf_counter()
+    run(warmup, steps)
+    return batch * steps / (time.perf_counter() - started), dataset, steps
+
+
+def phase_train(folder: Path, size: int, memory: str, steps: int) -> dict:
+    from vaekit.config import TrainConfig
+
+    with PeakAnon() as peak:
+        rate, dataset, steps = timed_steps(TrainConfig(
+            data=str(folder), image_size=size, channels=3, net="conv", epochs=1, batch_size=64,
+            latent_dim=64, progress=False, data_memory=memory), 2, steps)
+    return {"images_per_second": rate, "steps": steps, "mapped": dataset.mapped,
             "peak_anon_mib": peak.own / 1024}
 
 
 def phase_fashion(memory: str, steps: int) -> dict:
     """The 784-400-20 MLP on Fashion-MNIST (Debian's files, the cache or a download), batch 128:
     training steps from memory and forced through the map (--data-memory 0)."""
-    import torch
-
     from vaekit.config import TrainConfig
-    from vaekit.distributed import DistContext
-    from vaekit.randomness import StepNoise, epoch_permutation
-    from vaekit.train import Trainer, build_model, prepare_data
 
-    config = TrainConfig(data="fashion-mnist", epochs=1, batch_size=128, hidden=[400],
-                         latent_dim=20, progress=False, data_memory=memory).with_presets()
-    dataset, pipeline, config = prepare_data(config)
-    trainer = Trainer(config, Path(tempfile.mkdtemp()), dataset, pipeline,
-                      build_model(config, dataset.shape), torch.device("cpu"), DistContext(),
-                      log=lambda *a, **k: None)
-    order = epoch_permutation(len(trainer.train_x), 0, 0, torch.device("cpu"))
+    rate, dataset, steps = timed_steps(TrainConfig(
+        data="fashion-mnist", epochs=1, batch_size=128, hidden=[400], latent_dim=20,
+        progress=False, data_memory=memory), 20, steps)
+    return {"images_per_second": rate, "mapped": dataset.mapped, "steps": steps}
 
-    def run(first, count):
-        for step in range(first, first + count):
-            raw = trainer.batch_rows(order[step * 128:(step + 1) * 128])
-            noise = StepNoise(0, step, 128, slice(0, 128), torch.device("cpu"))
-            trainer.train_step(raw, noise.uniform(dataset.shape), noise.normal(20))
-    run(0, 20)  # warm-up
-    started = time.perf_counter()
-    run(20, steps)
-    return {"images_per_second": 128 * steps / (time.perf_counter() - started),
-            "mapped": dataset.mapped, "steps": steps}
+
+def processes_peak(command: list[str], env: dict) -> dict:
+    """Run a command; the peak over time of the summed RssAnon of its process tree, and of
+    the largest process in it (the training processes under torchrun), MiB."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    total = largest = 0
+    while process.poll() is None:
+        pids = descendants(process.pid)
+        sizes = [rss_anon_kib(pid) for pid in [process.pid, *pids]]
+        total, largest = max(total, sum(sizes)), max(largest, max(sizes))
+        time.sleep(0.05)
+    out, err = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{err[-2000:]}")
+    return {"total_mib": total / 1024, "largest_mib": largest / 1024}
+
+
+def measure_processes(args: argparse.Namespace, folder: Path, cache: Path) -> dict:
+    """`vaekit train` on the folder, conv at 64 x 64, for a few seconds: one process and two
+    under torchrun, data in memory and mapped; peak RssAnon of all the processes together."""
+    import socket
+
+    env = {**os.environ, "VAEKIT_CACHE": str(cache), "PYTHONPATH": str(SRC),
+           "OMP_NUM_THREADS": "1"}
+    out = {}
+    for processes in (1, 2):
+        for memory in ("auto", "0"):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            launcher = [sys.executable, "-m", "vaekit"] if processes == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                 "--master-port", str(port), "-m", "vaekit"]
+            run_dir = Path(tempfile.mkdtemp()) / "run"
+            out[f"{processes}-{memory}"] = processes_peak(
+                [*launcher, "train", "--data", str(folder), "--image-size", str(args.size),
+                 "--channels", "3", "--net", "conv", "--epochs", "1", "--batch-size", "64",
+                 "--time-limit", str(args.process_seconds), "--data-memory", memory,
+                 "--no-progress", "--num-samples", "4", "--out", str(run_dir)], env)
+            shutil.rmtree(run_dir.parent, ignore_errors=True)
+    return out
 
 
 def run_phase(args: argparse.Namespace, phase: str, cache: Path, *extra) -> dict:
@@ -310,6 +343,15 @@ def summary(results: dict, size: int) -> list[str]:
         r = results[key]
         lines.append(f"  second open ({what}): {r['seconds']:.3f} s (goal < 2 s), RssAnon added "
                      f"{r['anon_added_mib']:.0f} MiB, peak {r['peak_anon_mib']:.0f} MiB")
+    if "processes" in results:
+        p = results["processes"]
+        data_mib = results["parallel"]["cache_mib"]
+        lines.append(f"  vaekit train --net conv, peak RssAnon of all processes ({data_mib:.0f} MiB "
+                     f"of images): 1 process {p['1-auto']['total_mib']:.0f} MiB in memory, "
+                     f"{p['1-0']['total_mib']:.0f} MiB mapped; 2 under torchrun "
+                     f"{p['2-auto']['total_mib']:.0f} MiB in memory, {p['2-0']['total_mib']:.0f}"
+                     f" MiB mapped (the launcher included; largest process "
+                     f"{p['2-auto']['largest_mib']:.0f} and {p['2-0']['largest_mib']:.0f} MiB)")
     if "train_memory" in results:
         memory, mapped = results["train_memory"], results["train_mapped"]
         lines.append(f"  conv {size} x {size} training, batch 64, {memory['steps']} steps: in "
@@ -329,6 +371,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vaekit-scale")
     parser.add_argument("--reference-max", type=int, default=5000)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--process-seconds", type=float, default=15,
+                        help="seconds of `vaekit train` on one and two processes (0: skip)")
     parser.add_argument("--fashion-steps", type=int, default=300,
                         help="MLP steps on Fashion-MNIST from memory and the map (0: skip)")
     parser.add_argument("--no-record", action="store_true", help="do not touch RESULTS.md")
@@ -369,6 +413,8 @@ def main() -> None:
                 arms[arm].append(run_phase(args, "fashion", caches["parallel"], memory,
                                            args.fashion_steps))
         results["fashion"] = arms
+    if args.process_seconds:
+        results["processes"] = measure_processes(args, folder, caches["parallel"])
     if args.train_steps:
         results["train_memory"] = run_phase(args, "train", caches["parallel"], "auto",
                                             args.train_steps)
