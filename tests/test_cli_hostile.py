@@ -304,6 +304,9 @@ for options, problem in [
     (("--num-samples", str(10**8)), "--num-samples 100000000"),
     (("--objective", "iwae", "--iwae-samples", str(10**9)), "--iwae-samples 1000000000"),
     (("--epochs", str(10**13)), "a step log"),
+    (("--latent-groups", f"16,{10**12}"), "--latent-groups 16,1000000000000"),
+    (("--posterior", "full-covariance", "--latent-dim", str(10**6)), "parameters"),
+    (("--posterior", "iaf", "--latent-dim", str(10**7)), "parameters"),
 ]:
     case(f"train{'='.join(options)}", problem, "memory limit")(
         lambda f, r, options=options: train(*options))

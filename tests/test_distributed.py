@@ -194,6 +194,17 @@ def test_one_update_step_is_the_same_on_two_processes(tmp_path):
     torch.testing.assert_close(step_two, step_one, rtol=1e-6, atol=1e-5)  # summed, not rank 0's
 
 
+def test_one_update_step_of_a_hierarchy_is_the_same_on_two_processes(tmp_path):
+    """The hierarchical VAE through the same latent interface: two processes, one step."""
+    options = ["--epochs", "1", "--batch-size", "1438", "--latent-groups", "2,3", "--hidden",
+               "32", "--no-progress"]
+    result = torchrun("train", *options, "--out", tmp_path / "two")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = train_tiny(tmp_path / "one", epochs=1, batch_size=1438, hidden=[32],
+                     latent_groups=[2, 3], latent_dim=5, progress=False)
+    assert max_difference(weights(tmp_path / "two"), weights(one)) < 1e-6
+
+
 def test_two_process_run_resumes_on_one_process(two_process_run, tmp_path):
     import shutil
 

@@ -15,15 +15,12 @@ from vaekit.distributions import (
     DiscretizedLogistic,
     DiscretizedLogisticMixture,
     GaussianLikelihood,
-    GaussianPosterior,
     GreyLevels,
     LevelCategorical,
     MixturePrior,
-    SigmoidGaussianPosterior,
     StandardNormalPrior,
     UniformPrior,
     build_likelihood,
-    build_posterior,
     build_prior,
     has_exact_kl,
     kl_or_estimate,
@@ -32,6 +29,7 @@ from vaekit.distributions import (
     posterior_mean_code,
     reparameterize,
 )
+from vaekit.posteriors import GaussianPosterior, SigmoidGaussianPosterior, build_posterior
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -574,7 +572,11 @@ def test_the_posterior_family_is_chosen_by_name_and_checked_against_the_prior():
     assert type(build_posterior("auto", 3, "uniform")) is SigmoidGaussianPosterior
     assert type(build_posterior("sigmoid-gaussian", 3, "uniform")) is SigmoidGaussianPosterior
     with pytest.raises(ValueError, match="cannot be paired with --prior uniform: valid pairs "
-                                         "are --prior normal with --posterior gaussian"):
+                                         "are --prior normal with --posterior gaussian or "
+                                         "full-covariance or iaf"):
         build_posterior("gaussian", 3, "uniform")
-    with pytest.raises(ValueError, match="unknown posterior 'iaf': choose one of auto, gaussian"):
-        build_posterior("iaf", 3, "normal")
+    with pytest.raises(ValueError, match="cannot be paired with --prior vamp"):
+        build_posterior("iaf", 3, "vamp")
+    with pytest.raises(ValueError, match="unknown posterior 'planar': choose one of auto, "
+                                         "gaussian"):
+        build_posterior("planar", 3, "normal")

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from vaekit.distributions import (
-    GaussianPosterior,
-    SigmoidGaussianPosterior,
     StandardNormalPrior,
     UniformPrior,
     base_normal,
     per_dimension,
     reparameterize,
 )
+from vaekit.posteriors import GaussianPosterior, SigmoidGaussianPosterior
 
 
 def test_prior_ranges_are_width_standard_deviations_within_the_support():

@@ -132,6 +132,32 @@ def test_decode_draws_the_likelihood_mean(explorer):
     assert np.array_equal(pixels(response.json()["image"]), as_uint8(expected))
 
 
+def test_a_hierarchys_lower_groups_are_redrawn_from_their_priors(explorer, tmp_path):
+    from vaekit.hierarchy import TopGroupView
+
+    hierarchy = Explorer(train_tiny(tmp_path / "hierarchy", epochs=1, hidden=[32],
+                                    latent_groups=[2, 3], latent_dim=5))
+    assert isinstance(hierarchy.space.model, TopGroupView) and hierarchy.dims == 2
+    z = [0.3, -0.4]
+    at_mean = hierarchy.client.post("/api/decode", json={"z": z}).json()["image"]
+    redrawn = [hierarchy.client.post("/api/decode", json={"z": z, "detail_seed": 7}).json()
+               ["image"] for _ in range(2)]
+    assert redrawn[0] == redrawn[1] != at_mean  # the seed alone decides the detail
+    noise = 0.5 * torch.randn(1, 3, generator=torch.Generator().manual_seed(7))
+    expected = hierarchy.space.decode(torch.tensor([z]), noise)[0]
+    tempered = hierarchy.client.post("/api/decode", json={
+        "z": z, "detail_seed": 7, "detail_temperature": 0.5}).json()["image"]
+    assert np.array_equal(pixels(tempered), as_uint8(expected))
+    cold = hierarchy.client.post("/api/decode", json={
+        "z": z, "detail_seed": 7, "detail_temperature": 0.0}).json()["image"]
+    assert cold == at_mean  # temperature 0: every lower group at its prior mean
+    assert hierarchy.client.post("/api/decode", json={
+        "z": z, "detail_seed": 7, "detail_temperature": 2.5}).status_code == 422
+    # a run of one group has no detail to redraw: the field is refused
+    assert explorer.client.post("/api/decode", json={
+        "z": [0.0] * explorer.dims, "detail_seed": 7}).status_code == 422
+
+
 def test_encode_a_test_example(explorer):
     response = explorer.client.post("/api/encode", json={"index": 11})
     assert response.status_code == 200

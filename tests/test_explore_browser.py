@@ -86,6 +86,7 @@ def test_page_loads_with_the_runs_facts(page, live, tiny_run):
     assert page.title() == f"vaekit explorer: {tiny_run.name}"
     assert decoded_src(page).startswith("data:image/png;base64,")
     assert page.locator(".gallery-item").count() == 48
+    assert page.is_hidden("#detail") and page.is_hidden("#groups-hint")  # one latent group
 
 
 def test_one_slider_per_dimension_in_order_of_use(page, live):
@@ -194,3 +195,36 @@ def test_the_header_shows_log_px_once_the_run_is_evaluated(browser, tiny_run, tm
         context.close()
     assert "test log p(x) (IS, k = 1000)" in facts and "-28.25 ± 0.03 nats" in facts
     assert "evaluated ELBO" in facts and "-30.50 nats" in facts
+
+
+def test_a_hierarchy_keeps_its_top_group_and_redraws_the_detail(browser, tmp_path):
+    """The sliders steer the top group; 'Redraw detail' draws the lower groups afresh from
+    their priors (the API's picture for that seed), 'Detail at mean' puts them back."""
+    from conftest import train_tiny
+
+    from vaekit.explore.server import build, running
+
+    run = train_tiny(tmp_path / "hierarchy", epochs=1, hidden=[32], latent_groups=[2, 3],
+                     latent_dim=5)
+    with running(build(run)[1]) as url:
+        facts = httpx.get(url + "/api/info", timeout=30).json()
+        assert facts["groups"] == [["z1", 2], ["z2", 3]] and facts["detail_dim"] == 3
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        assert page.locator("#sliders input[type=range]").count() == 2  # the top group only
+        assert "top group z1 (2 dimensions)" in page.inner_text("#groups-hint")
+        at_mean = decoded_src(page)
+        page.click("#redraw-detail")
+        page.wait_for_function("before => document.getElementById('decoded').src !== before",
+                               arg=at_mean, timeout=10_000)
+        seed = int(page.inner_text("#status").split("seed ")[1].split(")")[0])
+        expected = httpx.post(url + "/api/decode", json={"z": [0.0, 0.0], "detail_seed": seed},
+                              timeout=30).json()["image"]
+        page.wait_for_function("e => document.getElementById('decoded').src === e",
+                               arg=expected, timeout=10_000)
+        page.click("#mean-detail")
+        page.wait_for_function("e => document.getElementById('decoded').src === e",
+                               arg=at_mean, timeout=10_000)
+        context.close()

@@ -26,9 +26,10 @@ from vaekit.report import (
 )
 from vaekit.runs import load_run, load_run_dataset
 
-SECTIONS = ("point-10", "points-9-11", "point-14", "point-15", "point-16", "samples")
+SECTIONS = ("point-10", "points-9-11", "point-14", "points-13-14", "point-15", "point-16",
+            "samples")
 SMALL = dict(examples=12, k=300, gradient_examples=4, gradient_samples=(1, 10),
-             gradient_repeats=8)
+             gradient_repeats=8, refit_steps=20)
 
 
 class Page(HTMLParser):
@@ -79,7 +80,7 @@ def cached_features(feature_cache, monkeypatch):
     monkeypatch.setenv("VAEKIT_CACHE", str(feature_cache))
 
 
-def test_explain_writes_a_self_contained_report_with_six_sections(tiny_run, tmp_path):
+def test_explain_writes_a_self_contained_report_of_every_section(tiny_run, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path)
     run = load_run(run_dir)
     page = explain(run, load_run_dataset(run), log=lambda *a: None, **SMALL)
@@ -97,6 +98,12 @@ def test_explain_writes_a_self_contained_report_with_six_sections(tiny_run, tmp_
     text = page.read_text()
     assert "Pixel distance prefers the damaged image in" in text
     assert "k = 300" in text and "score-function" in text and "reparameterisation" in text
+    # points 13-14: the oracle's exact gaps, then one row per posterior family on the run
+    assert "the diagonal Gaussian&#x27;s gap stops at 0.38" in text or \
+        "the diagonal Gaussian's gap stops at 0.38" in text
+    for row in ("the run&#x27;s own (gaussian", "gaussian, refitted", "full-covariance, refitted",
+                "iaf, refitted"):
+        assert row in text, row
     assert run.pipeline.description in text
 
 
@@ -155,7 +162,7 @@ def test_evaluation_table_names_every_figure_and_its_samples():
 def test_explain_command(vaekit_cli, tiny_run, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path)
     result = vaekit_cli("explain", run_dir, "--examples", "5", "--k", "50",
-                        "--gradient-repeats", "4")
+                        "--gradient-repeats", "4", "--refit-steps", "10")
     assert result.returncode == 0, result.stderr
     assert "explain.html" in result.stdout
     assert parse(run_dir / "explain.html").ids == list(SECTIONS)

@@ -31,12 +31,14 @@ from vaekit.runs import (
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
-# --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two;
-# all of them predate the cache's --data-memory, --skip-bad-images and --fast-resize.
-CACHE_OPTIONS = {"data_memory", "skip_bad_images", "fast_resize"}
+# --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
+# options added after the newest fixture was written: every fixture lacks them (the latent
+# family's, and the data cache's --data-memory, --skip-bad-images and --fast-resize)
+ADDED_AFTER_FIXTURES = {"flow_steps", "latent_groups", "skip_threshold", "data_memory",
+                        "skip_bad_images", "fast_resize"}
 LACKS = {"bb52941": set(ADDED_OPTIONS),
-         "76a75dd": {"precision", "compile", "posterior", "perturb"} | CACHE_OPTIONS,
-         "0f6a429": {"posterior", "perturb"} | CACHE_OPTIONS}
+         "76a75dd": {"precision", "compile", "posterior", "perturb"} | ADDED_AFTER_FIXTURES,
+         "0f6a429": {"posterior", "perturb"} | ADDED_AFTER_FIXTURES}
 
 
 def copy_fixture(writer: str, tmp_path: Path) -> Path:
@@ -127,9 +129,9 @@ def _edit_config(run_dir: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("edit,words", [
-    # an option of a newer vaekit (--posterior is this one's: a later one's --flow-steps)
-    (lambda d: d["config"].update(flow_steps=4) or d.update(vaekit_version="9.1.0"),
-     ("'flow_steps'", "vaekit 9.1.0", "upgrade vaekit")),
+    # an option of a newer vaekit (--posterior is this one's: a later one's --attention-heads)
+    (lambda d: d["config"].update(attention_heads=4) or d.update(vaekit_version="9.1.0"),
+     ("'attention_heads'", "vaekit 9.1.0", "upgrade vaekit")),
     (lambda d: d.update(config_format="vaekit-config/2", vaekit_version="9.1.0"),
      ("vaekit 9.1.0", "vaekit-config/2", "upgrade vaekit")),
     (lambda d: d.update(format="vaekit-run/7"), ("vaekit-run/7", "upgrade vaekit")),
@@ -173,7 +175,7 @@ def _step_log_columns(columns: int):
 
         tensors = tensors_from_file(folder / "optimizer.safetensors")
         log = tensors["step_log"]
-        tensors["step_log"] = torch.cat([log, log[:, :1]], 1)[:, :columns].contiguous()
+        tensors["step_log"] = torch.cat([log, log], 1)[:, :columns].contiguous()
         _rewrite_checkpoint(folder, "optimizer.safetensors", save(tensors))
     return edit
 
@@ -195,7 +197,7 @@ def _step_log_columns(columns: int):
                                     data_order={"seed": 0, "epoch": 2, "position": 256},
                                     noise={"seed": 0, "next_step": 11})),
      ("step log holds 10 steps but state.json counts 11",)),
-    (_step_log_columns(6), ("6 columns", "upgrade vaekit")),
+    (_step_log_columns(7), ("7 columns", "upgrade vaekit")),
     (_step_log_columns(2), ("2 columns",)),
 ])
 def test_checkpoints_that_make_no_sense_are_refused_in_one_line(tmp_path, edit, words):

@@ -18,7 +18,7 @@ def test_explain_shows_samples_with_their_nearest_training_images_and_the_scores
     run = load_run(run_dir)
     dataset = load_run_dataset(run)
     quiet = dict(seed=0, examples=3, k=4, gradient_examples=2, gradient_samples=(1, 2),
-                 gradient_repeats=3, log=lambda message: None)
+                 gradient_repeats=3, refit_steps=5, log=lambda message: None)
     page = explain(run, dataset, **quiet).read_text()
     assert 'id="samples"' in page and "nearest training images" in page
     assert "vaekit evaluate RUN_DIR --sample-quality" in page  # no scores yet: says how

@@ -341,3 +341,23 @@ def test_a_config_json_without_the_later_perturb_key_loads(tiny_run, tmp_path):
     del document["config"]["perturb"]
     (run_dir / "config.json").write_text(json.dumps(document))
     assert load_run(run_dir).config.perturb == 0.0
+
+
+def test_skip_threshold_leaves_exploding_updates_out_and_counts_them(tmp_path):
+    from vaekit.config import TrainConfig
+    from vaekit.train import build_model
+
+    plain = train_tiny(tmp_path / "plain", epochs=1)
+    loose = train_tiny(tmp_path / "loose", epochs=1, skip_threshold=1e12)
+    # a threshold no gradient reaches changes nothing, bit for bit
+    assert all(torch.equal(weights(plain)[k], weights(loose)[k]) for k in weights(plain))
+    assert metrics(loose)[0]["skipped_updates"] == 0
+    assert "skipped_updates" not in metrics(plain)[0]
+    # one every gradient exceeds: no update at all, every step counted
+    tight = train_tiny(tmp_path / "tight", epochs=1, skip_threshold=1e-9)
+    steps = metrics(tight)[0]["step"]
+    assert metrics(tight)[0]["skipped_updates"] == steps > 0
+    config = TrainConfig.from_dict(json.loads((tight / "config.json").read_text())["config"])
+    initial = build_model(config, (1, 8, 8)).state_dict()
+    assert all(torch.equal(initial[k], weights(tight)[k]) for k in initial)
+    assert bool((step_log(tight)[:, -1] == 1).all())

@@ -37,6 +37,8 @@ class Parser(argparse.ArgumentParser):
                 names = {option[2:]: option for option in known}
                 close = difflib.get_close_matches(word.partition("=")[0][2:], names, n=1,
                                                   cutoff=0.7)
+                if close and names[close[0]] == word.partition("=")[0]:
+                    return f"; {names[close[0]]} is an option of another vaekit command"
                 if close:
                     return f"; did you mean {names[close[0]]}?"
         return ""
@@ -286,8 +288,9 @@ def build_parser() -> Parser:
         "explain", help="write an HTML report of the note's demonstrations on a run",
         description="Computes, on the run's own model and data: a shifted vs a damaged image "
         "(pixel distance vs log p(x)); naive vs importance-sampled log p(x) against k; the ELBO "
-        "gap per example; the training curves of both ELBO terms; the gradient variance of the "
-        "reparameterisation trick vs the score function. Writes RUN_DIR/explain.html (figures "
+        "gap per example; the gap left by each posterior family (diagonal, full-covariance, IAF "
+        "encoders fitted to the run's decoder); the training curves of both ELBO terms; the "
+        "gradient variance of the reparameterisation trick vs the score function. Writes RUN_DIR/explain.html (figures "
         "embedded, opens from disk) and RUN_DIR/explain-*.png.")
     explain.add_argument("run_dir", metavar="RUN_DIR")
     explain.add_argument("--examples", type=positive_int, default=100, help="test examples for "
@@ -297,6 +300,9 @@ def build_parser() -> Parser:
     explain.add_argument("--gradient-repeats", type=positive_int, default=100,
                          help="independent gradient estimates per estimator and sample count "
                          "(default: 100)")
+    explain.add_argument("--refit-steps", type=positive_int, default=1000,
+                         help="training batches for each posterior family fitted to the run's "
+                         "decoder (default: 1000)")
     explain.add_argument("--seed", type=seed_number, default=0, help="seed of all the noise (default: 0)")
     explain.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     interp = commands.add_parser("interpolate", help="decode the path between two test examples",
@@ -610,7 +616,7 @@ def cmd_explain(args) -> int:
     from .report import explain
     from .runs import load_run_dataset
 
-    from .budget import check_elements
+    from .budget import check_at_most, check_elements
 
     if args.k < 2 or args.examples < 2:
         raise VaekitError("--k and --examples must be at least 2 (an error bar needs two samples)")
@@ -619,8 +625,10 @@ def cmd_explain(args) -> int:
     examples = min(args.examples, len(dataset.test_x))
     check_elements(f"--k {args.k} with --examples {examples} (two log-weights per sample and "
                    "example)", 2 * args.k * examples, 4, "lower --k or --examples")
+    check_at_most("--refit-steps", args.refit_steps, 10**6, "each step trains an encoder on "
+                  "one batch", VaekitError)
     page = explain(run, dataset, seed=args.seed, examples=args.examples, k=args.k,
-                   gradient_repeats=args.gradient_repeats,
+                   gradient_repeats=args.gradient_repeats, refit_steps=args.refit_steps,
                    log=lambda message: print(message, file=sys.stderr))
     print(f"wrote {page} (open it in a browser; figures also saved as "
           f"{run.path / 'explain-*.png'})")

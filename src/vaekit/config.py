@@ -52,6 +52,12 @@ ADDED_OPTIONS: dict[str, Any] = {
     "precision": "fp32", "compile": False,
     # --posterior (auto: the family each prior always used)
     "posterior": "auto",
+    # --flow-steps (only the iaf posterior reads it)
+    "flow_steps": None,
+    # --latent-groups (a hierarchical VAE; older runs have one group)
+    "latent_groups": None,
+    # --skip-threshold (older runs applied every update)
+    "skip_threshold": None,
     # --perturb (training on perturbed inputs, for a background model)
     "perturb": 0.0,
     # the decode-once cache: --data-memory (where data live; never what is computed),
@@ -158,10 +164,21 @@ class TrainConfig:
                       "of Gaussians) or vamp (VampPrior, Tomczak & Welling 2018: the posterior "
                       "mixed over learned pseudo-inputs); the KL of all but normal is estimated "
                       "by Monte Carlo", choices=PRIORS, group="model")
-    posterior: str = _opt("auto", "q(z|x): gaussian (diagonal) or sigmoid-gaussian (a diagonal "
-                          "Gaussian squashed into the unit cube); auto: what the prior needs "
-                          "(gaussian for normal, mixture and vamp; sigmoid-gaussian for uniform)",
+    posterior: str = _opt("auto", "q(z|x): gaussian (diagonal), sigmoid-gaussian (a diagonal "
+                          "Gaussian squashed into the unit cube), full-covariance (a Gaussian "
+                          "with every correlation, Cholesky-factored) or iaf (inverse "
+                          "autoregressive flow, Kingma et al. 2016; --flow-steps); auto: what "
+                          "the prior needs (gaussian for normal, mixture and vamp; "
+                          "sigmoid-gaussian for uniform)",
                           choices=("auto", *POSTERIORS), group="model")
+    flow_steps: Optional[int] = _opt(None, "steps of the iaf posterior, each a MADE network "
+                                     "(default: 2)", minimum=1, maximum=64, group="model")
+    latent_groups: Optional[list] = _opt(None, "a hierarchical VAE (top-down inference, as the "
+                                         "Ladder VAE and NVAE): the sizes of its latent groups "
+                                         "from the top down, comma separated, for example "
+                                         "16,32; --latent-dim is then their sum and the first "
+                                         "--hidden size the width of its state (MLP nets)",
+                                         metavar="D[,D...]", group="model")
     prior_components: Optional[int] = _opt(None, "components of the mixture prior, pseudo-inputs "
                                            "of the vamp prior (default: mixture 10, vamp 500)",
                                            minimum=1, group="model")
@@ -224,6 +241,12 @@ class TrainConfig:
                                      "each dimension)", minimum=1, group="objective")
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value",
                                       minimum=0.0, exclusive_minimum=True)
+    skip_threshold: Optional[float] = _opt(None, "skip every update whose gradient norm (before "
+                                           "--grad-clip) exceeds this or is not finite, leaving "
+                                           "the weights and Adam's moments as they were (VDVAE's "
+                                           "grad-skip, Child 2021); counted per epoch as "
+                                           "skipped_updates in metrics.jsonl", minimum=0.0,
+                                           exclusive_minimum=True, metavar="NORM")
     seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", metavar="DEVICE")
     precision: str = _opt("fp32", "arithmetic of the networks while training: fp32, or bf16 "
@@ -266,6 +289,8 @@ class TrainConfig:
                                                or any(c < 1 for c in self.conv_channels)):
             raise ConfigError("--conv-channels must be positive integers, for example "
                               "--conv-channels 32,64")
+        if self.latent_groups is not None:
+            self._check_latent_groups()
         if self.objective == "iwae":
             weighting = [flag for flag, used in (
                 ("--beta", self.beta != 1.0), ("--kl-schedule", self.kl_schedule != "constant"),
@@ -291,6 +316,31 @@ class TrainConfig:
                         f"--free-bits-group-size {self.latent_dim} (at least --latent-dim: one "
                         "floor on the whole KL)")
         return self
+
+    def _check_latent_groups(self) -> None:
+        groups = self.latent_groups
+        if not groups or any(d < 1 for d in groups) or len(groups) > 64:
+            raise ConfigError("--latent-groups takes 1 to 64 positive sizes from the top group "
+                              "down, for example --latent-groups 16,32")
+        default_dim = next(f.default for f in dataclasses.fields(self) if f.name == "latent_dim")
+        if self.latent_dim not in (sum(groups), default_dim):
+            raise ConfigError(f"--latent-groups {','.join(map(str, groups))} has {sum(groups)} "
+                              f"latent dimensions, not --latent-dim {self.latent_dim}: drop "
+                              "--latent-dim (it follows the groups) or make them agree")
+        self.latent_dim = sum(groups)  # the groups decide; config.json stores the sum
+        for flag, value, allowed in (("--net", self.net, "mlp"), ("--prior", self.prior, "normal"),
+                                     ("--posterior", self.posterior, "auto")):
+            if value != allowed and not (flag == "--posterior" and value == "gaussian"):
+                raise ConfigError(f"--latent-groups builds an MLP hierarchy with its own priors "
+                                  f"and posteriors (a standard normal top group, learned "
+                                  f"Gaussians below, posteriors relative to them): use {flag} "
+                                  f"{allowed}, not {value}")
+        if not self.hidden:
+            raise ConfigError("--latent-groups needs --hidden: its first size is the width of "
+                              "the hierarchy's state, for example --hidden 400")
+        if self.prior_components is not None or self.flow_steps is not None:
+            raise ConfigError("--latent-groups has no mixture components or flow steps: drop "
+                              "--prior-components and --flow-steps")
 
     def with_presets(self) -> "TrainConfig":
         """Fill fields left unset from the dataset's preset."""

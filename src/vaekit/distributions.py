@@ -24,7 +24,6 @@ from torch.distributions import (
     Independent,
     MixtureSameFamily,
     Normal,
-    SigmoidTransform,
     TransformedDistribution,
     Uniform,
     constraints,
@@ -35,10 +34,7 @@ from torch.distributions.utils import broadcast_all
 from .names import (  # noqa: F401  (FACTORISED_PRIORS, LIKELIHOODS: re-exported names)
     FACTORISED_PRIORS,
     LIKELIHOODS,
-    POSTERIORS,
     PRIORS,
-    posterior_problem,
-    resolve_posterior,
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -215,107 +211,7 @@ def build_prior(name: str, latent_dim: int, components: int | None = None,
 
 
 # ------------------------------------------------------------------------------------------------
-# Posteriors q(z | x)
-
-
-class DiagonalGaussian(Independent):
-    """N(loc, diag(scale^2)) over the last dimension: the Gaussian posterior family.
-
-    A posterior family answers for itself what its consumers need: a draw made of standard
-    normal noise (`draw`), the point code pictures show (`point_code`), whether log q - log p
-    splits over dimensions against a given prior (`factorises_against`), and log q at a fixed
-    draw, differentiable in its parameters only (`score_log_prob`, the score-function term).
-    """
-
-    def __init__(self, loc: Tensor, scale: Tensor):
-        super().__init__(Normal(loc, scale, validate_args=False), 1)
-
-    def draw(self, eps: Tensor) -> Tensor:
-        normal = self.base_dist
-        return normal.loc + normal.scale * eps  # (..., B, D)
-
-    def point_code(self) -> Tensor:
-        return self.base_dist.loc  # (B, D) the mean
-
-    def factorises_against(self, p: Distribution) -> bool:
-        return factorised(p)
-
-    def score_log_prob(self, eps: Tensor) -> Tensor:
-        normal = self.base_dist  # loc, scale (B, D)
-        pre_image = (normal.loc + normal.scale * eps).detach()  # (S, B, D) fixed draws
-        return normal.log_prob(pre_image).sum(-1)  # (S, B)
-
-
-class SquashedGaussian(TransformedDistribution):
-    """sigmoid(N(loc, diag(scale^2))): a diagonal Gaussian squashed into the unit cube.
-
-    The sigmoid caches its last input, so `q.log_prob(q.draw(eps))` is computed from the
-    pre-sigmoid sample and stays exact where the sigmoid saturates (inverting a float32 sigmoid
-    near 1 is not). The sigmoid has no parameters, so at a fixed pre-image g the log-Jacobian does
-    not depend on q's parameters: the score-function term is the Gaussian's.
-    """
-
-    def __init__(self, gaussian: DiagonalGaussian):
-        super().__init__(gaussian, [SigmoidTransform(cache_size=1)], validate_args=False)
-
-    def draw(self, eps: Tensor) -> Tensor:
-        z = self.base_dist.draw(eps)  # (..., B, D)
-        for transform in self.transforms:
-            z = transform(z)  # caches the pre-image, so q.log_prob(z) stays exact
-        return z
-
-    def point_code(self) -> Tensor:
-        code = self.base_dist.point_code()
-        for transform in self.transforms:
-            code = transform(code)
-        return code  # (B, D) the squashed mean
-
-    def factorises_against(self, p: Distribution) -> bool:
-        return factorised(p)
-
-    def score_log_prob(self, eps: Tensor) -> Tensor:
-        return self.base_dist.score_log_prob(eps)  # (S, B)
-
-
-class GaussianPosterior(nn.Module):
-    """q(z|x) = N(loc, diag(scale^2)) from 2*D encoder outputs (scale through softplus)."""
-
-    name = "gaussian"
-
-    def __init__(self, latent_dim: int):
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.params_per_example = 2 * latent_dim
-
-    def forward(self, params: Tensor) -> Distribution:
-        loc, raw_scale = params.chunk(2, dim=-1)  # (B, D) each
-        return DiagonalGaussian(loc, F.softplus(raw_scale))
-
-
-class SigmoidGaussianPosterior(GaussianPosterior):
-    """q(z|x) = sigmoid(N(loc, diag(scale^2))) (SquashedGaussian): a Gaussian squashed into the
-    unit cube, for the uniform prior, whose support the posterior must not leave."""
-
-    name = "sigmoid-gaussian"
-
-    def forward(self, params: Tensor) -> Distribution:
-        return SquashedGaussian(super().forward(params))
-
-
-# A posterior family is one class and its entry here (and its valid priors in names.py).
-POSTERIOR_FAMILIES = {family.name: family for family in (GaussianPosterior,
-                                                         SigmoidGaussianPosterior)}
-assert tuple(POSTERIOR_FAMILIES) == POSTERIORS
-
-
-def build_posterior(name: str, latent_dim: int, prior: str = "normal") -> nn.Module:
-    """The posterior family `name` (auto: the prior's default, see names.POSTERIORS_FOR_PRIOR),
-    checked against the prior it is paired with."""
-    problem = posterior_problem(name, prior) if name == "auto" or name in POSTERIORS else \
-        f"unknown posterior {name!r}: choose one of auto, {', '.join(POSTERIORS)}"
-    if problem:
-        raise ValueError(problem)
-    return POSTERIOR_FAMILIES[resolve_posterior(name, prior)](latent_dim)
+# Drawing, KL and codes for any distribution (the posterior families are in posteriors.py)
 
 
 def reparameterize(q: Distribution, eps: Tensor) -> Tensor:
@@ -349,8 +245,11 @@ def per_dimension(d: Distribution) -> Distribution:
     """A factorised distribution over z (D,) seen one coordinate at a time.
 
     Drops the `Independent` over the last dim (keeping elementwise transforms, and their caches),
-    so `log_prob`, `icdf` and `kl_divergence` give one number per coordinate: (..., D).
+    so `log_prob`, `icdf` and `kl_divergence` give one number per coordinate: (..., D). A flow or
+    a full covariance does not factorise: TypeError.
     """
+    if not factorised(d):
+        raise TypeError(f"{type(d).__name__} does not factorise over the latent dimensions")
     if isinstance(d, TransformedDistribution):
         return TransformedDistribution(per_dimension(d.base_dist), d.transforms,
                                        validate_args=False)

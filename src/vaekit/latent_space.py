@@ -143,7 +143,10 @@ class LatentSpace:
                               "prior that factorises over dimensions "
                               f"({', '.join(FACTORISED_PRIORS)})")
         dataset = dataset if dataset is not None else load_run_dataset(run)
-        return cls(run.model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
+        from .hierarchy import single_latent_view
+
+        model = single_latent_view(run.model)  # a hierarchy is steered by its top group
+        return cls(model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
 
     # --- facts ----------------------------------------------------------------------------
     @property
@@ -217,10 +220,26 @@ class LatentSpace:
             return self.centre(), "the prior's centre"
         return self.code_of(index), f"test example {index}'s posterior mean"
 
+    @property
+    def detail_dim(self) -> int:
+        """Latent dimensions below the steered ones (a hierarchy's lower groups), else 0."""
+        return getattr(self.model, "detail_dim", 0)
+
+    @property
+    def groups(self) -> list[tuple[str, int]]:
+        """The model's latent groups ((name, dims), ...), the steered one first."""
+        model = getattr(self.model, "hierarchy", self.model)
+        return [(name, dims) for name, dims in getattr(model, "latent_groups",
+                                                        (("z", self.latent_dim),))]
+
     @torch.inference_mode()
-    def decode(self, z: Tensor) -> Tensor:
-        """E[x | z] in the data's units for codes z (..., D). (..., *shape)"""
-        return self.pipeline.display(self.model.decode(z.to(self.device)).mean)
+    def decode(self, z: Tensor, detail: Tensor | None = None) -> Tensor:
+        """E[x | z] in the data's units for codes z (..., D); detail (..., detail_dim): noise of
+        the lower groups of a hierarchy (None: at their prior means). (..., *shape)"""
+        if detail is None:
+            return self.pipeline.display(self.model.decode(z.to(self.device)).mean)
+        return self.pipeline.display(self.model.decode(z.to(self.device),
+                                                       detail=detail.to(self.device)).mean)
 
     # --- paths ----------------------------------------------------------------------------
     def interpolation(self, start: int, end: int, steps: int = 10,
@@ -286,12 +305,13 @@ class LatentSpace:
 
     def embeddings(self, batch_size: int = 1000) -> Embedding:
         """Posterior means and scales of every test example."""
-        from .distributions import base_normal, posterior_mean_code
+        from .distributions import posterior_mean_code
         from .estimate import map_examples
+        from .posteriors import posterior_scale
 
         def mean_and_scale(x: Tensor, start: int, stop: int) -> Tensor:
             q = self.model.encode(x)
-            return torch.cat([posterior_mean_code(q), base_normal(q).scale], 1)  # (b, 2D)
+            return torch.cat([posterior_mean_code(q), posterior_scale(q)], 1)  # (b, 2D)
 
         both = map_examples(mean_and_scale, self.test_x, self.pipeline, "test", batch_size,
                             self.device, outputs=2 * self.latent_dim).float().cpu()

@@ -159,16 +159,27 @@ class Trainer(TrainingState):
         # A finite loss can still give non-finite gradients; caught here, before the update, so
         # the message can say which term's gradient it was (a non-finite loss is reported by
         # _check_finite, which names the term of the loss).
-        if self.check_each_step and bool(torch.isfinite(loss)) and not self._gradients_finite():
+        skipped = loss.detach().new_zeros(())
+        if self.config.skip_threshold is not None:
+            # the gradients are already averaged over processes, so every process decides alike
+            norm = self._gradient_norm()
+            if not bool(norm <= self.config.skip_threshold):  # NaN too: one host sync a step
+                skipped = skipped + 1
+        elif self.check_each_step and bool(torch.isfinite(loss)) and \
+                not bool(torch.isfinite(self._gradient_norm())):
             raise self._gradient_error(x, y, eps)
-        if self.config.grad_clip is not None:
+        if self.config.grad_clip is not None and not skipped:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)  # no update, no moment update
+        else:
+            self.optimizer.step()
         # beta is filled on the device: a tensor built on the host and copied would make a GPU
         # step wait for the copy. Columns the objective does not fill are 0.
         reconstruction, kl, _ = terms
         row = {"loss": loss.detach(), "reconstruction": reconstruction.detach().mean(),
-               "kl": kl.detach().mean(), "beta": loss.detach().new_full((), beta), **logged}
+               "kl": kl.detach().mean(), "beta": loss.detach().new_full((), beta),
+               "skipped_update": skipped, **logged}
         zero = torch.zeros((), device=x.device)
         return torch.stack([row.get(name, zero) for name in STEP_COLUMNS])  # (len(STEP_COLUMNS),)
 
@@ -182,11 +193,14 @@ class Trainer(TrainingState):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.config.precision == "bf16")
 
-    def _gradients_finite(self) -> bool:
+    def _gradient_norm(self) -> Tensor:
         # One multi-tensor norm (NaN and inf survive it) costs ~0.05 ms; isfinite on each
         # gradient tensor cost ~1 ms a step, a quarter of the step on one CPU thread.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+    def _gradients_finite(self) -> bool:
+        return bool(torch.isfinite(self._gradient_norm()))
 
     def _gradient_error(self, x: Tensor, y: Tensor | None, eps: Tensor) -> TrainingError:
         """Name the term whose gradient is non-finite, by differentiating each term alone."""
@@ -386,6 +400,9 @@ class Trainer(TrainingState):
                           train_objective=-means["loss"] + self.pipeline.log_jacobian)
             record.update(self.training_objective.epoch_record(
                 means, step_columns(epoch_steps[-1])))
+            if self.config.skip_threshold is not None:
+                skipped = int(epoch_steps[:, STEP_COLUMNS.index("skipped_update")].sum())
+                record["skipped_updates"] = skipped
         record.update(self.evaluate())
         seconds = self._epoch_seconds
         record.update(train_seconds=seconds, images_per_second=(
@@ -439,7 +456,7 @@ class Trainer(TrainingState):
                 y = torch.arange(len(names), device=self.device).repeat_interleave(per_class)
             else:
                 y = None
-            z = self.model.prior.sample((n if y is None else len(y),)).to(self.device)  # (n, D)
+            z = self.model.sample_codes(n if y is None else len(y), y=y)  # (n, code_dim)
             samples = self.pipeline.display(self.model.decode(z, y).mean)
             raw = self.dataset.test_x[:n].to(self.device)
             y_test = None if self.test_y is None else self.test_y[:n].to(self.device)

@@ -29,7 +29,6 @@ from torch.distributions import Distribution, MixtureSameFamily
 from .config import TrainConfig
 from .distributions import (
     build_likelihood,
-    build_posterior,
     build_prior,
     draw_at_temperature,
     draw_from_noise,
@@ -38,6 +37,7 @@ from .distributions import (
     reparameterize,
 )
 from .latent import Inference, LatentDraw, LatentGroup
+from .posteriors import build_posterior
 from .nets import build_decoder, build_encoder
 
 
@@ -70,6 +70,8 @@ class ModelConfig:
     activation: str = _as_configured("activation")
     prior: str = _as_configured("prior")
     posterior: str = _as_configured("posterior")
+    flow_steps: int | None = _as_configured("flow_steps")
+    latent_groups: list | None = _as_configured("latent_groups")
     prior_components: int | None = _as_configured("prior_components")
     # TrainConfig's "auto" is settled from the data (data.resolve_likelihood) before a model is
     # built; a model built directly scores binary data unless told otherwise.
@@ -97,7 +99,76 @@ def _full_precision(params: Tensor) -> Tensor:
     return params.float() if params.dtype in (torch.bfloat16, torch.float16) else params
 
 
-class VAE(nn.Module):
+class LatentModel(nn.Module):
+    """What every model of vaekit shares, whatever its latents: class labels as the nets take
+    them, the decoder p(x | code), and new data from codes of the prior.
+
+    A subclass gives `decoder` (code [, condition] -> the likelihood's parameters),
+    `likelihood`, `num_classes`, `sample_codes` and the rest of latent.py's interface.
+    """
+
+    num_classes: int | None
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.likelihood.event_shape
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def condition(self, y: Tensor | None) -> Tensor | None:
+        """Class labels y (B,) int64 -> the one-hot condition (B, num_classes) the nets take."""
+        if not self.conditional:
+            if y is not None:
+                raise ValueError("this model is not conditional: call it without y")
+            return None
+        if y is None:
+            raise ValueError(f"this model is conditional: pass class labels y (0..."
+                             f"{self.num_classes - 1})")
+        if y.dtype.is_floating_point or bool(((y < 0) | (y >= self.num_classes)).any()):
+            raise ValueError(f"class labels must be integers 0..{self.num_classes - 1}")
+        dtype = next(self.parameters()).dtype
+        return F.one_hot(y, self.num_classes).to(dtype)  # (B, num_classes)
+
+    def decode(self, code: Tensor, y: Tensor | None = None) -> Distribution:
+        """p(x | code [, y]) for codes (..., B, code_dim) and labels y (B,); event data_shape."""
+        return self.likelihood(_full_precision(self.decoder(code, self.condition(y))))
+
+    def sample_codes(self, n: int, temperature: float = 1.0,
+                     generator: torch.Generator | None = None,
+                     y: Tensor | None = None) -> Tensor:
+        """n codes the decoder reads, drawn from the prior with its noise scaled by
+        `temperature`; generator (CPU) makes them depend on it alone. (n, code_dim)"""
+        raise NotImplementedError
+
+    def point_code(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The code of x at its posterior's central point: what pictures of x decode.
+        (B, code_dim)"""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """E[x | code] at x's point code: what the model keeps of x. (B, *data_shape)"""
+        return self.decode(self.point_code(x, y), y).mean
+
+    def sample(self, n: int, y: Tensor | int | None = None, *, mean: bool = False,
+               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """n new examples: a code from the prior, then x ~ p(x | code [, y]) (or E[x | code]
+        with mean=True).
+
+        y: one label for all n, or labels (n,), for a conditional model. temperature scales the
+        prior's noise (every group's, for a hierarchy); generator (CPU) makes the codes depend
+        on it alone. (n, *data_shape)
+        """
+        device = next(self.parameters()).device
+        if isinstance(y, int):
+            y = torch.full((n,), y, dtype=torch.long, device=device)
+        code = self.sample_codes(n, temperature, generator, y)  # (n, code_dim)
+        px = self.decode(code, y)
+        return px.mean if mean else px.sample()
+
+
+class VAE(LatentModel):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
                  posterior: nn.Module, likelihood: nn.Module, num_classes: int | None = None):
         super().__init__()
@@ -117,10 +188,6 @@ class VAE(nn.Module):
     @property
     def latent_dim(self) -> int:
         return self.prior_module.latent_dim
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return self.likelihood.event_shape
 
     # --- the latent interface (latent.py) ----------------------------------------------------
     @property
@@ -143,52 +210,22 @@ class VAE(nn.Module):
         """Var_p(z_d) of every latent dimension. (D,)"""
         return self.prior.variance
 
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes is not None
-
-    def condition(self, y: Tensor | None) -> Tensor | None:
-        """Class labels y (B,) int64 -> the one-hot condition (B, num_classes) the nets take."""
-        if not self.conditional:
-            if y is not None:
-                raise ValueError("this model is not conditional: call it without y")
-            return None
-        if y is None:
-            raise ValueError(f"this model is conditional: pass class labels y (0..."
-                             f"{self.num_classes - 1})")
-        if y.dtype.is_floating_point or bool(((y < 0) | (y >= self.num_classes)).any()):
-            raise ValueError(f"class labels must be integers 0..{self.num_classes - 1}")
-        dtype = next(self.parameters()).dtype
-        return F.one_hot(y, self.num_classes).to(dtype)  # (B, num_classes)
-
     def encode(self, x: Tensor, y: Tensor | None = None) -> Distribution:
         """q(z|x[, y]) for a batch x (B, *data_shape); batch shape (B,), event shape (D,)."""
         return self.posterior(_full_precision(self.encoder(x, self.condition(y))))
 
-    def decode(self, z: Tensor, y: Tensor | None = None) -> Distribution:
-        """p(x|z[, y]) for codes z (..., B, D) and labels y (B,); event shape data_shape."""
-        return self.likelihood(_full_precision(self.decoder(z, self.condition(y))))
-
-    def sample(self, n: int, y: Tensor | int | None = None, *, mean: bool = False,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """n new examples: z ~ p(z), then x ~ p(x|z[, y]) (or E[x|z] with mean=True).
-
-        y: one label for all n, or labels (n,), for a conditional model. temperature scales the
-        prior's noise (distributions.draw_at_temperature); generator (CPU) makes z depend on it
-        alone. (n, *data_shape)
-        """
+    def sample_codes(self, n: int, temperature: float = 1.0,
+                     generator: torch.Generator | None = None,
+                     y: Tensor | None = None) -> Tensor:
+        """z ~ p(z) (the prior does not depend on y), its noise scaled by temperature
+        (distributions.draw_at_temperature). (n, D)"""
         if temperature == 1.0 and generator is None:
-            z = self.prior.sample((n,))  # (n, D)
-        else:
-            z = draw_at_temperature(self.prior, n, temperature, generator)  # (n, D)
-        if isinstance(y, int):
-            y = torch.full((n,), y, dtype=torch.long, device=z.device)
-        px = self.decode(z, y)
-        return px.mean if mean else px.sample()
+            return self.prior.sample((n,))  # (n, D)
+        return draw_at_temperature(self.prior, n, temperature, generator)  # (n, D)
 
-    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """E[x | z] at the posterior's central code: what the model keeps of x. (B, *data_shape)"""
-        return self.decode(posterior_mean_code(self.encode(x, y)), y).mean
+    def point_code(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The posterior family's central code of x (the mean of a Gaussian). (B, D)"""
+        return posterior_mean_code(self.encode(x, y))
 
 
 class SingleLatentInference(Inference):
@@ -231,7 +268,13 @@ class SingleLatentPrior:
         return draw_from_noise(self.prior, eps, choice)  # (..., B, D)
 
 
-def build_vae(config: ModelConfig) -> VAE:
+def build_vae(config: ModelConfig) -> LatentModel:
+    """The model a ModelConfig describes: the VAE, or with latent_groups the hierarchical VAE of
+    hierarchy.py."""
+    if config.latent_groups:
+        from .hierarchy import build_hierarchical_vae
+
+        return build_hierarchical_vae(config)
     data_shape = tuple(config.data_shape)
     if config.prior == "vamp" and config.num_classes is not None:
         raise ValueError("the vamp prior mixes q(z|u) over pseudo-inputs without labels, so it "
@@ -239,7 +282,8 @@ def build_vae(config: ModelConfig) -> VAE:
                          "mixture")
     condition = config.num_classes or 0
     prior = build_prior(config.prior, config.latent_dim, config.prior_components, data_shape)
-    posterior = build_posterior(config.posterior, config.latent_dim, config.prior)
+    posterior = build_posterior(config.posterior, config.latent_dim, config.prior,
+                                config.flow_steps)
     likelihood = build_likelihood(config.likelihood, data_shape, config.gaussian_scale,
                                   config.likelihood_components)
     encoder = build_encoder(config.net, data_shape, config.hidden, posterior.params_per_example,

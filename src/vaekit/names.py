@@ -8,14 +8,14 @@ NETS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh", "softplus")
 PRIORS = ("normal", "uniform", "mixture", "vamp")
 FACTORISED_PRIORS = ("normal", "uniform")  # p(z) = prod_d p(z_d): the KL splits over dimensions
-POSTERIORS = ("gaussian", "sigmoid-gaussian")
+POSTERIORS = ("gaussian", "sigmoid-gaussian", "full-covariance", "iaf")
 FACTORISED_POSTERIORS = ("gaussian", "sigmoid-gaussian")  # q(z|x) = prod_d q(z_d|x)
 # The posterior families each prior can be paired with, the default first: a posterior must not
 # leave the prior's support (the unit cube of the uniform prior), and the VampPrior mixes the
-# Gaussian posterior itself.
+# diagonal Gaussian posterior itself.
 POSTERIORS_FOR_PRIOR = {
-    "normal": ("gaussian",),
-    "mixture": ("gaussian",),
+    "normal": ("gaussian", "full-covariance", "iaf"),
+    "mixture": ("gaussian", "full-covariance", "iaf"),
     "vamp": ("gaussian",),
     "uniform": ("sigmoid-gaussian",),
 }

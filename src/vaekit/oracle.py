@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-from .distributions import GaussianLikelihood, GaussianPosterior, StandardNormalPrior
+from .distributions import GaussianLikelihood, StandardNormalPrior
+from .posteriors import FullCovariancePosterior, GaussianPosterior
 from .latent import Inference, LatentDraw, LatentGroup, split_noise
 from .model import VAE, ModelConfig, build_vae
 from .nets import build_decoder
@@ -33,11 +34,15 @@ from .objectives import ELBOTerms
 from .randomness import derive_seed, seeded_generator
 
 
+LINEAR_POSTERIORS = ("gaussian", "full-covariance")  # posterior families an oracle may have
+
+
 def linear_gaussian_config(data_shape: tuple[int, ...], latent_dim: int,
-                           sigma: float | None) -> ModelConfig:
-    """The ModelConfig of a linear-Gaussian VAE (sigma None: learned per data dimension)."""
+                           sigma: float | None, posterior: str = "gaussian") -> ModelConfig:
+    """The ModelConfig of a linear-Gaussian VAE (sigma None: learned per data dimension), its
+    q(z|x) a diagonal Gaussian or a full-covariance one (both linear in x)."""
     return ModelConfig(data_shape=tuple(data_shape), latent_dim=latent_dim, net="mlp", hidden=[],
-                       likelihood="gaussian", gaussian_scale=sigma)
+                       likelihood="gaussian", gaussian_scale=sigma, posterior=posterior)
 
 
 @dataclass
@@ -81,8 +86,9 @@ def linear_parts(model: VAE) -> LinearGaussian:
         raise ValueError("not a linear-Gaussian VAE: the prior must be the standard normal")
     if not isinstance(model.likelihood, GaussianLikelihood):
         raise ValueError("not a linear-Gaussian VAE: the likelihood must be Gaussian")
-    if type(model.posterior) is not GaussianPosterior:
-        raise ValueError("not a linear-Gaussian VAE: the posterior must be a diagonal Gaussian")
+    if type(model.posterior) not in (GaussianPosterior, FullCovariancePosterior):
+        raise ValueError("not a linear-Gaussian VAE: the posterior must be a diagonal or a "
+                         "full-covariance Gaussian")
     _linear_layer(model.encoder, "encoder")
     decoder = _linear_layer(model.decoder, "decoder")
     variance = (2 * model.likelihood.log_scale.detach().double()).exp().reshape(-1)
@@ -106,19 +112,36 @@ def exact_posterior(model: VAE, x: Tensor) -> MultivariateNormal:
 def exact_elbo(model: VAE, x: Tensor) -> ELBOTerms:
     """The ELBO of the model's own encoder in closed form, both terms, float64 (B,) each.
 
-    E_q[log p(x|z)] = log N(x; W mu + b, S) - tr(W diag(s^2) W^T S^-1) / 2 for q = N(mu, s^2).
-    Differentiable in the encoder's parameters: the exact gradient the ELBO estimators target.
+    E_q[log p(x|z)] = log N(x; W mu + b, S) - tr(W C W^T S^-1) / 2 for q = N(mu, C), C diagonal
+    or full; KL = (tr C + |mu|^2 - D - log det C) / 2. Differentiable in the encoder's
+    parameters: the exact gradient the ELBO estimators target.
     """
     parts = linear_parts(model)
     flat = x.detach().double().reshape(len(x), -1)
     q = model.encode(x)
-    loc, scale = q.base_dist.loc.double(), q.base_dist.scale.double()  # (B, D) each
+    loc = q.mean.double()  # (B, D)
+    if isinstance(q, MultivariateNormal):
+        covariance = q.covariance_matrix.double()  # (B, D, D)
+    else:
+        covariance = torch.diag_embed(q.base_dist.scale.double().square())  # (B, D, D)
     mean_x = loc @ parts.weight.T + parts.bias  # (B, D_x)
     gaussian = Independent(Normal(mean_x, parts.variance.sqrt()), 1)
-    spread = (scale.square() @ (parts.weight.square() / parts.variance[:, None]).T).sum(-1)
+    # sum_i (W C W^T)_ii / sigma_i^2
+    spread = torch.einsum("id,bde,ie->b", parts.weight / parts.variance[:, None], covariance,
+                          parts.weight)  # (B,)
     reconstruction = gaussian.log_prob(flat) - spread / 2  # (B,)
-    kl = 0.5 * (loc.square() + scale.square() - 1 - 2 * scale.log()).sum(-1)  # (B,)
+    trace = torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1)  # (B,)
+    kl = 0.5 * (trace + loc.square().sum(-1) - loc.shape[-1] - torch.logdet(covariance))
     return ELBOTerms(reconstruction, kl)
+
+
+def best_diagonal_gap(model: VAE) -> float:
+    """The smallest gap log p(x) - ELBO any diagonal Gaussian q(z|x) can reach, in nats, the same
+    for every x: min KL(diagonal q || p(z|x)) = (sum_d log M_dd - log det M) / 2, M = I + W^T S^-1
+    W the posterior's precision (the best diagonal q has variances 1 / M_dd). Zero exactly when
+    the posterior's coordinates are uncorrelated."""
+    precision = linear_parts(model).posterior_precision()  # (D, D)
+    return float(0.5 * (torch.diagonal(precision).log().sum() - torch.logdet(precision)))
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -136,6 +159,8 @@ def set_exact_posterior(model: VAE) -> VAE:
     parts = linear_parts(model)
     decoder = _linear_layer(model.decoder, "decoder")
     encoder = _linear_layer(model.encoder, "encoder")
+    if isinstance(model.posterior, FullCovariancePosterior):
+        return _set_exact_full_covariance(model, parts, encoder)
     gram = parts.weight.T @ (parts.weight / parts.variance[:, None])  # (D, D)
     off_diagonal = gram - torch.diag(torch.diagonal(gram))
     # float32 weights leave off-diagonal rounding of ~1e-7 relative: that is diagonal already
@@ -157,16 +182,87 @@ def set_exact_posterior(model: VAE) -> VAE:
     return model
 
 
+def fit_encoder_exactly(model: VAE, x: Tensor, iterations: int = 1200) -> VAE:
+    """Fit q(z|x) alone to the best of its family by the exact ELBO (exact_elbo), the decoder and
+    so p(x) kept: L-BFGS on a deterministic objective, so what is reached is the family's optimum
+    (use a float64 model and data for the last digits)."""
+    optimizer = torch.optim.LBFGS(model.encoder.parameters(), max_iter=iterations,
+                                  history_size=50, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -exact_elbo(model, x).elbo.mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return model
+
+
+def posterior_gaps(data_dim: int = 8, latent_dim: int = 3, sigma: float = 0.5, n: int = 512,
+                   seed: int = 0) -> dict[str, float]:
+    """The approximation class on an exact answer: a linear-Gaussian model with a correlated
+    posterior, an encoder of each linear family fitted to its best on the same data and decoder,
+    and each one's gap log p(x) - ELBO (mean over the data, nats), beside the least gap any
+    diagonal Gaussian can reach ("diagonal bound")."""
+    reference = linear_gaussian_vae(data_dim, latent_dim, sigma, seed=seed, orthogonal=False,
+                                    posterior="full-covariance")
+    x = sample_data(reference, n, seed=seed + 1).double()
+    exact = exact_log_px(reference, x)
+    gaps = {"diagonal bound": best_diagonal_gap(reference)}
+    for posterior in LINEAR_POSTERIORS:
+        model = build_vae(linear_gaussian_config((data_dim,), latent_dim, sigma,
+                                                 posterior)).double()
+        decoder = _linear_layer(model.decoder, "decoder")
+        with torch.no_grad():
+            decoder.weight.copy_(_linear_layer(reference.decoder, "decoder").weight)
+            decoder.bias.copy_(_linear_layer(reference.decoder, "decoder").bias)
+        fit_encoder_exactly(model, x)
+        with torch.no_grad():
+            gaps[posterior] = float((exact - exact_elbo(model, x).elbo).mean())
+    return gaps
+
+
+def _set_exact_full_covariance(model: VAE, parts: LinearGaussian, encoder: nn.Linear) -> VAE:
+    """The full-covariance q(z|x) = p(z|x) exactly, no rotation: mean M^-1 W^T S^-1 (x - b) from
+    the encoder's weights, L = cholesky(M^-1) (constant in x) from its biases."""
+    latent = model.latent_dim
+    covariance = torch.linalg.inv(parts.posterior_precision())  # (D, D)
+    projection = covariance @ (parts.weight / parts.variance[:, None]).T  # (D, D_x)
+    tril = torch.linalg.cholesky(covariance)  # (D, D)
+    rows, cols = torch.tril_indices(latent, latent, offset=-1)
+    with torch.no_grad():
+        encoder.weight.zero_()
+        encoder.bias.zero_()
+        encoder.weight[:latent] = projection.to(encoder.weight.dtype)
+        encoder.bias[:latent] = (-projection @ parts.bias).to(encoder.bias.dtype)
+        encoder.bias[latent:2 * latent] = _inverse_softplus(torch.diagonal(tril)).to(
+            encoder.bias.dtype)
+        encoder.bias[2 * latent:] = tril[rows, cols].to(encoder.bias.dtype)
+    return model
+
+
 def linear_gaussian_vae(data_dim: int, latent_dim: int, sigma: float, *, seed: int = 0,
-                        column_scales: list[float] | None = None) -> VAE:
+                        column_scales: list[float] | None = None, orthogonal: bool = True,
+                        posterior: str = "gaussian") -> VAE:
     """A seeded linear-Gaussian VAE whose W has orthogonal columns (norms column_scales,
-    default 1, 2, 3, ...), a random offset b, and the exact posterior as its encoder."""
+    default 1, 2, 3, ...), a random offset b, and the exact posterior as its encoder.
+
+    orthogonal=False draws W's columns as independent normals (then scaled), so the posterior's
+    coordinates are correlated: the case a diagonal q(z|x) cannot match and a full-covariance
+    one (posterior="full-covariance") matches exactly.
+    """
     if latent_dim > data_dim:
         raise ValueError(f"latent_dim {latent_dim} exceeds data_dim {data_dim}")
-    model = build_vae(linear_gaussian_config((data_dim,), latent_dim, sigma))
+    if posterior not in LINEAR_POSTERIORS:
+        raise ValueError(f"a linear-Gaussian VAE's posterior is one of "
+                         f"{', '.join(LINEAR_POSTERIORS)}, not {posterior!r}")
+    model = build_vae(linear_gaussian_config((data_dim,), latent_dim, sigma, posterior))
     generator = seeded_generator(derive_seed(seed, "linear-gaussian"))
-    basis, _ = torch.linalg.qr(torch.randn(data_dim, latent_dim, generator=generator,
-                                           dtype=torch.float64))  # orthonormal columns
+    basis = torch.randn(data_dim, latent_dim, generator=generator, dtype=torch.float64)
+    if orthogonal:
+        basis, _ = torch.linalg.qr(basis)  # orthonormal columns
     scales = torch.tensor(column_scales if column_scales is not None
                           else [1.0 + d for d in range(latent_dim)], dtype=torch.float64)
     if len(scales) != latent_dim:

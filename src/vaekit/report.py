@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .distributions import posterior_mean_code
 from .estimate import log_mean_exp, log_weights
 from .gradients import gradient_variance
 from .plot import Chart
@@ -89,7 +88,15 @@ def evaluation_table(result: dict) -> str:
                  f"{result['active_units']:>8} of {result['latent_dim']:<4}"
                  f"   {n:,} examples")
     per_dim = result["kl_per_dim"]
-    lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
+    for group in result.get("latent_groups", []):
+        kl = "not defined" if group["kl"] is None else f"{group['kl']:.2f} nats"
+        lines.append(f"group {group['name']} ({group['dims']} dimensions): KL {kl}, "
+                     f"{group['active_units']} of {group['dims']} units active")
+    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in per_dim):
+        lines.append("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in per_dim))
+    else:
+        lines.append("KL per latent dimension: not defined (q(z|x) or p(z) does not factorise "
+                     "over dimensions; the KL above is of all of z)")
     lines.append("s.e.: from replicates of disjoint groups of the draws (the delta method's "
                  f"would say {_fmt_se(result.get('log_px_se_delta', math.nan)).strip()} for "
                  "log p(x))")
@@ -273,7 +280,7 @@ def section_pixel_distance(run, dataset, *, k: int, seed: int, count: int = 4) -
                 original = pipeline.fixed(originals[row:row + 1].to(device), index, "test")
                 weights = log_weights(model, x, index, k, seed=seed, split="test")
                 estimates.append(float(log_mean_exp(weights).estimate[0]))
-                code = posterior_mean_code(model.encode(original))  # (1, D)
+                code = model.point_code(original)  # (1, code_dim)
                 likelihoods.append(float(model.decode(code).log_prob(x)[0]))
                 scored_images.append(pipeline.display(x).cpu())
             log_px[name] = [v + pipeline.log_jacobian for v in estimates]
@@ -531,8 +538,10 @@ def section_curves(run) -> Section:
 
 def section_gradients(run, raw: Tensor, *, samples: tuple[int, ...], repeats: int,
                       seed: int) -> Section:
+    from .hierarchy import single_latent_view
+
     section = Section("point-16", "Point 16: the reparameterisation trick")
-    model, pipeline = run.model, run.pipeline
+    model, pipeline = single_latent_view(run.model), run.pipeline  # a hierarchy: its top group
     device = next(model.parameters()).device
     with torch.inference_mode():
         x = pipeline.fixed(raw.to(device), 0, "test")
@@ -644,7 +653,7 @@ def render_html(title: str, meta: list[str], sections: list[Section],
 
 def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
             gradient_examples: int = 8, gradient_samples: tuple[int, ...] = (1, 10, 100),
-            gradient_repeats: int = 100, log=print) -> Path:
+            gradient_repeats: int = 100, refit_steps: int = 1000, log=print) -> Path:
     """Write RUN_DIR/explain.html and its figures RUN_DIR/explain-*.png; returns the page.
 
     examples: test examples for the estimator sweep and the ELBO gap; k: the largest number of
@@ -672,6 +681,11 @@ def explain(run, dataset, *, seed: int = 0, examples: int = 100, k: int = 5000,
             f"k up to {k})")
         sweep = estimator_sweep(run, raw, k=k, seed=seed)
         sections += [section_estimators(run, sweep), section_gap(run, sweep)]
+        from .approximation_report import section_approximation
+
+        sections.append(section_approximation(run, dataset, examples=examples,
+                                              k=min(k, 1000), steps=refit_steps, seed=seed,
+                                              log=log))
         log("explain: point 15 (training curves)")
         sections.append(section_curves(run))
         log(f"explain: point 16 (gradient variance, {gradient_repeats} repeats)")

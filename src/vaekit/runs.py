@@ -49,7 +49,8 @@ CHECKPOINT_PREFIX = "step-"
 # Columns of the per-step log kept in every checkpoint (optimizer.safetensors "step_log"): the
 # loss, the batch means of the two ELBO terms (nats), the KL weight beta of the step, and the
 # free-bits groups at their floor.
-STEP_LOG_COLUMNS = ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor")
+STEP_LOG_COLUMNS = ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor",
+                    "skipped_update")
 
 # mkstemp/mkdtemp create owner-only files; run folders get the modes `open` would give them.
 # The umask can only be read by setting it, so it is read once, at import.
@@ -394,7 +395,8 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
 # Step logs of earlier versions, by their column count: the columns they have, and the value of
 # each later column that reproduces them (3 columns: before KL schedules and free bits, so beta
 # was the configured --beta at every step and no group was at a floor).
-EARLIER_STEP_LOGS = {3: ("loss", "reconstruction", "kl")}
+EARLIER_STEP_LOGS = {3: ("loss", "reconstruction", "kl"),
+                     5: ("loss", "reconstruction", "kl", "beta", "kl_groups_at_floor")}
 
 
 def upgrade_step_log(step_log: Tensor, beta: float, where: Path) -> Tensor:
@@ -409,7 +411,7 @@ def upgrade_step_log(step_log: Tensor, beta: float, where: Path) -> Tensor:
         raise RunError(f"{where}: the step log has {columns} columns, not the "
                        f"{len(STEP_LOG_COLUMNS)} of this vaekit ({', '.join(STEP_LOG_COLUMNS)}); "
                        "the checkpoint was written by a newer vaekit: upgrade vaekit to resume it")
-    fill = {"beta": beta, "kl_groups_at_floor": 0.0}
+    fill = {"beta": beta, "kl_groups_at_floor": 0.0, "skipped_update": 0.0}
     present = EARLIER_STEP_LOGS[columns]
     steps = step_log.shape[0]
     upgraded = [step_log[:, present.index(name)] if name in present

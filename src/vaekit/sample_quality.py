@@ -25,7 +25,6 @@ from torch import Tensor
 
 from . import jsonio
 from .data import Dataset
-from .distributions import draw_at_temperature
 from .errors import ConfigError, RunError
 from .features import Features, data_units, describe, features_for
 from .randomness import derive_seed, seeded_generator
@@ -82,7 +81,8 @@ def draw_samples(run, n: int, temperature: float, seed: int,
     means, draws = [], []
     with torch.inference_mode():
         # every code in one draw: the result depends on (seed, n, T) alone, not on CHUNK
-        z = draw_at_temperature(model.prior, n, temperature, codes)  # (n, D)
+        z = model.sample_codes(n, temperature, codes,
+                               None if labels is None else labels.to(device))  # (n, code_dim)
         for start in range(0, n, CHUNK):
             y = None if labels is None else labels[start:start + CHUNK].to(device)
             px = model.decode(z[start:start + CHUNK], y)

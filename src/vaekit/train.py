@@ -90,11 +90,13 @@ def build_model(config: TrainConfig, data_shape: tuple[int, ...],
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
     model_config = model_config_for(config, data_shape, label_names)
     # Counted on the meta device first: a --latent-dim 10**12 is refused, not allocated.
+    latent = f"--latent-groups {','.join(map(str, config.latent_groups))}" \
+        if config.latent_groups else f"--latent-dim {config.latent_dim}"
     check_model_memory(model_shapes(model_config), f"--net {config.net} --hidden "
-                       f"{','.join(map(str, config.hidden)) or 'none'} --latent-dim "
-                       f"{config.latent_dim}", copies=4,  # weights, gradients, Adam's moments
-                       fix="use smaller --hidden, --latent-dim, --prior-components, "
-                       "--likelihood-components or --conv-channels")
+                       f"{','.join(map(str, config.hidden)) or 'none'} {latent}",
+                       copies=4,  # weights, gradients, Adam's moments
+                       fix="use smaller --hidden, --latent-dim or --latent-groups, "
+                       "--prior-components, --likelihood-components or --conv-channels")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
         return build_vae(model_config)

@@ -64,7 +64,8 @@ def evaluate(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test"
         prior_variance = [float(v) for v in model.prior_variance().cpu()]
     return Evaluation(per_example, k, seed, split, naive, pipeline.log_jacobian,
                       math.prod(model.data_shape), discrete_likelihood(model, pipeline),
-                      kl_exact, prior_variance, pipeline.description)
+                      kl_exact, prior_variance, pipeline.description,
+                      tuple(model.latent_groups))
 
 
 

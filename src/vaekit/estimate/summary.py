@@ -39,6 +39,7 @@ class Evaluation:
     kl_exact: bool
     prior_variance: list[float]  # per latent dimension: the scale of the active-unit threshold
     description: str  # what log p(x) is a likelihood of
+    latent_groups: tuple = ()  # ((name, D_l), ...) of the model (latent.py), in noise order
 
     @property
     def n(self) -> int:
@@ -50,6 +51,24 @@ class Evaluation:
         if name in ("log_px", "log_px_naive", "log_px_jackknife", "elbo", "reconstruction"):
             return values + self.log_jacobian
         return values
+
+    def _per_group(self, active: Tensor) -> dict:
+        """The KL and active units of each latent group, for a model of several groups:
+        {"latent_groups": [{name, dims, kl, active_units}, ...]} (KL: the mean over examples of
+        the group's KL given the groups above it; None where it does not split over
+        dimensions)."""
+        if len(self.latent_groups) < 2:
+            return {}
+        kl = self.per_example["kl_per_dim"].mean(0)  # (D,)
+        groups, first = [], 0
+        for name, dims in self.latent_groups:
+            part = slice(first, first + dims)
+            total = float(kl[part].sum())
+            groups.append({"name": name, "dims": dims,
+                           "kl": total if math.isfinite(total) else None,
+                           "active_units": int(active[part].sum())})
+            first += dims
+        return {"latent_groups": groups}
 
     def summary(self) -> dict:
         """Dataset means (nats per example) with Monte Carlo standard errors: the JSON report."""
@@ -117,6 +136,7 @@ class Evaluation:
             active_threshold=[float(t) for t in threshold],
             posterior_mean_variance=[float(v) for v in spread],
             kl_per_dim=[float(v) for v in per["kl_per_dim"].mean(0)],
+            **self._per_group(spread > threshold),
             samples={
                 "log_px": f"k = {k} importance samples per example from q(z|x) (IWAE bound)",
                 "log_px_naive": f"k = {k} samples per example from p(z)" if self.naive

@@ -57,6 +57,7 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # the only decoders Pill
 MAX_STEPS = 64  # codes on one interpolation path
 MAX_IN_FLIGHT = 64  # requests answered at once (each holds a worker thread while decoding)
 GALLERY_LIMIT = 100  # test examples per gallery request
+MAX_DETAIL_TEMPERATURE = 2.0  # the largest scale of a hierarchy's redrawn lower-group noise
 SLIDER_WIDTH = 3.0  # sliders span +-3 prior standard deviations (the whole cube when uniform)
 # The API accepts codes within +-10 prior standard deviations: the prior puts no mass to speak of
 # beyond (about 1e-23 per coordinate) and the decoder was never trained there.
@@ -286,6 +287,10 @@ class Info(BaseModel):
     max_image_side: int
     max_steps: int
     gallery_limit: int
+    groups: list[tuple[str, int]] = Field(description="the model's latent groups (name, "
+                                          "dimensions), the one the sliders steer first")
+    detail_dim: int = Field(description="dimensions below the steered group (a hierarchy's "
+                            "lower groups), which /api/decode can redraw; 0 for one group")
 
 
 def whole_number(value):
@@ -313,7 +318,16 @@ def request_models(space: LatentSpace, code_range: tuple[float, float]):
     strict = ConfigDict(extra="forbid")
     code = code_type(space.latent_dim, *code_range)
     last = max(len(space.test_x) - 1, 0)
-    decode = create_model("DecodeRequest", __config__=strict, z=(code, ...))
+    detail = {}  # a hierarchy's lower groups: redrawn from their priors, or at their means
+    if space.detail_dim:
+        detail = dict(
+            detail_seed=(Optional[integer(0, 2**31 - 1)], Field(
+                None, description="seed of the lower groups' noise (default: every lower "
+                "group at its prior mean given the groups above)")),
+            detail_temperature=(Annotated[float, Field(ge=0.0, le=MAX_DETAIL_TEMPERATURE,
+                                                       allow_inf_nan=False)], Field(
+                1.0, description="scale of the lower groups' noise")))
+    decode = create_model("DecodeRequest", __config__=strict, z=(code, ...), **detail)
     encode = create_model("EncodeRequest", __config__=strict,
                           index=(integer(0, last, "test example number"), ...))
     sample = create_model("SampleRequest", __config__=strict, seed=(
@@ -391,7 +405,8 @@ def run_info(run, space: LatentSpace) -> dict:
         dims_by_use=space.dims_by_use, kl_per_dimension=space.kl_per_dimension.tolist(),
         unused=space.unused, test_elbo=test_elbo, epochs=epochs,
         evaluation=read_evaluation(run.path), max_upload_bytes=MAX_UPLOAD_BYTES,
-        max_image_side=MAX_IMAGE_SIDE, max_steps=MAX_STEPS, gallery_limit=GALLERY_LIMIT)
+        max_image_side=MAX_IMAGE_SIDE, max_steps=MAX_STEPS, gallery_limit=GALLERY_LIMIT,
+        groups=space.groups, detail_dim=space.detail_dim)
 
 
 def describe_error(error: dict) -> str:
@@ -481,7 +496,13 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
               summary="E[x | z] for a code z")
     def decode(request: DecodeRequest):
         z = torch.tensor(request.z, dtype=torch.float32)  # (D,)
-        return {"image": picture(space.decode(z[None])[0])}
+        seed = getattr(request, "detail_seed", None)
+        if seed is None:
+            return {"image": picture(space.decode(z[None])[0])}
+        generator = torch.Generator().manual_seed(seed)
+        detail = request.detail_temperature * torch.randn(1, space.detail_dim,
+                                                          generator=generator)  # (1, D_lower)
+        return {"image": picture(space.decode(z[None], detail)[0])}
 
     @app.post("/api/encode", response_model=Encoded, responses=ERRORS,
               summary="The posterior mean code of a test example")

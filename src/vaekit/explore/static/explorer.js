@@ -8,6 +8,7 @@ const state = {
   busy: false,      // a decode request is in flight
   again: false,     // the code changed while it was
   ends: {a: null, b: null},
+  detailSeed: null, // a hierarchy's lower groups: null at their prior means, else their seed
 };
 
 async function api(path, body) {
@@ -61,7 +62,12 @@ function redraw() {
     return;
   }
   state.busy = true;
-  api("/api/decode", {z: state.z})
+  const body = {z: state.z};
+  if (state.detailSeed !== null) {
+    body.detail_seed = state.detailSeed;
+    body.detail_temperature = Number($("detail-temperature").value);
+  }
+  api("/api/decode", body)
     .then((result) => { $("decoded").src = result.image; })
     .catch(fail)
     .finally(() => {
@@ -246,6 +252,36 @@ function drawStrip() {
     .catch(fail);
 }
 
+// A hierarchy: the sliders steer its top group; the lower groups add the detail, at their prior
+// means or redrawn from their priors, so the page shows which group holds shape and which detail.
+function setupDetail(info) {
+  if (!info.detail_dim) return;
+  const [top, ...lower] = info.groups;
+  $("groups-hint").textContent = `The sliders steer the top group ${top[0]} (${top[1]} ` +
+    `dimensions); below it ${lower.map(([name, dims]) => `${name} (${dims})`).join(", ")} ` +
+    "add the detail: at their prior means, or redrawn with the buttons under the image.";
+  $("groups-hint").hidden = false;
+  $("detail").hidden = false;
+  $("redraw-detail").addEventListener("click", () => {
+    state.detailSeed = Math.floor(Math.random() * 2 ** 31);
+    redraw();
+    say(`lower groups redrawn from their priors (seed ${state.detailSeed}); the top group kept`);
+  });
+  $("mean-detail").addEventListener("click", () => {
+    state.detailSeed = null;
+    redraw();
+    say("lower groups at their prior means");
+  });
+  $("detail-temperature").addEventListener("change", () => {
+    const value = Number($("detail-temperature").value);
+    if (!(value >= 0 && value <= 2)) {
+      say("the detail temperature is a number from 0 to 2", true);
+      return;
+    }
+    if (state.detailSeed !== null) redraw();
+  });
+}
+
 async function start() {
   try {
     const info = await api("/api/info");
@@ -254,6 +290,7 @@ async function start() {
     buildSliders(info);
     setupUpload(info);
     setupInterpolation(info);
+    setupDetail(info);
     $("sample").addEventListener("click", () => {
       api("/api/sample", {})
         .then((result) => {

@@ -1,0 +1,371 @@
+"""A hierarchical VAE with top-down inference: L groups of latents z_1 (top) ... z_L (bottom).
+
+    generation   s_0 = s (learned)                     [+ the class label y, projected]
+                 for l = 1 .. L:  z_l ~ p(z_l | s_{l-1}),  s_l = s_{l-1} + merge_l(s_{l-1}, z_l)
+                 x ~ p(x | s_L)
+    inference    h_L, ..., h_1 = the bottom-up features of x (h_1 the deepest)
+                 q(z_l | x, z_<l) = N(mu_p + d_mu(h_l, s_{l-1}), sigma_p * exp(d_rho(h_l, s_{l-1})))
+
+The prior of the top group is N(0, I); every lower group's prior p(z_l | z_<l) is learned from
+the top-down state. Inference shares the top-down path with generation (Sønderby et al. 2016,
+Ladder VAE), and each posterior is parameterised relative to its prior (Vahdat & Kautz 2020,
+NVAE's residual normal distributions), so an untrained posterior is near its prior and the
+groups' KLs start small. Scales are bounded, exp(5 tanh(./5)), so no group can blow up a draw or
+a log-density in one update. The decoder reads the last top-down state s_L: that is the code of
+latent.py, made by the model from the groups' draws.
+
+The model speaks latent.py's interface, so training, every objective, importance sampling and
+exact resume work unchanged: `infer(x).draw(eps)` runs the top-down pass from noise eps
+(..., B, sum_l D_l), split top group first. The ELBO's KL of each group is closed form given the
+groups above it (both Gaussians): KL(q(z_l | x, z_<l) || p(z_l | z_<l)) at the drawn z_<l.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .latent import Inference, LatentDraw, LatentGroup, split_noise
+from .model import LatentModel
+from .nets import MLPDecoder, activation, join_condition
+from .posteriors import DiagonalGaussian
+
+# log-scales of every prior and of every posterior relative to its prior stay within +-5
+LOG_SCALE_LIMIT = 5.0
+MAX_GROUPS = 64  # a model of more groups than this is a typing error, not a hierarchy
+
+
+def bounded_log_scale(raw: Tensor) -> Tensor:
+    """A smooth clamp of a log-scale to +-LOG_SCALE_LIMIT; 0 at 0, slope 1 there."""
+    return LOG_SCALE_LIMIT * torch.tanh(raw / LOG_SCALE_LIMIT)
+
+
+def diagonal_normal(loc: Tensor, log_scale: Tensor) -> DiagonalGaussian:
+    return DiagonalGaussian(loc, log_scale.exp())
+
+
+class ResidualBlock(nn.Module):
+    """x + W2 act(W1 act(x)): a residual MLP cell of constant width. The second layer starts at a
+    1 / sqrt(depth) share of its usual size, so a deep stack starts near the identity (VDVAE)."""
+
+    def __init__(self, width: int, act: str, depth: int):
+        super().__init__()
+        self.first = nn.Linear(width, width)
+        self.second = nn.Linear(width, width)
+        self.act = activation(act)
+        with torch.no_grad():
+            self.second.weight.mul_(1 / math.sqrt(depth))
+            self.second.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.second(self.act(self.first(self.act(x))))
+
+
+class TopDownGroup(nn.Module):
+    """One group of the top-down path: its prior, its posterior relative to that prior, and the
+    merge of its draw into the state."""
+
+    def __init__(self, dim: int, width: int, act: str, top: bool, depth: int):
+        super().__init__()
+        self.dim, self.top = dim, top
+        # the prior of z_l from the state (the top group's is N(0, I): no network)
+        self.prior_net = None if top else nn.Sequential(
+            nn.Linear(width, width), activation(act), nn.Linear(width, 2 * dim))
+        # the posterior's shift from the prior, from the bottom-up feature and the state; the
+        # feature's part is computed once per batch (`features`), the state's once per draw
+        self.from_feature = nn.Linear(width, width)
+        self.from_state = nn.Linear(width, width, bias=False)
+        self.posterior_out = nn.Linear(width, 2 * dim)
+        self.act = activation(act)
+        # the state takes in z_l
+        self.merge_in = nn.Linear(width + dim, width)
+        self.merge_out = nn.Linear(width, width)
+        with torch.no_grad():
+            self.merge_out.weight.mul_(1 / math.sqrt(depth))
+            self.merge_out.bias.zero_()
+            # a posterior that starts near its prior: small shifts, scale ratios near 1
+            self.posterior_out.weight.mul_(0.1)
+            self.posterior_out.bias.zero_()
+
+    def prior(self, state: Tensor) -> DiagonalGaussian:
+        """p(z_l | z_<l) from the state (..., B, W); the top group's N(0, I). event (D_l,)"""
+        if self.top:
+            zeros = state.new_zeros(*state.shape[:-1], self.dim)  # (..., B, D_l)
+            return diagonal_normal(zeros, zeros)
+        loc, raw = self.prior_net(state).chunk(2, dim=-1)  # (..., B, D_l) each
+        return diagonal_normal(loc, bounded_log_scale(raw))
+
+    def features(self, h: Tensor) -> Tensor:
+        """The bottom-up feature's share of the posterior network. (B, W)"""
+        return self.from_feature(h)
+
+    def posterior(self, feature: Tensor, state: Tensor,
+                  prior: DiagonalGaussian) -> DiagonalGaussian:
+        """q(z_l | x, z_<l): the prior shifted and rescaled (NVAE's residual normal)."""
+        hidden = self.act(feature + self.from_state(state))  # (..., B, W)
+        shift, raw = self.posterior_out(hidden).chunk(2, dim=-1)  # (..., B, D_l) each
+        normal = prior.base_dist
+        return diagonal_normal(normal.loc + shift,
+                               bounded_log_scale(normal.scale.log() + raw))
+
+    def merge(self, state: Tensor, z: Tensor) -> Tensor:
+        """s_l = s_{l-1} + merge(s_{l-1}, z_l). (..., B, W)"""
+        return state + self.merge_out(self.act(self.merge_in(torch.cat([state, z], dim=-1))))
+
+
+class HierarchicalVAE(LatentModel):
+    """L groups of latents, generated top-down and inferred along the same path; see the module
+    docstring. groups: the sizes D_1 (top) ... D_L (bottom); width: the state's and the
+    bottom-up features' size W."""
+
+    def __init__(self, data_shape: tuple[int, ...], groups: list[int], width: int,
+                 decoder_hidden: list[int], likelihood: nn.Module, act: str = "relu",
+                 num_classes: int | None = None):
+        super().__init__()
+        if not 1 <= len(groups) <= MAX_GROUPS or any(d < 1 for d in groups):
+            raise ValueError(f"latent groups must be 1 to {MAX_GROUPS} positive sizes, got "
+                             f"{groups}")
+        depth = len(groups)
+        condition = num_classes or 0
+        self.groups_sizes = list(groups)
+        self.width = width
+        self.num_classes = num_classes
+        self.likelihood = likelihood
+        # bottom-up: x [+ y] -> W, then one residual block per group above the bottom one
+        self.input_layer = nn.Linear(math.prod(data_shape) + condition, width)
+        self.bottom_up = nn.ModuleList(ResidualBlock(width, act, depth)
+                                       for _ in range(depth - 1))
+        self.top_state = nn.Parameter(torch.zeros(width))
+        self.condition_in = nn.Linear(condition, width, bias=False) if condition else None
+        self.top_down = nn.ModuleList(TopDownGroup(dim, width, act, top=index == 0, depth=depth)
+                                      for index, dim in enumerate(groups))
+        # the decoder reads the last state [+ y], as the flat VAE's reads z [+ y]
+        self.decoder = MLPDecoder(width, decoder_hidden, likelihood.params_shape, act,
+                                  condition)
+
+    # --- the latent interface (latent.py) ----------------------------------------------------
+    @property
+    def latent_groups(self) -> tuple[tuple[str, int], ...]:
+        return tuple((f"z{index + 1}", dim) for index, dim in enumerate(self.groups_sizes))
+
+    @property
+    def latent_dim(self) -> int:
+        return sum(self.groups_sizes)
+
+    @property
+    def code_dim(self) -> int:
+        return self.width  # the decoder reads the last top-down state
+
+    def bottom_up_features(self, x: Tensor, y: Tensor | None = None) -> list[Tensor]:
+        """h_1 (deepest) ... h_L (shallowest) of a batch x, each (B, W): one per group."""
+        h = self.input_layer(join_condition(x.flatten(1), self.condition(y)))  # (B, W)
+        features = [h]
+        for block in self.bottom_up:
+            h = block(h)
+            features.append(h)
+        return features[::-1]  # the top group reads the deepest feature
+
+    def initial_state(self, batch_shape: tuple[int, ...], condition: Tensor | None,
+                      like: Tensor) -> Tensor:
+        """s_0 (..., B, W): the learned start [+ the label's projection]."""
+        state = self.top_state.to(like.dtype).expand(*batch_shape, self.width)
+        if condition is not None:
+            state = state + self.condition_in(condition)  # (B, W) broadcast over samples
+        return state
+
+    def infer(self, x: Tensor, y: Tensor | None = None) -> "TopDownInference":
+        features = [group.features(h) for group, h in
+                    zip(self.top_down, self.bottom_up_features(x, y))]
+        return TopDownInference(self, features, self.condition(y))
+
+    def prior_draws(self) -> "TopDownPrior":
+        return TopDownPrior(self)
+
+    def generate(self, eps: Tensor, y: Tensor | None = None) -> Tensor:
+        """The code s_L of top-down draws from the prior made of noise eps (..., B, D)."""
+        return self.prior_draws().code(eps, condition=self.condition(y))
+
+    def sample_codes(self, n: int, temperature: float = 1.0,
+                     generator: torch.Generator | None = None,
+                     y: Tensor | None = None) -> Tensor:
+        """n codes from the prior with every group's noise scaled by `temperature`: z_l =
+        mu_p + T sigma_p eps (NVAE and VDVAE show samples so). (n, code_dim)"""
+        check_temperature(temperature)
+        eps = torch.randn(n, self.latent_dim, generator=generator)  # (n, D)
+        return self.generate(temperature * eps.to(self.top_state), y)
+
+    def prior_variance(self) -> Tensor:
+        """Var_p(z_d) of every coordinate (D,): the top group's 1, the lower groups' marginal
+        variance estimated from 4,096 top-down draws of fixed noise (no closed form)."""
+        generator = torch.Generator().manual_seed(0)
+        eps = torch.randn(4096, self.latent_dim, generator=generator).to(self.top_state)
+        with torch.no_grad():
+            draws = self.prior_draws().latents(eps)  # (4096, D)
+        return draws.var(0)
+
+    def point_code(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """The code with every group at its posterior mean, top-down. (B, code_dim)"""
+        zeros = x.new_zeros(len(x), self.latent_dim)  # eps = 0: each group at its mean
+        return self.infer(x, y).draw(zeros).code
+
+
+def check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"a temperature must be a number >= 0, got {temperature}")
+
+
+class TopDownInference(Inference):
+    """q(z | x) of a batch: the bottom-up features computed once; each draw runs the top-down
+    path, group by group, from its noise."""
+
+    def __init__(self, model: HierarchicalVAE, features: list[Tensor],
+                 condition: Tensor | None):
+        self.model, self.features, self.condition = model, features, condition
+
+    def draw(self, eps: Tensor) -> LatentDraw:
+        model = self.model
+        noise = split_noise(eps, model.groups_sizes)
+        state = model.initial_state(eps.shape[:-1], self.condition, eps)  # (..., B, W)
+        groups = []
+        for (name, _), group, feature, group_eps in zip(model.latent_groups, model.top_down,
+                                                        self.features, noise):
+            prior = group.prior(state)  # p(z_l | z_<l), batch (..., B)
+            q = group.posterior(feature, state, prior)  # q(z_l | x, z_<l)
+            normal = q.base_dist
+            z = normal.loc + normal.scale * group_eps  # (..., B, D_l)
+            groups.append(LatentGroup(name, z, group_eps, q, prior))
+            state = group.merge(state, z)
+        return LatentDraw(groups, code=state)
+
+    def mean_code(self) -> Tensor:
+        """Every group at its posterior mean given the groups above at theirs (B, D): the top
+        group's E_q[z1] exactly; below it the conditional mean along that path (E_q over the
+        upper groups has no closed form), a deterministic code for active units."""
+        batch = len(self.features[0])
+        zeros = self.features[0].new_zeros(batch, self.model.latent_dim)
+        return self.draw(zeros).z
+
+@dataclass
+class TopDownPrior:
+    """Top-down draws from the prior made of noise: z_l = mu_p + sigma_p eps_l, group by group."""
+
+    model: HierarchicalVAE
+    needs_choice: bool = False
+
+    def _run(self, eps: Tensor, condition: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        model = self.model
+        state = model.initial_state(eps.shape[:-1], condition, eps)  # (..., B, W)
+        draws = []
+        for group, group_eps in zip(model.top_down, split_noise(eps, model.groups_sizes)):
+            normal = group.prior(state).base_dist
+            z = normal.loc + normal.scale * group_eps  # (..., B, D_l)
+            draws.append(z)
+            state = group.merge(state, z)
+        return state, draws
+
+    def code(self, eps: Tensor, choice: Tensor | None = None,
+             condition: Tensor | None = None) -> Tensor:
+        """The decoder's code s_L of the draws made of eps (..., B, D). (..., B, W)"""
+        return self._run(eps, condition)[0]
+
+    def latents(self, eps: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Every group's draw, side by side (..., B, D)."""
+        return torch.cat(self._run(eps, condition)[1], dim=-1)
+
+
+class TopGroupView(nn.Module):
+    """A hierarchical VAE seen through its top group z_1, as a single-latent model: what latent
+    steering (traverse, manifold, interpolate, embed, the explorer) reads.
+
+        encode(x)   q(z_1 | x)      the top group's posterior (it depends on x alone)
+        prior       p(z_1) = N(0, I)
+        decode(z_1) p(x | z_1, every lower group at its prior mean given the groups above)
+
+    So a picture shows what the top group holds, with the detail the lower groups would add
+    set to what the prior expects.
+    """
+
+    def __init__(self, model: HierarchicalVAE):
+        super().__init__()
+        from .distributions import StandardNormalPrior
+
+        self.hierarchy = model
+        self.prior_module = StandardNormalPrior(model.groups_sizes[0]).to(model.top_state)
+        self.num_classes = None
+
+    @property
+    def latent_dim(self) -> int:
+        return self.hierarchy.groups_sizes[0]
+
+    @property
+    def encoder(self) -> nn.ModuleList:
+        """The modules q(z1 | x) is computed by (the bottom-up path and the top group's
+        posterior network), for what differentiates the encoder alone."""
+        model, top = self.hierarchy, self.hierarchy.top_down[0]
+        return nn.ModuleList([model.input_layer, model.bottom_up, top.from_feature,
+                              top.from_state, top.posterior_out])
+
+    @property
+    def prior(self):
+        return self.prior_module()
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.hierarchy.data_shape
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> DiagonalGaussian:
+        model = self.hierarchy
+        top = model.top_down[0]
+        feature = top.features(model.bottom_up_features(x)[0])  # (B, W)
+        state = model.initial_state((len(x),), None, feature)  # (B, W)
+        return top.posterior(feature, state, top.prior(state))  # batch (B,), event (D_1,)
+
+    @property
+    def detail_dim(self) -> int:
+        """Dimensions of the groups below the top one: the detail `decode` can redraw."""
+        return sum(self.hierarchy.groups_sizes[1:])
+
+    def decode(self, z: Tensor, y: Tensor | None = None, detail: Tensor | None = None):
+        """p(x | z_1) with the lower groups at their prior means given the groups above, or, with
+        detail noise (..., detail_dim), drawn from those priors: z_l = mu_p + sigma_p eps_l (a
+        temperature is the noise's scale). z (..., D_1)"""
+        model = self.hierarchy
+        state = model.initial_state(z.shape[:-1], None, z)  # (..., W)
+        state = model.top_down[0].merge(state, z)
+        noise = split_noise(detail, model.groups_sizes[1:]) if detail is not None else None
+        for index, group in enumerate(model.top_down[1:]):
+            normal = group.prior(state).base_dist
+            below = normal.loc if noise is None else normal.loc + normal.scale * noise[index]
+            state = group.merge(state, below)
+        return model.decode(state)
+
+
+def single_latent_view(model: nn.Module) -> nn.Module:
+    """A model as one latent group: a hierarchy's TopGroupView, any other model itself."""
+    return TopGroupView(model) if isinstance(model, HierarchicalVAE) else model
+
+
+def build_hierarchical_vae(config) -> HierarchicalVAE:
+    """The hierarchical VAE of a ModelConfig with latent_groups set (MLP nets)."""
+    from .distributions import build_likelihood
+
+    if config.net != "mlp":
+        raise ValueError("--latent-groups builds MLP hierarchies: use --net mlp (a convolutional "
+                         "hierarchy is not part of this vaekit)")
+    if config.prior != "normal" or config.posterior not in ("auto", "gaussian"):
+        raise ValueError("--latent-groups has its own priors and posteriors (a standard normal "
+                         "top group, learned Gaussians below it, posteriors relative to them): "
+                         "use --prior normal and --posterior auto")
+    if not config.hidden:
+        raise ValueError("--latent-groups needs --hidden: its first size is the width of the "
+                         "hierarchy's state, for example --hidden 400")
+    data_shape = tuple(config.data_shape)
+    likelihood = build_likelihood(config.likelihood, data_shape, config.gaussian_scale,
+                                  config.likelihood_components)
+    return HierarchicalVAE(data_shape, list(config.latent_groups), config.hidden[0],
+                           list(config.hidden), likelihood, config.activation,
+                           config.num_classes)
+

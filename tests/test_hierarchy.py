@@ -1,0 +1,194 @@
+"""The hierarchical VAE: its densities against quadrature, its bounds, temperature, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vaekit.estimate import evaluate
+from vaekit.hierarchy import HierarchicalVAE
+from vaekit.model import ModelConfig, build_vae
+from vaekit.objectives import elbo_terms, log_importance_weights
+
+
+def tiny_hierarchy(seed: int = 0) -> HierarchicalVAE:
+    """Two groups of one dimension each on 2-d Gaussian data: small enough to integrate."""
+    torch.manual_seed(seed)
+    model = build_vae(ModelConfig(data_shape=(2,), latent_dim=2, hidden=[16],
+                                  latent_groups=[1, 1], likelihood="gaussian",
+                                  gaussian_scale=0.3)).double()
+    with torch.no_grad():  # trained-looking weights: posteriors and priors away from N(0, 1)
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def log_joint_on_grid(model: HierarchicalVAE, x: torch.Tensor, grid: torch.Tensor
+                      ) -> torch.Tensor:
+    """log p(x, z1, z2) on every point of grid x grid, from the generative parts alone:
+    p(z1) p(z2 | z1) p(x | z1, z2), the top-down path written out. (G, G) for one x (1, 2)"""
+    z1, z2 = torch.meshgrid(grid, grid, indexing="ij")
+    z1, z2 = z1.reshape(-1, 1, 1), z2.reshape(-1, 1, 1)  # (G^2, 1, 1): sample dims first
+    state = model.initial_state(z1.shape[:-1], None, z1)  # (G^2, 1, W)
+    top, bottom = model.top_down
+    log_p = top.prior(state).log_prob(z1)  # (G^2, 1)
+    state = top.merge(state, z1)
+    log_p = log_p + bottom.prior(state).log_prob(z2)
+    state = bottom.merge(state, z2)
+    log_p = log_p + model.decode(state).log_prob(x)
+    return log_p.view(len(grid), len(grid))
+
+
+def test_importance_sampling_of_a_hierarchy_reaches_its_log_px_by_quadrature():
+    model = tiny_hierarchy()
+    x = torch.tensor([[0.4, -0.8]], dtype=torch.float64)
+    grid = torch.linspace(-9, 9, 1201, dtype=torch.float64)
+    cell = float(grid[1] - grid[0]) ** 2
+    with torch.no_grad():
+        exact = float(torch.logsumexp(log_joint_on_grid(model, x, grid).flatten(), 0)
+                      + math.log(cell))
+        eps = torch.randn(20000, 1, 2, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+        log_px_z, log_ratio = log_importance_weights(model, x, eps)  # (S, 1) each
+        log_w = (log_px_z - log_ratio).squeeze(1)  # (S,)
+    estimate = float(torch.logsumexp(log_w, 0) - math.log(len(log_w)))
+    # the delta-method standard error of a log-mean-exp: sd(w) / (sqrt(S) mean(w))
+    weights = (log_w - log_w.max()).exp()
+    standard_error = float(weights.std() / (math.sqrt(len(weights)) * weights.mean()))
+    assert abs(estimate - exact) < 4 * standard_error + 1e-3
+    # the ELBO, E_q[log w], is below log p(x) by KL(q || p(z|x)) > 0
+    elbo = float(log_w.mean())
+    assert elbo < exact
+
+
+def test_the_elbo_is_reconstruction_minus_each_groups_kl_given_the_groups_above():
+    model = tiny_hierarchy(seed=2)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    eps = torch.randn(5, 2, dtype=torch.float64)
+    draw = model.infer(x).draw(eps)
+    assert [group.name for group in draw.groups] == ["z1", "z2"]
+    terms = elbo_terms(model, x, eps)
+    assert torch.allclose(terms.kl, draw.groups[0].kl() + draw.groups[1].kl())
+    # the closed-form KL of each group is the mean of its log-ratio over draws of that group
+    many = torch.randn(40000, 5, 2, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+    many[..., 0] = eps[:, 0]  # the top group fixed: the bottom group's KL given it
+    bottom = model.infer(x).draw(many).groups[1]
+    log_ratio = bottom.log_ratio()  # (S, 5)
+    standard_error = log_ratio.std(0) / math.sqrt(len(many))
+    assert bool(((log_ratio.mean(0) - draw.groups[1].kl()).abs()
+                 < 4 * standard_error + 1e-6).all())
+
+
+def test_temperature_scales_every_groups_prior_noise():
+    model = tiny_hierarchy(seed=4)
+    generator = torch.Generator().manual_seed(5)
+    eps = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        cold = model.sample_codes(6, 0.0)
+        # T = 0: every group at its prior mean given the groups above: one code for all draws
+        assert torch.allclose(cold, cold[:1].expand_as(cold))
+        tempered = model.prior_draws().latents(0.5 * eps)
+        top = tempered[:, 0]
+        assert torch.allclose(top, 0.5 * eps[:, 0])  # the top prior is N(0, 1): z1 = T eps
+        codes = model.sample_codes(6, 0.5, torch.Generator().manual_seed(5))
+        assert torch.allclose(codes, model.generate(0.5 * eps))
+
+
+def test_an_evaluation_of_a_hierarchy_bounds_log_px_by_the_elbo():
+    model = tiny_hierarchy(seed=6).float()
+    from vaekit.data import Pipeline
+
+    raw = torch.randn(30, 2)
+    pipeline = Pipeline("identity", "real", split_seed=0)
+    evaluation = evaluate(model, raw, pipeline, k=200, naive=False).summary()
+    assert evaluation["log_px"] >= evaluation["elbo"]
+    assert evaluation["latent_dim"] == 2
+
+
+def test_the_top_group_view_decodes_with_the_lower_groups_at_their_prior_means():
+    from vaekit.hierarchy import TopGroupView
+
+    model = tiny_hierarchy(seed=7)
+    view = TopGroupView(model)
+    z1 = torch.randn(3, 1, dtype=torch.float64)
+    with torch.no_grad():
+        # T = 0 for the group below z1: its draw is its prior mean
+        eps = torch.cat([z1, torch.zeros(3, 1, dtype=torch.float64)], dim=1)
+        assert torch.allclose(view.decode(z1).mean, model.decode(model.generate(eps)).mean)
+        x = torch.randn(4, 2, dtype=torch.float64)
+        top = model.infer(x).draw(torch.zeros(4, 2, dtype=torch.float64)).groups[0]
+        assert torch.allclose(view.encode(x).mean, top.q.mean)  # the top group's q(z1 | x)
+    assert view.latent_dim == 1
+
+
+def test_latent_groups_are_checked(vaekit_cli, tmp_path):
+    for args, words in ((["--latent-groups", "8,16", "--prior", "mixture"], "--prior normal"),
+                        (["--latent-groups", "8,16", "--net", "conv"], "--net mlp"),
+                        (["--latent-groups", "8,16", "--latent-dim", "30"], "has 24 latent"),
+                        (["--latent-groups", "0,16"], "positive sizes")):
+        result = vaekit_cli("train", *args, "--out", tmp_path / "run")
+        assert result.returncode == 2, (args, result.stderr)
+        assert words in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_hierarchical_run_trains_resumes_exactly_and_samples(vaekit_cli, tmp_path):
+    common = ["--latent-groups", "4,8", "--hidden", "64", "--batch-size", "128",
+              "--no-progress"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    result = vaekit_cli("train", *common, "--epochs", "2", "--out", straight)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((straight / "config.json").read_text())["config"]
+    assert config["latent_groups"] == [4, 8] and config["latent_dim"] == 12
+    assert vaekit_cli("train", *common, "--epochs", "1", "--out", split).returncode == 0
+    result = vaekit_cli("train", "--resume", split, "--epochs", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    weights = [load_file(run / "model.safetensors") for run in (straight, split)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+    result = vaekit_cli("sample", straight, "-n", "8", "--temperature", "0.7", "--out",
+                        tmp_path / "s.png", "--save-array", tmp_path / "s.npy")
+    assert result.returncode == 0, result.stderr
+    assert "at temperature 0.7" in result.stdout
+    result = vaekit_cli("evaluate", straight, "--k", "32", "--limit", "20")
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads((straight / "evaluation.json").read_text())
+    assert evaluation["log_px"] >= evaluation["elbo"]
+    groups = evaluation["latent_groups"]  # KL and active units of each group
+    assert [(g["name"], g["dims"]) for g in groups] == [("z1", 4), ("z2", 8)]
+    assert abs(sum(g["kl"] for g in groups) - sum(evaluation["kl_per_dim"])) < 1e-6
+    assert "group z1 (4 dimensions): KL" in result.stdout
+    # latent steering reads the top group (hierarchy.TopGroupView): 4 dimensions
+    result = vaekit_cli("traverse", straight, "--out", tmp_path / "t.png")
+    assert result.returncode == 0, result.stderr
+    assert "z3" in result.stdout and "z4" not in result.stdout
+    for command in (("reconstruct", straight, "--out", tmp_path / "r.png"),
+                    ("score", straight, "--data", "digits"),
+                    ("embed", straight, "--out", tmp_path / "e.png"),
+                    ("manifold", straight, "--out", tmp_path / "m.png")):
+        result = vaekit_cli(*command)
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_conditional_hierarchy_carries_the_label_into_every_group_and_the_decoder():
+    torch.manual_seed(8)
+    model = build_vae(ModelConfig(data_shape=(6,), latent_dim=3, hidden=[16],
+                                  latent_groups=[1, 2], num_classes=3)).eval()
+    eps = torch.randn(5, 3)
+    with torch.no_grad():
+        codes = [model.generate(eps, torch.full((5,), label)) for label in range(3)]
+        assert not torch.allclose(codes[0], codes[1])  # the state starts from the label
+        samples = model.sample(5, 2, mean=True)
+        assert samples.shape == (5, 6)
+        x = torch.rand(5, 6).round()
+        y = torch.tensor([0, 1, 2, 0, 1])
+        assert elbo_terms(model, x, eps, y).elbo.shape == (5,)
+    with pytest.raises(ValueError, match="this model is conditional"):
+        model.infer(x)
