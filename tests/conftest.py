@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 
 # Tests share two CPU cores: one thread per process keeps parallel subprocesses from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Image folders are decoded into the cache: tests keep theirs out of the user's ~/.cache.
+os.environ.setdefault("VAEKIT_CACHE", tempfile.mkdtemp(prefix="vaekit-test-cache-"))
 
 
 def run_vaekit(*args: str, cwd: Path | None = None, env: dict | None = None,

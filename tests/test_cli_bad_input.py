@@ -179,6 +179,32 @@ def _(folder, runs):
     return train("--data", data)
 
 
+@case("image-unreadable-with-skip-bad-images-off", "not a readable image",
+      "pass --skip-bad-images")
+def _(folder, runs):
+    data = image_folder(folder / "images", n=6)
+    (data / "3.png").write_bytes(b"GIF89a but not really")
+    return train("--data", data)
+
+
+@case("cifar10-short-record", "not a whole number of CIFAR-10 records", "binary version")
+def _(folder, runs):
+    bins = folder / "cifar" / "cifar-10-batches-bin"
+    bins.mkdir(parents=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        (bins / name).write_bytes(bytes(3073 * 2))
+    (bins / "test_batch.bin").write_bytes(bytes(3073 * 2 - 1))
+    return train("--data", "cifar10", "--data-dir", folder / "cifar")
+
+
+@case("celeba-partition-list-damaged", "not 'NAME.jpg 0|1|2'", "original list_eval_partition")
+def _(folder, runs):
+    (folder / "celeba" / "img_align_celeba").mkdir(parents=True)
+    image(folder / "celeba" / "img_align_celeba" / "000001.jpg", size=(178, 218))
+    (folder / "celeba" / "list_eval_partition.txt").write_text("000001.jpg train\n")
+    return train("--data", "celeba", "--data-dir", folder / "celeba")
+
+
 case("image-empty-folder", "no images found", "give a folder of images")(
     lambda f, r: train("--data", Path(f / "empty").mkdir() or f / "empty"))
 

@@ -517,14 +517,35 @@ def _(folder, trained):
     return train("--data", "mnist", "--data-dir", data)
 
 
-@case("image-folder-over-the-memory-limit", "bytes of pixels", "use fewer or smaller images")
+@case("npz-member-header-promises-more-than-memory", "x of shape (1000000, 1000000)",
+      "save a smaller array")
 def _(folder, trained):
+    """A zip member honest about its few inflated bytes, whose .npy header declares 7 TiB."""
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                        "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(folder / "data.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
+    return train("--data", folder / "data.npz")
+
+
+@case("image-over-the-memory-limit", "1,000 x 1,000 pixels", "shrink or remove the image")
+def _(folder, trained):
+    """A small PNG whose header declares more pixels than the memory limit: refused from the
+    header, before it is decoded (a folder of many images is decoded one image at a time)."""
     from PIL import Image
 
     (folder / "images").mkdir()
-    for i in range(4):
-        Image.new("RGB", (400, 400), (i * 40, 0, 0)).save(folder / "images" / f"{i}.png")
-    return Call(train("--data", folder / "images").args, env={"VAEKIT_MEMORY_LIMIT": "1M"})
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / "images" / f"{i}.png")
+    Image.new("RGB", (1000, 1000)).save(folder / "images" / "3.png")
+    return Call(train("--data", folder / "images", "--image-size", "8").args,
+                env={"VAEKIT_MEMORY_LIMIT": "1M"})
 
 
 # --- class 8: non-finite weights ----------------------------------------------------------------

@@ -38,6 +38,8 @@ def valid_value(name: str) -> st.SearchStrategy:
     meta = f.metadata
     if name == "device":
         strategy = st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+    elif name == "data_memory":  # a size: auto, bytes, or a number with K, M, G, T
+        strategy = st.sampled_from(["auto", "0", "512M", "8G", "1.5g", "4096"])
     elif meta.get("choices"):
         strategy = st.sampled_from(meta["choices"])
     elif base is bool:

@@ -41,21 +41,41 @@ def physical_memory() -> int:
         return 4 * 2**30
 
 
+def parse_size(text: str, what: str, error=ConfigError) -> int:
+    """Bytes from "8589934592", "512M", "8G", "1.5GiB" (suffixes K, M, G, T: powers of 1024).
+
+    what: the option and separator the message starts with ("--data-memory ", "VAR=")."""
+    cleaned = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = _SUFFIXES.get(cleaned[-1:], 1)
+    try:
+        value = int(float(cleaned[:-1] if cleaned[-1:] in _SUFFIXES else cleaned) * scale)
+    except (ValueError, OverflowError):
+        raise error(f"{what}{text!r} is not a size; give bytes or a size such as 512M or 8G") \
+            from None
+    if value < 0:
+        raise error(f"{what}{text!r} is negative; give a size such as 8G")
+    return value
+
+
 def memory_limit() -> int:
     """The most bytes one user-sized allocation may take (see the module doc)."""
-    text = os.environ.get(LIMIT_VARIABLE, "").strip().lower().removesuffix("b").removesuffix("i")
+    text = os.environ.get(LIMIT_VARIABLE, "").strip()
     if not text:
         return physical_memory() // 2
-    scale = _SUFFIXES.get(text[-1], 1)
-    try:
-        value = int(float(text[:-1] if text[-1] in _SUFFIXES else text) * scale)
-    except ValueError:
-        raise ConfigError(f"{LIMIT_VARIABLE}={os.environ[LIMIT_VARIABLE]!r} is not a size; give "
-                          "bytes or a size such as 512M or 8G") from None
+    value = parse_size(text, f"{LIMIT_VARIABLE}=", ConfigError)
     if value < 1:
         raise ConfigError(f"{LIMIT_VARIABLE} must be positive, got {value}; give a size such as "
                           "8G")
     return value
+
+
+def data_memory_budget(text: str, error=ConfigError) -> int:
+    """Bytes of training data held in process memory (--data-memory); larger data are read from
+    their memory-mapped cache file instead. auto: a quarter of RAM, which leaves the rest for
+    the model, the page cache that serves the map and the machine's other work."""
+    if text.strip().lower() == "auto":
+        return physical_memory() // 4
+    return parse_size(text, "--data-memory ", error)
 
 
 def human(nbytes: float) -> str:

@@ -32,7 +32,6 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -42,49 +41,21 @@ import torch
 from torch import Tensor
 
 from .budget import check_at_most, check_bytes
+from .data_cache import cache_dir
+from .dataset import Dataset, mapped_if_over_budget, split_dataset
 from .errors import DataError
+from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
+from .image_datasets import load_celeba, load_cifar10
+from .image_folder import load_image_folder, read_image_folder
 from .names import LEVEL_LIKELIHOODS
-from .randomness import derive_seed, fixed_uniform, seeded_generator
-from .safefiles import check_regular, open_regular, printable, real_folder
+from .randomness import fixed_uniform
+from .safefiles import check_regular, open_regular, real_folder
 
-BUILTIN = ("digits", "mnist", "fashion-mnist")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
 ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
 # Classes a label column may name: a conditional model has one input per class, and a column
 # of a billion distinct values is a measurement, not a class.
 MAX_CLASSES = 10_000
-
-
-@dataclass
-class Dataset:
-    """A train/test split held in memory; x raw (see module doc), y int64 labels or None."""
-
-    name: str
-    kind: str  # "image8" | "real"
-    train_x: Tensor  # (N_train, *shape)
-    test_x: Tensor  # (N_test, *shape)
-    train_y: Tensor | None = None  # (N_train,)
-    test_y: Tensor | None = None  # (N_test,)
-    label_names: list[str] | None = None
-    source: str = ""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the raw data, so a run can tell when its dataset has changed."""
-        digest = hashlib.sha256()
-        for tensor in (self.train_x, self.test_x, self.train_y, self.test_y):
-            if tensor is not None:
-                digest.update(tensor.contiguous().numpy())  # the buffer itself, no copy
-        return digest.hexdigest()
-
-    def info(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
-                "n_train": len(self.train_x), "n_test": len(self.test_x),
-                "label_names": self.label_names, "source": self.source,
-                "fingerprint": self.fingerprint()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,41 +64,40 @@ class Dataset:
 
 def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | None = None,
                  channels: int | None = None, test_fraction: float = 0.2,
-                 split_seed: int = 0, download: bool = True) -> Dataset:
-    """Load a built-in dataset by name, or a folder of images / an array file by path."""
+                 split_seed: int = 0, download: bool = True, skip_bad_images: bool = False,
+                 fast_resize: bool = True, data_memory: str = "auto",
+                 progress: bool = True) -> Dataset:
+    """Load a built-in dataset by name, or a folder of images / an array file by path.
+
+    Image folders go through the decode-once cache: skip_bad_images leaves unreadable images
+    out, fast_resize shrinks them in the decoder (image_decode.py), and data over data_memory
+    (--data-memory) are memory-mapped from the cache instead of held in memory."""
     if name == "digits":
         return load_digits(test_fraction, split_seed)
     if name in ("mnist", "fashion-mnist"):
-        return load_idx_dataset(name, data_dir, download=download)
+        return mapped_if_over_budget(load_idx_dataset(name, data_dir, download=download),
+                                     data_memory)
+    if name == "cifar10":
+        return load_cifar10(data_dir, image_size=image_size, channels=channels,
+                            download=download, data_memory=data_memory)
+    if name == "celeba":
+        return load_celeba(data_dir, image_size=image_size, channels=channels, download=download,
+                           skip_bad=skip_bad_images, fast=fast_resize, data_memory=data_memory,
+                           progress=progress)
     path = Path(name).expanduser()
     if not path.exists():
-        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, or the path "
-                        "of an image folder or a .npy/.npz/.csv file")
+        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, cifar10, "
+                        "celeba, or the path of an image folder or a .npy/.npz/.csv file")
     if path.is_dir():
-        x, y, label_names = read_image_folder(path, image_size, channels)
-        return _split(str(path), "image8", x, y, label_names, test_fraction, split_seed,
-                      source=str(path.resolve()))
+        return load_image_folder(path, image_size, channels, test_fraction=test_fraction,
+                                 split_seed=split_seed, skip_bad=skip_bad_images,
+                                 fast=fast_resize, data_memory=data_memory, progress=progress)
     suffix = path.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}: give a folder of "
                         "images or a .npy, .npz or .csv file")
     check_regular(path, "the data", DataError)  # a FIFO or device would block or never end
-    return load_array_file(path, test_fraction, split_seed)
-
-
-def _split(name: str, kind: str, x: Tensor, y: Tensor | None, label_names: list[str] | None,
-           test_fraction: float, split_seed: int, source: str) -> Dataset:
-    """A seeded random train/test split for data without a split of their own."""
-    n = len(x)
-    n_test = max(1, round(n * test_fraction))
-    if n - n_test < 1:
-        raise DataError(f"{name}: {n} example(s) are too few to hold out a test set; add data "
-                        "(at least 2 examples) or lower --test-fraction")
-    order = torch.randperm(n, generator=seeded_generator(derive_seed(split_seed, "split")))
-    test_idx, train_idx = order[:n_test].sort().values, order[n_test:].sort().values
-    pick = (lambda t, idx: None if t is None else t[idx].contiguous())
-    return Dataset(name, kind, pick(x, train_idx), pick(x, test_idx), pick(y, train_idx),
-                   pick(y, test_idx), label_names, source)
+    return mapped_if_over_budget(load_array_file(path, test_fraction, split_seed), data_memory)
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
@@ -140,13 +110,24 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.float64)  # (1797, 65)
     pixels = np.rint(table[:, :64] * 255.0 / 16.0).astype(np.uint8).reshape(-1, 1, 8, 8)
     labels = table[:, 64].astype(np.int64)
-    return _split("digits", "image8", torch.from_numpy(pixels), torch.from_numpy(labels),
-                  [str(d) for d in range(10)], test_fraction, split_seed,
-                  source="vaekit/_data/digits.csv.gz (UCI optical digits, as in scikit-learn)")
+    return split_dataset("digits", "image8", torch.from_numpy(pixels), torch.from_numpy(labels),
+                         [str(d) for d in range(10)], test_fraction, split_seed,
+                         source="vaekit/_data/digits.csv.gz (UCI optical digits, as in "
+                         "scikit-learn)")
+
+
+def dataset_for(config) -> Dataset:
+    """The dataset a TrainConfig names, loaded with its data options."""
+    return load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
+                        channels=config.channels, test_fraction=config.test_fraction,
+                        split_seed=config.split_seed, skip_bad_images=config.skip_bad_images,
+                        fast_resize=config.fast_resize, data_memory=config.data_memory,
+                        progress=config.progress)
 
 
 def read_examples(source: str, *, data_dir: str | None = None, image_size: int | None = None,
-                  channels: int | None = None) -> tuple[Tensor, str, str]:
+                  channels: int | None = None, fast_resize: bool = True
+                  ) -> tuple[Tensor, str, str]:
     """Every example of `source`, unsplit: (raw x (N, *shape), kind, what was read).
 
     digits, mnist, fashion-mnist: their test split. A folder: its images (class sub-folders
@@ -162,7 +143,7 @@ def read_examples(source: str, *, data_dir: str | None = None, image_size: int |
         raise DataError(f"{source}: no such file or folder; give digits, mnist, fashion-mnist, a "
                         "folder of images, an IDX images file or a .npy/.npz/.csv file")
     if path.is_dir():
-        x, _, _ = read_image_folder(path, image_size, channels)
+        x, _, _ = read_image_folder(path, image_size, channels, fast=fast_resize)
         return x, "image8", f"{path} ({len(x)} images)"
     name = path.name.lower()
     if name.endswith(("ubyte", "ubyte.gz")):
@@ -214,14 +195,6 @@ IDX_SOURCES = {
                    "Sneaker", "Bag", "Ankle boot"],
     },
 }
-
-
-def cache_dir() -> Path:
-    """Where downloads go: $VAEKIT_CACHE, else $XDG_CACHE_HOME/vaekit, else ~/.cache/vaekit."""
-    if os.environ.get("VAEKIT_CACHE"):
-        return Path(os.environ["VAEKIT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vaekit"
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -363,98 +336,6 @@ def load_idx_dataset(name: str, data_dir: str | None = None, download: bool = Tr
                    IDX_SOURCES[name]["labels"], source=str(paths["train_x"].parent))
 
 
-# --- image folders ------------------------------------------------------------------------------
-
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-
-
-def read_image_folder(folder: Path, image_size: int | None, channels: int | None
-                      ) -> tuple[Tensor, Tensor | None, list[str] | None]:
-    """Images of a folder as uint8 (N, C, S, S); sub-folders name the classes. """
-    from PIL import Image
-
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # Not only regular files: a FIFO named x.png must be refused below, not silently skipped.
-    loose = sorted(p for p in folder.iterdir()
-                   if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if subfolders and loose:
-        raise DataError(f"{folder}: holds both images and class sub-folders; move the loose images "
-                        f"(such as {loose[0].name}) into a sub-folder")
-    if subfolders:
-        files = [(path, label) for label, sub in enumerate(subfolders)
-                 for path in sorted(sub.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
-        label_names = [printable(sub.name) for sub in subfolders]  # any bytes -> valid text
-    else:
-        files, label_names = [(path, -1) for path in loose], None
-    if not files:
-        raise DataError(f"{folder}: no images found (looked for "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of images")
-
-    images, decoded = [], 0
-    for path, _ in files:
-        try:
-            with warnings.catch_warnings():
-                # Pillow warns about recoverable damage (odd EXIF, short tags) on stderr; the
-                # image decodes, so stay quiet. A decompression bomb is refused, not warned of.
-                warnings.simplefilter("ignore")
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                # Regular files only (a FIFO named x.png would block), opened non-blocking.
-                with open_regular(path, "an image", DataError) as handle, \
-                        Image.open(handle) as image:
-                    width, height = image.size  # from the header: budget before decoding
-                    decoded += width * height * len(image.getbands())
-                    check_bytes(f"{folder} ({len(files):,} images, {decoded:,} bytes of pixels "
-                                "so far)", decoded, "use fewer or smaller images", DataError)
-                    image.load()
-                    images.append(image.copy())
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 (a decoder fed hostile bytes may raise anything)
-            reason = "empty file" if path.stat().st_size == 0 else \
-                (str(exc).split("\n")[0] or type(exc).__name__)
-            raise DataError(f"{path}: not a readable image ({reason}); remove or replace it") \
-                from None
-    if channels is None:
-        grey = {image.mode in GREY_MODES for image in images}
-        if len(grey) > 1:
-            odd = next(p for (p, _), im in zip(files, images) if (im.mode in GREY_MODES)
-                       != (images[0].mode in GREY_MODES))
-            raise DataError(f"{folder}: mixes greyscale and colour images ({files[0][0].name} is "
-                            f"{images[0].mode}, {odd.name} is not); pass --channels 1 or "
-                            "--channels 3")
-        channels = 1 if grey == {True} else 3
-    if image_size is None:
-        sizes = {image.size for image in images}
-        if len(sizes) > 1:
-            (w1, h1), (w2, h2) = sorted(sizes)[:2]
-            raise DataError(f"{folder}: images differ in size ({w1}x{h1} and {w2}x{h2}); pass "
-                            "--image-size N to resize them all to N x N")
-    if image_size is not None:
-        check_bytes(f"--image-size {image_size} ({len(images):,} images of {channels} x "
-                    f"{image_size} x {image_size})", len(images) * channels * image_size ** 2,
-                    "choose a smaller --image-size", DataError)
-    arrays = [_image_to_array(image, channels, image_size) for image in images]
-    x = torch.from_numpy(np.stack(arrays))  # (N, C, H, W) uint8
-    y = torch.tensor([label for _, label in files], dtype=torch.int64) if label_names else None
-    return x, y, label_names
-
-
-def _image_to_array(image, channels: int, size: int | None) -> np.ndarray:
-    from PIL import Image
-
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: keep the top 8 bits
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
-    image = image.convert("L" if channels == 1 else "RGB")
-    if size is not None and image.size != (size, size):
-        width, height = image.size
-        side = min(width, height)  # centre square crop keeps the aspect ratio of the content
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize(
-            (size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
-
-
 # --- numeric arrays -----------------------------------------------------------------------------
 
 
@@ -485,8 +366,8 @@ def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Datase
         return Dataset(name, kind, x, test_x, y, test_y, label_names, source=str(path.resolve()))
     if y is not None and label_names is None:
         (y,), label_names = class_labels([y], path)
-    return _split(name, kind, x, y, label_names, test_fraction, split_seed,
-                  source=str(path.resolve()))
+    return split_dataset(name, kind, x, y, label_names, test_fraction, split_seed,
+                         source=str(path.resolve()))
 
 
 def class_labels(labels: list[Tensor], path: Path) -> tuple[list[Tensor], list[str]]:
@@ -543,6 +424,10 @@ def _load_npz(path: Path):
             for member in archive.zip.infolist():  # inflated sizes, before inflating
                 check_bytes(f"{path}: member {member.filename} ({member.file_size:,} bytes "
                             "inflated)", member.file_size, "save smaller arrays", DataError)
+                # The zip's sizes are the writer's word; the array's own header decides what
+                # numpy allocates, so it is checked too (a few bytes inflated, no more).
+                with archive.zip.open(member) as inner:
+                    _check_npy_header(inner, path, member.filename.removesuffix(".npy"))
             arrays = {key: archive[key] for key in archive.files}
     except DataError:
         raise

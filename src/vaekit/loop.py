@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .budget import check_elements
 from .config import TrainConfig
 from .data import Dataset, Pipeline, perturb_pixels
 from .distributed import DistContext
@@ -96,8 +97,15 @@ class Trainer(TrainingState):
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
                               f"training examples; lower --batch-size")
         self.steps_per_epoch = n_train // self.batch_size  # full batches only: static shapes
-        self.train_x = dataset.train_x.to(device)
+        # Mapped data (over --data-memory) stay in the host's page cache on an accelerator too:
+        # each batch is gathered there and sent; in-memory data move to the device once.
+        self.host_rows = dataset.mapped and device.type != "cpu"
+        self.train_x = dataset.train_x if self.host_rows else dataset.train_x.to(device)
         if config.binarize == "fixed" and pipeline.mode == "binarize":
+            # one float per pixel, in memory: a mapped dataset may not fit
+            check_elements(f"--binarize fixed ({dataset.train_x.numel():,} training pixels "
+                           "binarised once, as floats)", dataset.train_x.numel(), 4,
+                           "use --binarize dynamic", ConfigError)
             self.train_x = pipeline.fixed(dataset.train_x, 0, split="train").to(device)
             self.train_mode = "identity"
         else:
@@ -126,6 +134,13 @@ class Trainer(TrainingState):
         self.last_pictures = -float("inf")  # time.monotonic() of the last samples/curves PNGs
 
     # --- the loop ---------------------------------------------------------------------------
+    def batch_rows(self, index: Tensor) -> Tensor:
+        """The raw training rows of index (B_local,), on the device: an index_select into the
+        uint8 tensor (on the host first for mapped data on an accelerator)."""
+        if self.host_rows:
+            return self.train_x.index_select(0, index.cpu()).to(self.device)
+        return self.train_x.index_select(0, index)
+
     def train_step(self, raw: Tensor, u: Tensor | None, eps: Tensor, *,
                    y: Tensor | None = None, beta: float | None = None) -> Tensor:
         """One update; returns the detached row of the step log (see STEP_COLUMNS).
@@ -230,7 +245,7 @@ class Trainer(TrainingState):
             for b in range(self.progress.step_in_epoch, self.steps_per_epoch):
                 offset = b * self.batch_size
                 index = order[offset + self.rows.start: offset + self.rows.stop]
-                raw = self.train_x.index_select(0, index)  # (B_local, *shape)
+                raw = self.batch_rows(index)  # (B_local, *shape)
                 if config.perturb > 0:  # a background model's inputs (Ren et al. 2019)
                     raw = perturb_pixels(raw, config.perturb, seeded_generator(derive_seed(
                         config.seed, "perturb", self.progress.global_step), self.device),

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import jsonio
 from .budget import check_elements
 from .config import CONFIG_FORMAT, TrainConfig
-from .data import Dataset, Pipeline, load_dataset
+from .data import Dataset, Pipeline, dataset_for
 from .errors import ConfigError, DataError, RunError
 from .model import VAE, ModelConfig, build_vae
 from .safefiles import (open_private, printable, read_regular, real_folder, refuse_link,
@@ -767,9 +767,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def load_run_dataset(run: Run) -> Dataset:
     """The run's dataset, loaded as it was for training; refuses data that have changed."""
     config = run.config
-    dataset = load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
-                           channels=config.channels, test_fraction=config.test_fraction,
-                           split_seed=config.split_seed)
+    dataset = dataset_for(config)
     if dataset.fingerprint() != run.data["fingerprint"]:
         raise DataError(f"{config.data}: the data differ from those {run.path} was trained on "
                         "(their SHA-256 changed); point the run at the original data")

@@ -235,7 +235,8 @@ def load_new_data(run, source: str) -> tuple[Tensor, str]:
                         "file of such arrays")
     raw, new_kind, what = read_examples(source, data_dir=run.config.data_dir,
                                         image_size=run.config.image_size if is_folder else None,
-                                        channels=channels if is_folder else None)
+                                        channels=channels if is_folder else None,
+                                        fast_resize=run.config.fast_resize)
     if new_kind != kind:
         want = "8-bit images (uint8)" if kind == "image8" else "real-valued arrays"
         got = "8-bit images" if new_kind == "image8" else "real-valued arrays"

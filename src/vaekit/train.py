@@ -26,7 +26,7 @@ from torch import nn
 
 from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .data import Dataset, Pipeline, load_dataset, resolve_likelihood
+from .data import Dataset, Pipeline, dataset_for, resolve_likelihood
 from .device import flush_denormals, resolve_device
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError
@@ -73,9 +73,7 @@ def default_run_dir(config: TrainConfig) -> Path:
 
 def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     """Load the dataset, settle the likelihood and build the pipeline for this config."""
-    dataset = load_dataset(config.data, data_dir=config.data_dir, image_size=config.image_size,
-                           channels=config.channels, test_fraction=config.test_fraction,
-                           split_seed=config.split_seed)
+    dataset = dataset_for(config)
     config = replace(config, likelihood=resolve_likelihood(config.likelihood, dataset))
     if config.net == "conv" and len(dataset.shape) != 3:
         raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
@@ -312,6 +310,8 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
     objective = build_objective(config).describe()
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
+    if dataset.mapped:
+        condition += f"\n  data: {dataset.memory}"
     if config.perturb > 0:
         condition += f"\n  background model: {config.perturb:g} of the training pixels " \
             "replaced by random levels every step (for vaekit score --background)"
