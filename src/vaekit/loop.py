@@ -159,12 +159,11 @@ class Trainer(TrainingState):
         # A finite loss can still give non-finite gradients; caught here, before the update, so
         # the message can say which term's gradient it was (a non-finite loss is reported by
         # _check_finite, which names the term of the loss).
-        skipped = loss.detach().new_zeros(())
+        skipped = False  # a Python bool: without --skip-threshold no step waits for the device
         if self.config.skip_threshold is not None:
             # the gradients are already averaged over processes, so every process decides alike
             norm = self._gradient_norm()
-            if not bool(norm <= self.config.skip_threshold):  # NaN too: one host sync a step
-                skipped = skipped + 1
+            skipped = not bool(norm <= self.config.skip_threshold)  # NaN too: one host sync
         elif self.check_each_step and bool(torch.isfinite(loss)) and \
                 not bool(torch.isfinite(self._gradient_norm())):
             raise self._gradient_error(x, y, eps)
@@ -179,7 +178,7 @@ class Trainer(TrainingState):
         reconstruction, kl, _ = terms
         row = {"loss": loss.detach(), "reconstruction": reconstruction.detach().mean(),
                "kl": kl.detach().mean(), "beta": loss.detach().new_full((), beta),
-               "skipped_update": skipped, **logged}
+               "skipped_update": loss.detach().new_full((), float(skipped)), **logged}
         zero = torch.zeros((), device=x.device)
         return torch.stack([row.get(name, zero) for name in STEP_COLUMNS])  # (len(STEP_COLUMNS),)
 
