@@ -18,6 +18,7 @@ No loss is computed here: the ELBO lives in `objectives.py`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -99,7 +100,7 @@ def _full_precision(params: Tensor) -> Tensor:
     return params.float() if params.dtype in (torch.bfloat16, torch.float16) else params
 
 
-class LatentModel(nn.Module):
+class LatentModel(nn.Module, metaclass=abc.ABCMeta):
     """What every model of vaekit shares, whatever its latents: class labels as the nets take
     them, the decoder p(x | code), and new data from codes of the prior.
 
@@ -135,17 +136,17 @@ class LatentModel(nn.Module):
         """p(x | code [, y]) for codes (..., B, code_dim) and labels y (B,); event data_shape."""
         return self.likelihood(_full_precision(self.decoder(code, self.condition(y))))
 
+    @abc.abstractmethod
     def sample_codes(self, n: int, temperature: float = 1.0,
                      generator: torch.Generator | None = None,
                      y: Tensor | None = None) -> Tensor:
         """n codes the decoder reads, drawn from the prior with its noise scaled by
         `temperature`; generator (CPU) makes them depend on it alone. (n, code_dim)"""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def point_code(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The code of x at its posterior's central point: what pictures of x decode.
         (B, code_dim)"""
-        raise NotImplementedError
 
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """E[x | code] at x's point code: what the model keeps of x. (B, *data_shape)"""
