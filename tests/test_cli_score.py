@@ -112,7 +112,7 @@ def test_ood_report_with_a_background_run(tiny_run, capsys, tmp_path):
             low, high = item[f"{metric}_interval"]
             assert 0 <= low <= item[metric] <= high <= 1
     assert report["in"]["n"] == 359 and report["out"]["n"] == 150
-    assert "havtorn_likelihood_ratio" in report["not_computed"]
+    assert "skip_ratio" in report["not_computed"]  # one latent group
     assert report["background"]["perturb"] == 0.2
     page = (run_dir / "ood-digits-vs-noise.html").read_text()
     assert page.count("data:image/png;base64,") == 1 + len(names)  # ROC + one histogram each
@@ -184,3 +184,35 @@ def test_ood_report_on_real_arrays_has_no_complexity_score(linear_run, tmp_path,
     assert "complexity" in result["not_computed"] and "likelihood_ratio" in result["not_computed"]
     assert result["detections"][0]["auroc"] > 0.95  # shifted by 10 in every dimension
     assert json.loads(report.with_suffix(".json").read_text()) == result
+
+
+def test_a_hierarchical_run_adds_the_ratio_that_skips_its_lowest_group(tmp_path, capsys):
+    """A run of two latent groups gets Havtorn et al.'s score ELBO - L^{>1} beside the others,
+    in the JSON, the page and the CSV, equal to the estimator's difference of bounds on the same
+    examples (the bounds themselves are checked against a closed form in test_oracle.py)."""
+    from vaekit.estimate import skip_bounds_per_example
+    from vaekit.ood_report import skip_ratios
+
+    run_dir = train_tiny(tmp_path / "hierarchy", latent_groups=[2, 3], latent_dim=5, hidden=[32],
+                         epochs=3)
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "noise.npy", rng.integers(0, 256, (60, 8, 8), dtype=np.uint8))
+    assert main(["score", str(run_dir), "--data", "digits", "--against",
+                 str(tmp_path / "noise.npy"), "--k", "16", "--bootstrap", "50",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    report = json.loads((run_dir / "ood-digits-vs-noise.json").read_text())
+    names = [d["score"] for d in report["detections"]]
+    assert names[-1] == "skip_ratio_1" and "skip_ratio" not in report["not_computed"]
+    assert "Havtorn" in report["detections"][-1]["description"]
+    rows = read_csv(run_dir / "ood-digits-vs-noise.csv")
+    ratios = np.array([float(r["skip_ratio_1"]) for r in rows])
+    assert np.isfinite(ratios).all() and np.abs(ratios).max() > 1e-3
+    run = load_run(run_dir)
+    noise = torch.from_numpy(np.load(tmp_path / "noise.npy"))[:, None]  # (60, 1, 8, 8)
+    from vaekit.scoring import data_key
+    direct = skip_ratios(run, noise, data_key(noise), samples=16, seed=0)["skip_ratio_1"]
+    bounds = skip_bounds_per_example(run.model, noise, run.pipeline, 16, split=data_key(noise))
+    assert np.allclose(direct, (bounds[:, 0] - bounds[:, 1]).numpy())
+    out_rows = [float(r["skip_ratio_1"]) for r in rows if r["set"] == "out"]
+    assert np.allclose(out_rows, direct, atol=1e-6)

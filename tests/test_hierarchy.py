@@ -215,3 +215,29 @@ def test_a_conditional_hierarchy_is_not_steered_by_its_top_group_alone():
                                   latent_groups=[1, 2], num_classes=3))
     with pytest.raises(ValueError, match="depend on the label"):
         TopGroupView(model)
+
+
+def test_a_draw_that_skips_the_lowest_groups_takes_them_from_their_priors():
+    """draw(eps, inferred_groups=m): the top m groups as in the full draw (same noise, same z),
+    every lower group z_l = mu_p + sigma_p eps_l with q_l = p_l, so it adds no KL; m = L is the
+    ordinary draw bit for bit."""
+    torch.manual_seed(0)
+    model = build_vae(ModelConfig(data_shape=(6,), latent_dim=6, hidden=[16],
+                                  latent_groups=[2, 2, 2], likelihood="gaussian")).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    eps = torch.randn(4, 5, 6, dtype=torch.float64)  # (S, B, D)
+    with torch.no_grad():
+        inference = model.infer(x)
+        full = inference.draw(eps)
+        assert torch.equal(inference.draw(eps, inferred_groups=3).code, full.code)
+        skipped = inference.draw(eps, inferred_groups=1)
+        assert torch.equal(skipped.groups[0].z, full.groups[0].z)
+        assert torch.allclose(skipped.groups[0].kl(), full.groups[0].kl())
+        for group in skipped.groups[1:]:
+            prior = group.p.base_dist
+            assert torch.allclose(group.z, prior.loc + prior.scale * group.eps)
+            assert float(group.kl().abs().max()) < 1e-12
+        assert not torch.allclose(skipped.groups[1].z, full.groups[1].z)

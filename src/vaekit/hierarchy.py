@@ -233,16 +233,22 @@ class TopDownInference(Inference):
                  condition: Tensor | None):
         self.model, self.features, self.condition = model, features, condition
 
-    def draw(self, eps: Tensor) -> LatentDraw:
+    def draw(self, eps: Tensor, inferred_groups: int | None = None) -> LatentDraw:
+        """A draw of every group from noise eps (..., B, D). inferred_groups=m draws only the top
+        m groups from q and every group below them from its prior given the groups above
+        (q_l = p_l there, so those groups add no KL): the proposal of Havtorn et al. 2021's
+        bound L^{>k} that skips the lowest k = L - m groups."""
         model = self.model
         eps = eps.to(model.top_state.dtype)  # float32 noise for a float64 model, as estimators make
         noise = split_noise(eps, model.groups_sizes)
         state = model.initial_state(eps.shape[:-1], self.condition, eps)  # (..., B, W)
+        inferred = len(model.groups_sizes) if inferred_groups is None else inferred_groups
         groups = []
-        for (name, _), group, feature, group_eps in zip(model.latent_groups, model.top_down,
-                                                        self.features, noise):
+        for index, ((name, _), group, feature, group_eps) in enumerate(zip(
+                model.latent_groups, model.top_down, self.features, noise)):
             prior = group.prior(state)  # p(z_l | z_<l), batch (..., B)
-            q = group.posterior(feature, state, prior)  # q(z_l | x, z_<l)
+            # q(z_l | x, z_<l), or the prior itself for a skipped group
+            q = group.posterior(feature, state, prior) if index < inferred else prior
             normal = q.base_dist
             z = normal.loc + normal.scale * group_eps  # (..., B, D_l)
             groups.append(LatentGroup(name, z, group_eps, q, prior))

@@ -166,7 +166,11 @@ class Inference(abc.ABC):
 
     @abc.abstractmethod
     def draw(self, eps: Tensor) -> LatentDraw:
-        """A draw of every group from noise eps (..., B, D); every model's inference defines it."""
+        """A draw of every group from noise eps (..., B, D); every model's inference defines it.
+
+        A model of several groups also takes `draw(eps, inferred_groups=m)`: the top m groups
+        from q and the groups below them from their priors given the groups above (q_l = p_l
+        there), the proposal of the bounds that skip the lowest groups (Havtorn et al. 2021)."""
 
     def exact_kl_per_dimension(self) -> Tensor | None:
         """The KL of every latent dimension in closed form, (B, D), where it does not depend on

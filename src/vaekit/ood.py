@@ -18,8 +18,11 @@ Every score is oriented so that a larger value means "more out of distribution":
                                                            (`vaekit train --perturb 0.2`) and
                                                            explains the background statistics
 
-The likelihood ratio of Havtorn et al. 2021, which compares bounds that skip the lowest latent
-groups, needs hierarchical models; vaekit's models have one latent group, so it is not offered.
+    skip ratio      ELBO(x) - L^{>k}(x)                    Havtorn et al. 2021, hierarchical
+                                                           runs: L^{>k} draws the lowest k
+                                                           groups from their priors, so it
+                                                           scores x by what the upper groups
+                                                           explain; one score per k = 1 .. L-1
 
 Detection quality, with the out-of-distribution set as the positive class: AUROC, AUPR (average
 precision) and the false-positive rate at 95 % true positives, each with a percentile bootstrap
@@ -140,6 +143,8 @@ SCORES = {
     "typicality": "|log p(x) - mean test log p(x)| (Nalisnick et al. 2019b)",
     "complexity": "-log p(x) - L(x), L the PNG length in nats (Serra et al. 2020)",
     "likelihood_ratio": "-(log p(x) - log p_background(x)) (Ren et al. 2019)",
+    "skip_ratio": "ELBO - L^{>k}, the lowest k latent groups drawn from their priors "
+                  "(Havtorn et al. 2021); one score per k",
 }
 
 

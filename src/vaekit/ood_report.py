@@ -16,12 +16,14 @@ import torch
 from torch import Tensor
 
 from .data import batches
+from .estimate import skip_bounds_per_example
 from .errors import ConfigError, DataError
 from .ood import SCORES, compressed_nats, detection, roc_curve, typicality
 from .plot import PALETTE, Chart
 from .scoring import ExampleScores, data_key, score_examples
 
 OOD_FORMAT = "vaekit-ood/1"
+SKIP_BOUND_SAMPLES = 64  # one-draw bounds averaged per example for the skip ratios (at most k)
 
 
 def check_background(run, background) -> None:
@@ -75,7 +77,22 @@ def score_set(run, raw: Tensor, name: str, *, k: int, seed: int, reference_mean:
         ood["complexity"] = -scores.log_px - complexity
     if bg is not None:
         ood["likelihood_ratio"] = -(scores.log_px - bg.log_px)
+    ood.update(skip_ratios(run, raw, split, samples=min(k, SKIP_BOUND_SAMPLES), seed=seed))
     return ScoredSet(name, scores, bg, complexity, ood)
+
+
+def skip_ratios(run, raw: Tensor, split: str, *, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Havtorn et al. 2021's likelihood ratios of a run of L >= 2 latent groups, for k = 1 ..
+    L-1: LLR^{>k}(x) = ELBO(x) - L^{>k}(x), L^{>k} the bound whose lowest k groups are drawn
+    from their priors (estimate.skip_bounds_per_example). Larger means the upper groups'
+    codes explain less of x than they do of the data the model was trained on. {} for a run of
+    one latent group."""
+    if len(run.model.latent_groups) < 2:
+        return {}
+    bounds = skip_bounds_per_example(run.model, raw, run.pipeline, samples, split=split,
+                                     seed=seed).cpu().numpy()  # (N, L) ELBO, L^{>1}, ...
+    return {f"skip_ratio_{skipped}": bounds[:, 0] - bounds[:, skipped]
+            for skipped in range(1, bounds.shape[1])}
 
 
 def _coded_input(run, raw: Tensor, start: int, stop: int, split: str) -> Tensor:
@@ -88,6 +105,11 @@ def _coded_input(run, raw: Tensor, start: int, stop: int, split: str) -> Tensor:
 
 
 def score_description(name: str) -> str:
+    if name.startswith("skip_ratio_"):
+        skipped = int(name[len("skip_ratio_"):])
+        groups = "group" if skipped == 1 else f"{skipped} groups"
+        return f"ELBO - L^{{>{skipped}}}, the bound with the lowest {groups} drawn from the " \
+            "prior (Havtorn et al. 2021)"
     if name.startswith("typicality_batch"):
         size = int(name[len("typicality_batch"):])
         return f"typicality of batches of {size}: |mean log p(x) over the batch - mean test " \
@@ -136,8 +158,10 @@ def ood_report(run, inliers: ScoredSet, outliers: ScoredSet, *, reference: Examp
             "run": str(background.path), "perturb": background.config.perturb},
         "detections": detections,
         "not_computed": {
-            "havtorn_likelihood_ratio": "Havtorn et al. 2021 compare bounds that skip the "
-            "lowest latent groups of a hierarchical VAE; this run has one latent group",
+            **({} if len(run.model.latent_groups) > 1 else {
+                "skip_ratio": "Havtorn et al. 2021 compare bounds that skip the lowest latent "
+                "groups of a hierarchical VAE; this run has one latent group (train one with "
+                "--latent-groups)"}),
             **({} if background is not None else {
                 "likelihood_ratio": "needs --background RUN_DIR, a run trained on the same "
                 "data with vaekit train --perturb 0.2"}),

@@ -407,6 +407,29 @@ class LinearGaussianHierarchy(nn.Module):
         """log p(x) for x (B, D_x), in nats. (B,) float64"""
         return self.exact_marginal().log_prob(x.detach().double().reshape(len(x), -1))
 
+    def exact_skip_bound(self, x: Tensor) -> Tensor:
+        """Havtorn et al.'s L^{>1}(x) in closed form, for the model's own q(z2 | x) = N(m, S):
+
+            E_{q(z2|x) p(z1|z2)}[log p(x | z1)] - KL(q(z2 | x) || p(z2))
+
+        where z1 is then N(A m + c, C), C = A S A^T + diag(s^2), and the expected Gaussian
+        log-density is log N(x; W (A m + c) + b, diag(sigma^2)) - tr(W C W^T / sigma^2) / 2.
+        x (B, D_x) -> (B,) float64"""
+        g = self.gaussian_parts()
+        x = x.detach().double().reshape(len(x), -1)
+        with torch.no_grad():
+            m = self.infer(x).top.loc  # (B, D2)
+            scale = torch.tril(self.top_scale_tril)  # (D2, D2), the same for every x
+        s_cov = scale @ scale.T  # (D2, D2)
+        z1_cov = g["A"] @ s_cov @ g["A"].T + torch.diag(g["s2"])  # (D1, D1)
+        mean_x = (m @ g["A"].T + g["c"]) @ g["W"].T + g["b"]  # (B, D_x)
+        noise = Normal(mean_x, g["sigma2"].sqrt())
+        spread = torch.diagonal(g["W"] @ z1_cov @ g["W"].T) / g["sigma2"]  # (D_x,)
+        expected = noise.log_prob(x).sum(-1) - 0.5 * spread.sum()  # (B,)
+        kl = 0.5 * (torch.trace(s_cov) + m.square().sum(-1) - self.top_dim
+                    - torch.logdet(s_cov))  # (B,)
+        return expected - kl
+
     def exact_posterior(self, x: Tensor) -> MultivariateNormal:
         """p(z2, z1 | x) for x (B, D_x): one Gaussian over (z2, z1) side by side (D,)."""
         gain, offset, covariance = _joint_posterior(self.gaussian_parts(), self.top_dim)
@@ -424,18 +447,22 @@ class HierarchyInference(Inference):
                                       scale_tril=torch.tril(model.top_scale_tril),
                                       validate_args=False)  # batch (B,), event (D2,)
 
-    def draw(self, eps: Tensor) -> LatentDraw:
+    def draw(self, eps: Tensor, inferred_groups: int | None = None) -> LatentDraw:
+        """z2 and z1 from noise (..., B, D); inferred_groups=1 draws z1 from p(z1 | z2)."""
         model = self.model
         eps_top, eps_bottom = split_noise(eps.double(), [model.top_dim, model.bottom_dim])
         z2 = self.top.loc + (self.top.scale_tril @ eps_top.unsqueeze(-1)).squeeze(-1)
-        loc = self.x @ model.bottom_weight.T + z2 @ model.bottom_from_top.T \
-            + model.bottom_bias  # (..., B, D1)
-        bottom = MultivariateNormal(loc, scale_tril=torch.tril(model.bottom_scale_tril),
-                                    validate_args=False)
-        z1 = loc + (bottom.scale_tril @ eps_bottom.unsqueeze(-1)).squeeze(-1)  # (..., B, D1)
+        prior = model.bottom_prior(z2)
+        if inferred_groups == 1:
+            bottom = prior  # the bottom group skipped: drawn from its prior given z2
+        else:
+            loc = self.x @ model.bottom_weight.T + z2 @ model.bottom_from_top.T \
+                + model.bottom_bias  # (..., B, D1)
+            bottom = MultivariateNormal(loc, scale_tril=torch.tril(model.bottom_scale_tril),
+                                        validate_args=False)
+        z1 = bottom.loc + (bottom.scale_tril @ eps_bottom.unsqueeze(-1)).squeeze(-1)  # (..., B, D1)
         return LatentDraw([LatentGroup("z2", z2, eps_top, self.top, model.top_prior()),
-                           LatentGroup("z1", z1, eps_bottom, bottom, model.bottom_prior(z2))],
-                          code=z1)
+                           LatentGroup("z1", z1, eps_bottom, bottom, prior)], code=z1)
 
 
 class HierarchyPrior:

@@ -19,7 +19,12 @@ each do one job:
 """
 
 from ..device import flush_denormals  # where it lived before device.py
-from .bounds import elbo_per_example, iwae_per_example, kl_per_dimension
+from .bounds import (
+    elbo_per_example,
+    iwae_per_example,
+    kl_per_dimension,
+    skip_bounds_per_example,
+)
 from .chunks import (
     CHUNK_ELEMENTS,
     DECODE_ELEMENTS,
@@ -52,6 +57,7 @@ __all__ = [
     "evaluate", "evaluate_batch", "evaluate_run", "examples_per_chunk", "importance_blocks",
     "iwae_per_example", "kl_per_dimension", "log_likelihood", "log_mean_exp", "log_weights",
     "map_examples", "noise_chunks", "prior_blocks", "sample_block", "flush_denormals",
+    "skip_bounds_per_example",
 ]
 
 

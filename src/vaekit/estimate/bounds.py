@@ -53,6 +53,44 @@ def iwae_per_example(model: VAE, raw: Tensor, pipeline: Pipeline, samples: int, 
     return map_examples(bound, raw, pipeline, split, batch_size, device, dist).squeeze(1)
 
 
+def skip_bounds_per_example(model: VAE, raw: Tensor, pipeline: Pipeline,
+                            samples: int, *, split: str = "test", seed: int = 0,
+                            device: torch.device | None = None,
+                            dist: DistContext | None = None) -> Tensor:
+    """(N, L) float64 for a model of L latent groups (its inference's `draw` takes
+    inferred_groups, latent.py): the ELBO of every example (column 0) and, in
+    column k = 1 .. L-1, the bound L^{>k} of Havtorn et al. 2021 in which the lowest k groups
+    are drawn from their priors given the groups above instead of from q:
+
+        L^{>k}(x) = E_{q(z_top | x) p(z_low | z_top)}[log p(x | z) - sum_top KL(q || p)]
+
+    The lowest groups then hold no information about x, so L^{>k} scores x by what the upper
+    groups' codes explain of it. Each column is the mean of `samples` one-draw estimates, not an
+    importance-weighted bound (which would tend to log p(x) and wash the difference out); every
+    column uses the same noise per example (fixed by seed and example index), so the
+    differences between columns have a small Monte Carlo error.
+    """
+    groups = len(model.latent_groups)
+    if groups < 2:
+        raise ValueError("bounds that skip latent groups need a model of at least 2 latent "
+                         "groups (vaekit train --latent-groups)")
+    device = device or next(model.parameters()).device
+    batch_size = max(1, 20_000 // samples)
+
+    def bounds(x: Tensor, start: int, stop: int) -> Tensor:
+        eps = fixed_normal((samples, model.latent_dim), start, stop, (seed, "skip-eps", split))
+        eps = eps.transpose(0, 1).to(device)  # (S, b, D)
+        inference = model.infer(x)
+        columns = []
+        for skipped in range(groups):
+            draw = inference.draw(eps, inferred_groups=groups - skipped)
+            bound = model.decode(draw.code).log_prob(x) - draw.kl()  # (S, b)
+            columns.append(bound.mean(0))  # (b,)
+        return torch.stack(columns, dim=1)  # (b, L)
+
+    return map_examples(bounds, raw, pipeline, split, batch_size, device, dist, outputs=groups)
+
+
 
 def kl_per_dimension(model: VAE, raw: Tensor, pipeline: Pipeline, *, split: str = "test",
                      seed: int = 0, samples: int = 16, batch_size: int = 1000,
