@@ -268,32 +268,24 @@ def main() -> None:
     args.classes = [int(c) for c in args.classes.split(",") if c.strip()]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     heading = (f"- machine: {machine()}\n- date: {today()}, commit {commit()}\n- command: "
                f"`OMP_NUM_THREADS=1 nice python benchmarks/ood.py --k {args.k} --classes "
                f"{','.join(map(str, args.classes))}`")
-    if not args.no_nalisnick:
-        body = nalisnick(work, args)
-        print(body)
-        if not args.no_record:
-            record("ood: Fashion-MNIST against MNIST, noise and flips (benchmarks/ood.py)",
-                   f"{heading}\n- wall time: {time.monotonic() - started:.0f} s (training "
-                   "included when the runs were not there)\n\n" + body)
-    if args.hierarchy:
+    parts = [(not args.no_nalisnick, nalisnick, "Fashion-MNIST against MNIST, noise and flips "
+              "(benchmarks/ood.py)"),
+             (args.hierarchy, hierarchical, "the skip ratio of a hierarchical VAE "
+              "(benchmarks/ood.py --hierarchy)"),
+             (not args.no_novelty, novelty, "one-class novelty on Fashion-MNIST "
+              "(benchmarks/ood.py)")]
+    for wanted, part, title in parts:
+        if not wanted:
+            continue
         started = time.monotonic()
-        body = hierarchical(work, args)
+        body = part(work, args)
         print(body)
         if not args.no_record:
-            record("ood: the skip ratio of a hierarchical VAE (benchmarks/ood.py --hierarchy)",
-                   f"{heading}\n- wall time: {time.monotonic() - started:.0f} s\n\n" + body)
-    if not args.no_novelty:
-        started = time.monotonic()
-        body = novelty(work, args)
-        print(body)
-        if not args.no_record:
-            record("ood: one-class novelty on Fashion-MNIST (benchmarks/ood.py)",
-                   f"{heading}\n- wall time: {time.monotonic() - started:.0f} s\n\n" + body)
-
+            record(f"ood: {title}", f"{heading}\n- wall time: {time.monotonic() - started:.0f} s "
+                   "(training included when the runs were not there)\n\n" + body)
 
 if __name__ == "__main__":
     main()
