@@ -194,3 +194,27 @@ def test_the_installed_command(tiny_conv_run, vaekit_cli, tmp_path):
     result = vaekit_cli("traverse", tiny_conv_run, "--dims", "7")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("vaekit traverse: error: latent dimension 7 does not exist")
+
+
+def test_traverse_and_manifold_of_a_chosen_group_of_a_hierarchy(vaekit, tmp_path):
+    """--group z2 steers the bottom group of a two-group hierarchy (its 3 dimensions, one row
+    each), the groups above at a test example's posterior means or at their prior means; a
+    flat run or an unknown group is refused in one line."""
+    run_dir = train_tiny(tmp_path / "hierarchy", latent_groups=[2, 3], latent_dim=5,
+                         hidden=[32], epochs=3)
+    cell_h, _ = cell_size((1, 8, 8))
+    lower = tmp_path / "lower.png"
+    result = ok(vaekit("traverse", run_dir, "--group", "z2", "--base", 4, "--out", lower))
+    assert "of group z2, the groups above at test example 4's posterior means" in result.stdout
+    assert picture(lower).shape[0] == 44 + 20 + 3 * (cell_h + 4)
+    top = tmp_path / "top.png"
+    ok(vaekit("traverse", run_dir, "--base", 4, "--out", top))
+    assert picture(top).shape[0] == 44 + 20 + 2 * (cell_h + 4)  # z1: 2 dimensions
+    result = ok(vaekit("manifold", run_dir, "--group", "z2", "--grid", 4, "--out",
+                       tmp_path / "m.png"))
+    assert "of group z2, the groups above at their prior means" in result.stdout
+    picture(tmp_path / "m.png")
+    refused(vaekit("traverse", run_dir, "--group", "z3"), "groups are z1, z2")
+    refused(vaekit("manifold", run_dir, "--group", "z2", "--base", 99999), "numbered 0 to")
+    flat = train_tiny(tmp_path / "flat", epochs=1)
+    refused(vaekit("traverse", flat, "--group", "z1"), "one latent group")

@@ -241,3 +241,36 @@ def test_a_draw_that_skips_the_lowest_groups_takes_them_from_their_priors():
             assert torch.allclose(group.z, prior.loc + prior.scale * group.eps)
             assert float(group.kl().abs().max()) < 1e-12
         assert not torch.allclose(skipped.groups[1].z, full.groups[1].z)
+
+
+def test_a_lower_group_is_steered_in_its_priors_coordinates():
+    """GroupView of the bottom group: its prior is N(0, I) in u = (z - mu_p) / sigma_p, the KL
+    of q(u | x) against it is the group's own KL given the groups above (invariant under the
+    map), and decoding an example's posterior mean with that example as the context gives the
+    model's point-code reconstruction."""
+    from torch.distributions import kl_divergence
+
+    from vaekit.hierarchy import GroupView, group_index
+
+    torch.manual_seed(1)
+    model = build_vae(ModelConfig(data_shape=(6,), latent_dim=5, hidden=[16],
+                                  latent_groups=[2, 3], likelihood="gaussian")).double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert group_index(model, "z2") == 1
+    with pytest.raises(ValueError, match="groups are z1, z2"):
+        group_index(model, "z3")
+    with torch.no_grad():
+        view = GroupView(model, 1, x[:1])
+        q = view.encode(x)
+        own = model.infer(x).draw(torch.zeros(len(x), 5, dtype=torch.float64)).groups[1]
+        assert torch.allclose(kl_divergence(q, view.prior), own.kl(), atol=1e-10)
+        assert view.latent_dim == 3 and view.detail_dim == 0
+        reconstruction = view.decode(q.base_dist.loc[:1]).mean  # (1, 6)
+        point = model.decode(model.point_code(x[:1])).mean
+        assert torch.allclose(reconstruction, point, atol=1e-10)
+        # without a context the groups above sit at their prior means: another picture
+        centre = GroupView(model, 1, None).decode(q.base_dist.loc[:1]).mean
+        assert not torch.allclose(centre, point)

@@ -146,6 +146,11 @@ def temperature_list(text: str) -> list[float]:
     return values
 
 
+GROUP_HELP = ("a hierarchical run's latent group to steer (z1 the top group, the default; a "
+              "lower group is shown in its prior's coordinates, the groups above at --base's "
+              "posterior means or at their prior means)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="vaekit", description="Train a variational autoencoder, generate from "
                     "it, steer its latent space and measure its log-likelihood.",
@@ -344,6 +349,7 @@ def build_parser() -> Parser:
     trav.add_argument("--base", type=index_or_centre, default=None, metavar="centre|I",
                       help="code the other dimensions keep: the prior's centre (default) or test "
                       "example I's posterior mean")
+    trav.add_argument("--group", metavar="NAME", help=GROUP_HELP)
     trav.add_argument("--out", metavar="FILE.png", help="image to write (default: "
                       "RUN_DIR/traversal.png)")
     trav.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -359,6 +365,7 @@ def build_parser() -> Parser:
     mani.add_argument("--base", type=index_or_centre, default=None, metavar="centre|I",
                       help="code the other dimensions keep when there are more than 2: the "
                       "prior's centre (default) or test example I's posterior mean")
+    mani.add_argument("--group", metavar="NAME", help=GROUP_HELP)
     mani.add_argument("--out", metavar="FILE.png", help="image to write (default: "
                       "RUN_DIR/manifold.png)")
     mani.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
@@ -827,7 +834,16 @@ def _latent_space(args):
     from .latent_space import LatentSpace
 
     run = _load(args.run_dir, args.device)
-    return run, LatentSpace.of_run(run)
+    group = getattr(args, "group", None)
+    return run, LatentSpace.of_run(run, group=group,
+                                   context=getattr(args, "base", None) if group else None)
+
+
+def _of_group(args) -> str:
+    if not args.group:
+        return ""
+    above = "prior means" if args.base is None else f"test example {args.base}'s posterior means"
+    return f" of group {args.group}, the groups above at {'their ' if args.base is None else ''}{above}"
 
 
 def cmd_interpolate(args) -> int:
@@ -873,7 +889,7 @@ def cmd_traverse(args) -> int:
     rows = ", ".join(f"z{d} {kl:.2f}" + (" (unused)" if unused else "")
                      for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(),
                                               traversal.unused))
-    print(f"wrote {out} (rows by mean KL per dimension, nats: {rows})")
+    print(f"wrote {out} (rows by mean KL per dimension{_of_group(args)}, nats: {rows})")
     return 0
 
 
@@ -890,7 +906,7 @@ def cmd_manifold(args) -> int:
     x_dim, y_dim = manifold.dims
     plane = "the whole 2-D latent space" if space.latent_dim == 2 else (
         f"the plane of z{x_dim} and z{y_dim}, the others at {manifold.base_name}")
-    print(f"wrote {out} ({args.grid} x {args.grid} grid over {plane})")
+    print(f"wrote {out} ({args.grid} x {args.grid} grid over {plane}{_of_group(args)})")
     return 0
 
 

@@ -285,40 +285,55 @@ class TopDownPrior:
         return torch.cat(self._run(eps, condition)[1], dim=-1)
 
 
-class TopGroupView(nn.Module):
-    """A hierarchical VAE seen through its top group z_1, as a single-latent model: what latent
-    steering (traverse, manifold, interpolate, embed, the explorer) reads.
+class GroupView(nn.Module):
+    """A hierarchical VAE seen through one of its groups z_l, as a single-latent model: what
+    latent steering (traverse, manifold, interpolate, embed, the explorer) reads.
 
-        encode(x)   q(z_1 | x)      the top group's posterior (it depends on x alone)
-        prior       p(z_1) = N(0, I)
-        decode(z_1) p(x | z_1, every lower group at its prior mean given the groups above)
+    The group is steered in its prior's own coordinates, u = (z_l - mu_p) / sigma_p, where
+    p(z_l | z_<l) = N(mu_p, sigma_p^2): the prior of u is then N(0, I) whatever the groups above
+    are, and the KL of each coordinate of q is unchanged by the map, so every picture and
+    figure of a single-latent model holds (the top group's prior is N(0, I): u is z_1 itself).
 
-    So a picture shows what the top group holds, with the detail the lower groups would add
-    set to what the prior expects.
+        encode(x)   q(u | x)   the group's posterior given x's own groups above at their
+                               posterior means, in the prior's coordinates
+        prior       N(0, I)
+        decode(u)   p(x | the groups above at the context, z_l = mu_p + sigma_p u, every group
+                    below at its prior mean given the groups above, or drawn with detail noise)
+
+    The context is the groups above, fixed for every decode: at one example's posterior means
+    (context_x, a batch of one model input), or at their prior means (None).
     """
 
-    def __init__(self, model: HierarchicalVAE):
+    def __init__(self, model: HierarchicalVAE, index: int = 0, context_x: Tensor | None = None):
         super().__init__()
         from .distributions import StandardNormalPrior
 
         if model.conditional:
-            raise ValueError("a conditional hierarchy's groups depend on the label: its top group "
-                             "is not steered alone (latent steering takes unconditional runs)")
-        self.hierarchy = model
-        self.prior_module = StandardNormalPrior(model.groups_sizes[0]).to(model.top_state)
+            raise ValueError("a conditional hierarchy's groups depend on the label: its groups "
+                             "are not steered alone (latent steering takes unconditional runs)")
+        if not 0 <= index < len(model.groups_sizes):
+            names = ", ".join(name for name, _ in model.latent_groups)
+            raise ValueError(f"the hierarchy has no group number {index + 1}: its groups are "
+                             f"{names}")
+        self.hierarchy, self.index = model, index
+        self.prior_module = StandardNormalPrior(model.groups_sizes[index]).to(model.top_state)
         self.num_classes = None
+        with torch.no_grad():
+            if context_x is None:
+                state = self._state_above(model.initial_state((1,), None, model.top_state),
+                                          None)  # (1, W)
+            else:
+                state = self._state_above(model.initial_state((1,), None, context_x),
+                                          self._features(context_x))
+        self.register_buffer("context_state", state[0], persistent=False)  # (W,)
+
+    @property
+    def name(self) -> str:
+        return self.hierarchy.latent_groups[self.index][0]
 
     @property
     def latent_dim(self) -> int:
-        return self.hierarchy.groups_sizes[0]
-
-    @property
-    def encoder(self) -> nn.ModuleList:
-        """The modules q(z1 | x) is computed by (the bottom-up path and the top group's
-        posterior network), for what differentiates the encoder alone."""
-        model, top = self.hierarchy, self.hierarchy.top_down[0]
-        return nn.ModuleList([model.input_layer, model.bottom_up, top.from_feature,
-                              top.from_state, top.posterior_out])
+        return self.hierarchy.groups_sizes[self.index]
 
     @property
     def prior(self):
@@ -328,31 +343,80 @@ class TopGroupView(nn.Module):
     def data_shape(self) -> tuple[int, ...]:
         return self.hierarchy.data_shape
 
-    def encode(self, x: Tensor, y: Tensor | None = None) -> DiagonalGaussian:
-        model = self.hierarchy
-        top = model.top_down[0]
-        feature = top.features(model.bottom_up_features(x)[0])  # (B, W)
-        state = model.initial_state((len(x),), None, feature)  # (B, W)
-        return top.posterior(feature, state, top.prior(state))  # batch (B,), event (D_1,)
-
     @property
     def detail_dim(self) -> int:
-        """Dimensions of the groups below the top one: the detail `decode` can redraw."""
-        return sum(self.hierarchy.groups_sizes[1:])
+        """Dimensions of the groups below this one: the detail `decode` can redraw."""
+        return sum(self.hierarchy.groups_sizes[self.index + 1:])
 
-    def decode(self, z: Tensor, y: Tensor | None = None, detail: Tensor | None = None):
-        """p(x | z_1) with the lower groups at their prior means given the groups above, or, with
-        detail noise (..., detail_dim), drawn from those priors: z_l = mu_p + sigma_p eps_l (a
-        temperature is the noise's scale). z (..., D_1)"""
+    def _features(self, x: Tensor) -> list[Tensor]:
         model = self.hierarchy
-        state = model.initial_state(z.shape[:-1], None, z)  # (..., W)
-        state = model.top_down[0].merge(state, z)
-        noise = split_noise(detail, model.groups_sizes[1:]) if detail is not None else None
-        for index, group in enumerate(model.top_down[1:]):
-            normal = group.prior(state).base_dist
-            below = normal.loc if noise is None else normal.loc + normal.scale * noise[index]
-            state = group.merge(state, below)
+        return [group.features(h) for group, h in
+                zip(model.top_down[:self.index + 1], model.bottom_up_features(x))]
+
+    def _state_above(self, state: Tensor, features: list[Tensor] | None) -> Tensor:
+        """The state after the groups above this one, each at its posterior mean given the
+        features (or its prior mean without them). (..., W)"""
+        for index, group in enumerate(self.hierarchy.top_down[:self.index]):
+            prior = group.prior(state)
+            mean = prior if features is None else group.posterior(features[index], state, prior)
+            state = group.merge(state, mean.base_dist.loc)
+        return state
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> DiagonalGaussian:
+        """q(u | x) in the group's prior coordinates. batch (B,), event (D_l,)"""
+        model = self.hierarchy
+        features = self._features(x)
+        state = self._state_above(model.initial_state((len(x),), None, x), features)  # (B, W)
+        group = model.top_down[self.index]
+        prior = group.prior(state)
+        q = group.posterior(features[self.index], state, prior).base_dist
+        p = prior.base_dist
+        if self.index == 0:  # N(0, I): u is z_1, bit for bit
+            return DiagonalGaussian(q.loc, q.scale)
+        return DiagonalGaussian((q.loc - p.loc) / p.scale, q.scale / p.scale)
+
+    def decode(self, u: Tensor, y: Tensor | None = None, detail: Tensor | None = None):
+        """p(x | u) with the context above and the groups below at their prior means given the
+        groups above, or, with detail noise (..., detail_dim), drawn from those priors: z =
+        mu_p + sigma_p eps (a temperature is the noise's scale). u (..., D_l)"""
+        model = self.hierarchy
+        state = self.context_state.expand(*u.shape[:-1], model.width)  # (..., W)
+        group = model.top_down[self.index]
+        prior = group.prior(state).base_dist
+        z = u if self.index == 0 else prior.loc + prior.scale * u  # (..., D_l)
+        state = group.merge(state, z)
+        below = model.groups_sizes[self.index + 1:]
+        noise = split_noise(detail, below) if detail is not None else None
+        for offset, lower in enumerate(model.top_down[self.index + 1:]):
+            normal = lower.prior(state).base_dist
+            draw = normal.loc if noise is None else normal.loc + normal.scale * noise[offset]
+            state = lower.merge(state, draw)
         return model.decode(state)
+
+
+class TopGroupView(GroupView):
+    """The hierarchy seen through its top group z_1 (prior N(0, I)), with the lower groups at
+    their prior means given the groups above: what latent steering reads by default."""
+
+    def __init__(self, model: HierarchicalVAE):
+        super().__init__(model, 0)
+
+    @property
+    def encoder(self) -> nn.ModuleList:
+        """The modules q(z1 | x) is computed by (the bottom-up path and the top group's
+        posterior network), for what differentiates the encoder alone."""
+        model, top = self.hierarchy, self.hierarchy.top_down[0]
+        return nn.ModuleList([model.input_layer, model.bottom_up, top.from_feature,
+                              top.from_state, top.posterior_out])
+
+
+def group_index(model: HierarchicalVAE, name: str) -> int:
+    """The index of the group called `name` (z1 is the top group)."""
+    names = [group for group, _ in model.latent_groups]
+    if name not in names:
+        raise ValueError(f"--group {name}: this hierarchy's groups are {', '.join(names)} "
+                         "(z1 the top group)")
+    return names.index(name)
 
 
 def single_latent_view(model: nn.Module) -> nn.Module:

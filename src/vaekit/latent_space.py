@@ -110,6 +110,19 @@ class Embedding:
         return centred @ components.T, names, components  # (N, 2)
 
 
+def group_view(model, group: str, context_x: Tensor | None):
+    """A hierarchy seen through its group called `group` (hierarchy.GroupView)."""
+    from .hierarchy import GroupView, HierarchicalVAE, group_index
+
+    if not isinstance(model, HierarchicalVAE):
+        raise ConfigError(f"--group {group}: this run has one latent group; --group chooses a "
+                          "group of a hierarchical run (vaekit train --latent-groups)")
+    try:
+        return GroupView(model, group_index(model, group), context_x)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class LatentSpace:
     """A trained model and the test examples its latent space is explored from.
 
@@ -126,11 +139,14 @@ class LatentSpace:
         self._kl: Tensor | None = None
 
     @classmethod
-    def of_run(cls, run, dataset=None) -> "LatentSpace":
+    def of_run(cls, run, dataset=None, group: str | None = None,
+               context: int | None = None) -> "LatentSpace":
         """The run's model with its test set (loaded and checked against the run if not given).
 
         Latent steering decodes codes without a class label and lays them out dimension by
-        dimension, so it takes unconditional runs whose prior factorises (normal, uniform).
+        dimension, so it takes unconditional runs whose prior factorises (normal, uniform). A
+        hierarchy is steered by its top group, or by `group` (its name, z1 the top), with the
+        groups above at test example `context`'s posterior means (None: their prior means).
         """
         from .distributions import FACTORISED_PRIORS
         from .runs import load_run_dataset
@@ -146,7 +162,11 @@ class LatentSpace:
         from .hierarchy import single_latent_view
 
         model = single_latent_view(run.model)  # a hierarchy is steered by its top group
-        return cls(model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
+        space = cls(model, run.pipeline, dataset.test_x, dataset.test_y, dataset.label_names)
+        if group is not None:
+            space.model = group_view(run.model, group, None if context is None else
+                                     space.inputs([context]))
+        return space
 
     # --- facts ----------------------------------------------------------------------------
     @property
