@@ -248,6 +248,11 @@ def build_parser() -> Parser:
     evaluate.add_argument("--bootstrap", type=positive_int, default=100, metavar="B",
                           help="with --sample-quality: bootstrap resamples per interval "
                           "(default: 100)")
+    evaluate.add_argument("--features", metavar="dinov2:PATH", help="with --sample-quality "
+                          "on natural RGB images: score in the features of a DINOv2 checkpoint "
+                          "on disk (a Hugging Face folder with config.json and "
+                          "model.safetensors; needs vaekit[dinov2]) instead of vaekit's own "
+                          "network; never downloaded at run time")
 
     score = commands.add_parser(
         "score", help="score new data: log p(x) of every example, or an out-of-distribution "
@@ -574,7 +579,9 @@ MAX_QUALITY_SAMPLES = 200_000  # sample_quality.MAX_SAMPLES (cli.py stays torch-
 def cmd_evaluate(args) -> int:
     quality_options = [name for name, given in (("--samples", args.samples is not None),
                                                 ("--temperatures", args.temperatures != [1.0]),
-                                                ("--bootstrap", args.bootstrap != 100)) if given]
+                                                ("--bootstrap", args.bootstrap != 100),
+                                                ("--features", args.features is not None))
+                        if given]
     if quality_options and not args.sample_quality:
         raise VaekitError(f"{quality_options[0]} belongs to --sample-quality; add "
                           "--sample-quality or drop it")
@@ -619,7 +626,7 @@ def cmd_evaluate(args) -> int:
 
             result["sample_quality"] = evaluate_sample_quality(
                 run, dataset, samples=args.samples, temperatures=tuple(args.temperatures),
-                seed=args.seed, bootstrap=args.bootstrap,
+                seed=args.seed, bootstrap=args.bootstrap, features_spec=args.features,
                 log=(lambda message: print(message, file=sys.stderr)) if args.progress else None)
         target = run.path / "evaluation.json"
         with writing("cannot write the evaluation", target, "make the run folder writable"):

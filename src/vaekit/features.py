@@ -124,10 +124,13 @@ class Features:
                 else chunk
 
     def __call__(self, x: Tensor, batch: int = 512) -> Tensor:
-        """Features (N, 64) float64 on the CPU of examples in data units (N, *shape)."""
+        """Features (N, F) float64 on the CPU of examples in data units (N, *shape): F = 64 for
+        vaekit's own network (a pretrained one says its own batch size and F in info)."""
+        batch = self.info.get("batch", batch)
         with torch.inference_mode():
             out = [self.net(chunk).double() for chunk in self._batches(x, batch)]
-        return torch.cat(out) if out else torch.empty(0, FEATURES, dtype=torch.float64)
+        dims = self.info.get("dimensions", FEATURES)
+        return torch.cat(out) if out else torch.empty(0, dims, dtype=torch.float64)
 
     def predict(self, x: Tensor, batch: int = 512) -> Tensor:
         """The classifier's class of each example (N,); only for classifier features."""

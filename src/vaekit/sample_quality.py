@@ -111,6 +111,7 @@ def _reference_key(run, features: Features, size: int, floor_n: int, bootstrap: 
     pipeline = run.pipeline
     facts = {"format": CACHE_FORMAT, "fingerprint": features.info["fingerprint"],
              "features": features.info.get("format"), "steps": features.info.get("steps"),
+             "pretrained": features.info.get("model_digest"),
              "pipeline": [pipeline.mode, pipeline.kind, pipeline.split_seed], "size": size,
              "floor": floor_n, "bootstrap": bootstrap, "seed": seed, "k": K_NEAREST}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
@@ -143,9 +144,10 @@ def reference_and_floor(run, dataset: Dataset, features: Features, index: Tensor
     from .runs import atomic_write_bytes, tensors_to_bytes
 
     key = _reference_key(run, features, len(index), floor_n, bootstrap, seed)
-    path = Path(features.info["file"]).with_name(
-        f"{features.info['fingerprint']}-reference-{key}.safetensors") \
-        if "file" in features.info else None
+    folder = features.info.get("reference_dir") or (
+        Path(features.info["file"]).parent if "file" in features.info else None)
+    path = Path(folder) / f"{features.info['fingerprint']}-reference-{key}.safetensors" \
+        if folder is not None else None
     if path is not None and path.is_file():
         try:
             from safetensors import safe_open
@@ -170,6 +172,7 @@ def reference_and_floor(run, dataset: Dataset, features: Features, index: Tensor
         metadata = {"floor": json.dumps(floor), "kernel_means": json.dumps(
             {pixels: reference.kernel_mean for pixels, reference in references.items()})}
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, tensors_to_bytes(tensors, metadata))
         except OSError:
             pass  # a cache that cannot be written costs time, not correctness
@@ -185,8 +188,11 @@ def _both_kinds(references: dict, floor: dict):
 
 def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None,
                             temperatures: tuple[float, ...] = (1.0,), seed: int = 0,
-                            bootstrap: int = BOOTSTRAP, log=None) -> dict:
-    """The `sample_quality` object of evaluation.json (see the module docstring)."""
+                            bootstrap: int = BOOTSTRAP, features_spec: str | None = None,
+                            log=None) -> dict:
+    """The `sample_quality` object of evaluation.json (see the module docstring).
+    features_spec: `dinov2:PATH` for pretrained features (pretrained_features.py), else None
+    for vaekit's own feature network of the dataset."""
     started = time.monotonic()
     n_test = len(dataset.test_x)
     n = samples if samples is not None else min(DEFAULT_SAMPLES, n_test)
@@ -194,10 +200,17 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
         raise ConfigError(f"--samples must be between 10 and {MAX_SAMPLES:,}, got {n:,}")
     if not temperatures or any(not (0 <= t <= 10) for t in temperatures):
         raise ConfigError("temperatures must be numbers between 0 and 10, such as 1.0,0.8")
-    features = features_for(dataset, log=log)
+    if features_spec is not None:
+        from .pretrained_features import load_pretrained_features
+
+        features = load_pretrained_features(features_spec, dataset)
+    else:
+        features = features_for(dataset, log=log)
     conditional = run.config.conditional
-    if conditional and features.net.num_classes is None:
+    if conditional and dataset.train_y is None:
         raise ConfigError("a conditional run needs class labels in its data")
+    # the share of samples of the requested class needs a classifier: vaekit's own features
+    judge = conditional and features.net.num_classes is not None
     index = reference_indices(dataset)
     floor_n = min(n, n_test)
     if log:
@@ -208,7 +221,9 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
                                             bootstrap=bootstrap, seed=seed)
     labels = None
     if conditional:
-        labels = torch.arange(n) % features.net.num_classes  # classes in equal shares
+        classes = run.model.num_classes
+        labels = torch.arange(n) % classes  # classes in equal shares
+    if judge:
         floor_labels = dataset.test_y[:floor_n]
         for pixels in PIXELS:
             floor[pixels]["class_agreement"] = _class_agreement(
@@ -227,7 +242,7 @@ def evaluate_sample_quality(run, dataset: Dataset, *, samples: int | None = None
             row = {"temperature": temperature, "pixels": pixels, "scored": PIXELS[pixels],
                    **score_samples(features(images), references[pixels], bootstrap=bootstrap,
                                    seed=derive_seed(seed, "scores", temperature, pixels))}
-            if labels is not None:
+            if judge:
                 row["class_agreement"] = _class_agreement(features, images, labels)
             rows.append(row)
     return {

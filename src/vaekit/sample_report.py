@@ -41,12 +41,19 @@ def sample_quality_table(quality: dict) -> str:
     test = features.get("test_accuracy")
     judged = f"test accuracy {100 * test:.1f} %" if test is not None else \
         f"test reconstruction R^2 {features.get('test_reconstruction_r2', float('nan')):.3f}"
+    if "model_digest" in features:  # pretrained (pretrained_features.py)
+        described = (f"features: {features['kind']} class token ({features['dimensions']} "
+                     f"features, images resized to {features['image_size']}), "
+                     f"{features['source']}")
+    else:
+        described = (f"features: {features['kind']} trained by vaekit on "
+                     f"{features['trained_on']} ({features['dimensions']} features, {judged}), "
+                     f"{features.get('file', '')}")
     lines = [
         f"sample quality: {quality['samples']:,} samples per row against {reference['n']:,} "
         f"training examples{' (a seeded subset)' if reference['seeded_subset'] else ''}; "
         f"[95 % bootstrap interval, {quality['bootstrap']} resamples]",
-        f"features: {features['kind']} trained by vaekit on {features['trained_on']} "
-        f"({features['dimensions']} features, {judged}), {features.get('file', '')}",
+        described,
         "",
     ]
     width = 22
