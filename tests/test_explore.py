@@ -156,6 +156,27 @@ def test_a_hierarchys_lower_groups_are_redrawn_from_their_priors(explorer, tmp_p
     # a run of one group has no detail to redraw: the field is refused
     assert explorer.client.post("/api/decode", json={
         "z": [0.0] * explorer.dims, "detail_seed": 7}).status_code == 422
+    # the lower groups set explicitly, in their priors' units: the picture of that detail, and
+    # the detail drawn from a seed comes back with the picture (for the page's sliders)
+    chosen = [1.5, -0.5, 0.25]
+    set_detail = hierarchy.client.post("/api/decode", json={"z": z, "detail": chosen}).json()
+    expected = hierarchy.space.decode(torch.tensor([z]), torch.tensor([chosen]))[0]
+    assert np.array_equal(pixels(set_detail["image"]), as_uint8(expected))
+    assert set_detail["detail"] == chosen
+    drawn = hierarchy.client.post("/api/decode", json={"z": z, "detail_seed": 7,
+                                                       "detail_temperature": 0.5}).json()
+    assert drawn["detail"] == pytest.approx(noise[0].tolist())
+    zeros = hierarchy.client.post("/api/decode", json={"z": z, "detail": [0.0] * 3}).json()
+    assert zeros["image"] == at_mean  # 0 in the priors' units: every lower group at its mean
+    both = hierarchy.client.post("/api/decode", json={"z": z, "detail": chosen, "detail_seed": 7})
+    assert both.status_code == 422 and "not both" in both.json()["detail"]
+    assert hierarchy.client.post("/api/decode", json={"z": z, "detail": [0.0] * 2}
+                                 ).status_code == 422  # the wrong length
+    info = hierarchy.client.get("/api/info").json()
+    (lower,) = info["lower_groups"]
+    assert lower["name"] == "z2" and lower["dims"] == 3 and lower["offset"] == 0
+    assert sorted(lower["dims_by_use"]) == [0, 1, 2] and len(lower["kl_per_dimension"]) == 3
+    assert explorer.client.get("/api/info").json()["lower_groups"] == []
 
 
 def test_encode_a_test_example(explorer):

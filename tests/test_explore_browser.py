@@ -224,7 +224,22 @@ def test_a_hierarchy_keeps_its_top_group_and_redraws_the_detail(browser, tmp_pat
                               timeout=30).json()["image"]
         page.wait_for_function("e => document.getElementById('decoded').src === e",
                                arg=expected, timeout=10_000)
+        # the lower group's sliders show the drawn detail
+        drawn = httpx.post(url + "/api/decode", json={"z": [0.0, 0.0], "detail_seed": seed},
+                           timeout=30).json()["detail"]
+        assert page.locator("#lower-groups input[type=range]").count() == 3
+        shown = [float(page.input_value(f"#z2-{d}")) for d in range(3)]
+        assert shown == pytest.approx(drawn, abs=0.02)
         page.click("#mean-detail")
         page.wait_for_function("e => document.getElementById('decoded').src === e",
                                arg=at_mean, timeout=10_000)
+        assert page.input_value("#z2-0") == "0"
+        # a lower group's own slider: its coordinate in the prior's units, the rest at 0
+        page.fill("#z2-1", "1.5")  # range inputs take fill() and fire their input event
+        expected = httpx.post(url + "/api/decode", json={"z": [0.0, 0.0],
+                                                         "detail": [0.0, 1.5, 0.0]},
+                              timeout=30).json()["image"]
+        page.wait_for_function("e => document.getElementById('decoded').src === e",
+                               arg=expected, timeout=10_000)
+        assert "Group z2: 3 dimensions" in page.inner_text("#lower-groups")
         context.close()

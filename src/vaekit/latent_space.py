@@ -137,6 +137,7 @@ class LatentSpace:
         self.kl_samples = kl_samples
         self.device = next(model.parameters()).device
         self._kl: Tensor | None = None
+        self._lower: list[dict] | None = None
 
     @classmethod
     def of_run(cls, run, dataset=None, group: str | None = None,
@@ -244,6 +245,31 @@ class LatentSpace:
     def detail_dim(self) -> int:
         """Latent dimensions below the steered ones (a hierarchy's lower groups), else 0."""
         return getattr(self.model, "detail_dim", 0)
+
+    @property
+    def lower_groups(self) -> list[dict]:
+        """The groups below the steered one (a hierarchy's detail), each in its prior's own
+        coordinates (hierarchy.GroupView): name, dims, its offset in the detail vector, and the
+        mean KL of each dimension over the test set with dimensions by use (computed once)."""
+        if self._lower is None:
+            from .estimate import kl_per_dimension
+            from .hierarchy import GroupView
+
+            hierarchy = getattr(self.model, "hierarchy", None)
+            first = getattr(self.model, "index", 0) + 1
+            self._lower, offset = [], 0
+            for index in range(first, len(getattr(hierarchy, "groups_sizes", ()))):
+                view = GroupView(hierarchy, index, None)
+                kl = kl_per_dimension(view, self.test_x, self.pipeline,
+                                      samples=self.kl_samples).mean(0).cpu()
+                values = kl.tolist()
+                self._lower.append({
+                    "name": view.name, "dims": view.latent_dim, "offset": offset,
+                    "kl_per_dimension": values,
+                    "dims_by_use": sorted(range(view.latent_dim), key=lambda d: -values[d]),
+                    "unused": [value < UNUSED_KL for value in values]})
+                offset += view.latent_dim
+        return self._lower
 
     @property
     def groups(self) -> list[tuple[str, int]]:

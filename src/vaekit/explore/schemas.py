@@ -30,6 +30,9 @@ ERRORS = {status: {"model": Problem, "description": text} for status, text in (
 
 class Picture(BaseModel):
     image: str = Field(description="E[x | z] in the data's units, as a PNG data URL")
+    detail: Optional[list[float]] = Field(None, description="a hierarchy's lower groups as "
+                                          "decoded, in their priors' units (null: at their "
+                                          "prior means)")
 
 
 class Coded(BaseModel):
@@ -80,6 +83,16 @@ class Evaluation(BaseModel):
     k: Optional[int] = None
 
 
+class LowerGroup(BaseModel):
+    name: str
+    dims: int
+    offset: int = Field(description="where the group starts in /api/decode's detail vector")
+    dims_by_use: list[int] = Field(description="its dimensions, most used first")
+    kl_per_dimension: list[float] = Field(description="mean KL of each dimension over the test "
+                                          "set given the groups above, nats")
+    unused: list[bool]
+
+
 class Info(BaseModel):
     run: str
     dataset: str
@@ -111,6 +124,8 @@ class Info(BaseModel):
                                           "dimensions), the one the sliders steer first")
     detail_dim: int = Field(description="dimensions below the steered group (a hierarchy's "
                             "lower groups), which /api/decode can redraw; 0 for one group")
+    lower_groups: list[LowerGroup] = Field(description="the groups below the steered one, in "
+                                           "the order of the detail vector")
 
 
 def whole_number(value):
@@ -146,7 +161,10 @@ def request_models(space: LatentSpace, code_range: tuple[float, float]):
                 "group at its prior mean given the groups above)")),
             detail_temperature=(Annotated[float, Field(ge=0.0, le=MAX_DETAIL_TEMPERATURE,
                                                        allow_inf_nan=False)], Field(
-                1.0, description="scale of the lower groups' noise")))
+                1.0, description="scale of the lower groups' noise")),
+            detail=(Optional[code_type(space.detail_dim, *code_range)], Field(
+                None, description="the lower groups' coordinates in their priors' own units, "
+                "z_l = mu_p + sigma_p u_l, groups in order (instead of detail_seed)")))
     decode = create_model("DecodeRequest", __config__=strict, z=(code, ...), **detail)
     encode = create_model("EncodeRequest", __config__=strict,
                           index=(integer(0, last, "test example number"), ...))

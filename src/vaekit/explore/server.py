@@ -137,7 +137,7 @@ def run_info(run, space: LatentSpace) -> dict:
         unused=space.unused, test_elbo=test_elbo, epochs=epochs,
         evaluation=read_evaluation(run.path), max_upload_bytes=MAX_UPLOAD_BYTES,
         max_image_side=MAX_IMAGE_SIDE, max_steps=MAX_STEPS, gallery_limit=GALLERY_LIMIT,
-        groups=space.groups, detail_dim=space.detail_dim)
+        groups=space.groups, detail_dim=space.detail_dim, lower_groups=space.lower_groups)
 
 
 def describe_error(error: dict) -> str:
@@ -228,12 +228,19 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
     def decode(request: DecodeRequest):
         z = torch.tensor(request.z, dtype=torch.float32)  # (D,)
         seed = getattr(request, "detail_seed", None)
-        if seed is None:
+        chosen = getattr(request, "detail", None)
+        if seed is not None and chosen is not None:
+            raise HTTPException(422, "give the lower groups' detail or a detail_seed, not both")
+        if chosen is None and seed is None:
             return {"image": picture(space.decode(z[None])[0])}
-        generator = torch.Generator().manual_seed(seed)
-        detail = request.detail_temperature * torch.randn(1, space.detail_dim,
-                                                          generator=generator)  # (1, D_lower)
-        return {"image": picture(space.decode(z[None], detail)[0])}
+        if chosen is not None:
+            detail = torch.tensor(chosen, dtype=torch.float32)[None]  # (1, D_lower)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            detail = request.detail_temperature * torch.randn(
+                1, space.detail_dim, generator=generator)  # (1, D_lower)
+        return {"image": picture(space.decode(z[None], detail)[0]),
+                "detail": detail[0].tolist()}
 
     @app.post("/api/encode", response_model=Encoded, responses=ERRORS,
               summary="The posterior mean code of a test example")

@@ -9,6 +9,8 @@ const state = {
   again: false,     // the code changed while it was
   ends: {a: null, b: null},
   detailSeed: null, // a hierarchy's lower groups: null at their prior means, else their seed
+  detail: null,     // ... or their coordinates set on their own sliders (priors' units)
+  shownDetail: [],  // the lower groups' coordinates of the picture on show
 };
 
 async function api(path, body) {
@@ -48,7 +50,7 @@ function showCode() {
 function setCode(z, image) {
   state.z = clampToApi(z);
   showCode();
-  if (image && state.detailSeed === null) {  // the server's picture has the detail at its mean
+  if (image && state.detailSeed === null && state.detail === null) {  // detail at its mean
     $("decoded").src = image;
   } else {
     redraw();
@@ -63,12 +65,17 @@ function redraw() {
   }
   state.busy = true;
   const body = {z: state.z};
-  if (state.detailSeed !== null) {
+  if (state.detail !== null) {
+    body.detail = clampToApi(state.detail);
+  } else if (state.detailSeed !== null) {
     body.detail_seed = state.detailSeed;
     body.detail_temperature = Number($("detail-temperature").value);
   }
   api("/api/decode", body)
-    .then((result) => { $("decoded").src = result.image; })
+    .then((result) => {
+      $("decoded").src = result.image;
+      if (state.info.detail_dim) showDetail(result.detail);
+    })
     .catch(fail)
     .finally(() => {
       state.busy = false;
@@ -252,22 +259,76 @@ function drawStrip() {
     .catch(fail);
 }
 
-// A hierarchy: the sliders steer its top group; the lower groups add the detail, at their prior
-// means or redrawn from their priors, so the page shows which group holds shape and which detail.
+// A hierarchy: the first sliders steer its top group; the lower groups add the detail, at their
+// prior means, redrawn from their priors, or set on their own panels (in their priors' units,
+// z_l = mu_p + sigma_p u_l), so the page shows which group holds shape and which detail.
+function showDetail(values) {
+  state.shownDetail = values ? values.slice() : new Array(state.info.detail_dim).fill(0);
+  for (const input of document.querySelectorAll("#lower-groups input")) {
+    const i = Number(input.dataset.detail);
+    input.value = state.shownDetail[i];
+    input.parentElement.querySelector("output").textContent = fmt(state.shownDetail[i]);
+  }
+}
+
+function buildLowerGroups(info) {
+  const [low, high] = info.slider_range;
+  const box = $("lower-groups");
+  box.replaceChildren();
+  for (const group of info.lower_groups) {
+    const heading = document.createElement("h3");
+    heading.textContent = `Group ${group.name}: ${group.dims} dimensions, in its prior's units`;
+    box.append(heading);
+    for (const d of group.dims_by_use) {
+      const i = group.offset + d;
+      const row = document.createElement("div");
+      row.className = "slider" + (group.unused[d] ? " unused" : "");
+      const label = document.createElement("label");
+      const id = `${group.name}-${d}`;
+      label.htmlFor = id;
+      label.textContent = `${group.name}[${d}]`;
+      const kl = document.createElement("span");
+      kl.className = "kl";
+      kl.textContent = group.unused[d] ? "unused" : `KL ${fmt(group.kl_per_dimension[d])}`;
+      label.append(kl);
+      const input = document.createElement("input");
+      Object.assign(input, {type: "range", id, min: low, max: high, step: (high - low) / 200});
+      input.dataset.detail = i;
+      input.setAttribute("aria-label", `group ${group.name} dimension ${d}`);
+      const output = document.createElement("output");
+      output.htmlFor = id;
+      input.addEventListener("input", () => {
+        if (state.detail === null) state.detail = state.shownDetail.slice();
+        state.detailSeed = null;
+        state.detail[i] = Number(input.value);
+        output.textContent = fmt(state.detail[i]);
+        redraw();
+      });
+      row.append(label, input, output);
+      box.append(row);
+    }
+  }
+  showDetail(null);
+}
+
 function setupDetail(info) {
   if (!info.detail_dim) return;
   const [top, ...lower] = info.groups;
-  $("groups-hint").textContent = `The sliders steer the top group ${top[0]} (${top[1]} ` +
+  $("groups-hint").textContent = `The sliders above steer the top group ${top[0]} (${top[1]} ` +
     `dimensions); below it ${lower.map(([name, dims]) => `${name} (${dims})`).join(", ")} ` +
-    "add the detail: at their prior means, or redrawn with the buttons under the image.";
+    "add the detail: at their prior means, redrawn with the buttons under the image, or set " +
+    "on their own panels below (0 is the prior mean given the groups above).";
   $("groups-hint").hidden = false;
   $("detail").hidden = false;
+  buildLowerGroups(info);
   $("redraw-detail").addEventListener("click", () => {
+    state.detail = null;
     state.detailSeed = Math.floor(Math.random() * 2 ** 31);
     redraw();
     say(`lower groups redrawn from their priors (seed ${state.detailSeed}); the top group kept`);
   });
   $("mean-detail").addEventListener("click", () => {
+    state.detail = null;
     state.detailSeed = null;
     redraw();
     say("lower groups at their prior means");
