@@ -119,3 +119,22 @@ def feature_cache(tmp_path_factory) -> Path:
     save_features(train_feature_net(dataset), folder / "features" /
                   f"{dataset.fingerprint()}.safetensors")
     return folder
+
+
+def assert_resumes_exactly(vaekit_cli, tmp_path, options: list) -> "Path":
+    """Train 2 epochs straight and 1 + 1 with --resume: the weights must be bit-identical.
+    Returns the straight run's folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    result = vaekit_cli("train", *options, "--epochs", "2", "--out", straight)
+    assert result.returncode == 0, result.stderr
+    assert vaekit_cli("train", *options, "--epochs", "1", "--out", split).returncode == 0
+    result = vaekit_cli("train", "--resume", split, "--epochs", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    weights = [load_file(run / "model.safetensors") for run in (straight, split)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    return straight

@@ -177,7 +177,11 @@ class TrainConfig:
                                          "Ladder VAE and NVAE): the sizes of its latent groups "
                                          "from the top down, comma separated, for example "
                                          "16,32; --latent-dim is then their sum and the first "
-                                         "--hidden size the width of its state (MLP nets)",
+                                         "--hidden size the width of its state (MLP nets); with "
+                                         "--net conv, the channels of each group's feature "
+                                         "maps, the top half of the groups at a quarter of the "
+                                         "image's side and the rest at half, the state's "
+                                         "channels the last --conv-channels (default 64)",
                                          metavar="D[,D...]", group="model")
     prior_components: Optional[int] = _opt(None, "components of the mixture prior, pseudo-inputs "
                                            "of the vamp prior (default: mixture 10, vamp 500)",
@@ -333,14 +337,20 @@ class TrainConfig:
                               f"latent dimensions, not --latent-dim {self.latent_dim}: drop "
                               "--latent-dim (it follows the groups) or make them agree")
         self.latent_dim = sum(groups)  # the groups decide; config.json stores the sum
-        for flag, value, allowed in (("--net", self.net, "mlp"), ("--prior", self.prior, "normal"),
+        for flag, value, allowed in (("--prior", self.prior, "normal"),
                                      ("--posterior", self.posterior, "auto")):
             if value != allowed and not (flag == "--posterior" and value == "gaussian"):
-                raise ConfigError(f"--latent-groups builds an MLP hierarchy with its own priors "
+                raise ConfigError(f"--latent-groups builds a hierarchy with its own priors "
                                   f"and posteriors (a standard normal top group, learned "
                                   f"Gaussians below, posteriors relative to them): use {flag} "
                                   f"{allowed}, not {value}")
-        if not self.hidden:
+        if self.net == "conv":
+            if len(groups) > 16:
+                raise ConfigError("--net conv --latent-groups takes 1 to 16 groups")
+            if self.conditional:
+                raise ConfigError("--net conv --latent-groups is unconditional: drop "
+                                  "--conditional, or use --net mlp for a conditional hierarchy")
+        elif not self.hidden:
             raise ConfigError("--latent-groups needs --hidden: its first size is the width of "
                               "the hierarchy's state, for example --hidden 400")
         if self.prior_components is not None or self.flow_steps is not None:

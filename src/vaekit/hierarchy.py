@@ -49,13 +49,14 @@ def diagonal_normal(loc: Tensor, log_scale: Tensor) -> DiagonalGaussian:
 
 
 class ResidualBlock(nn.Module):
-    """x + W2 act(W1 act(x)): a residual MLP cell of constant width. The second layer starts at a
-    1 / sqrt(depth) share of its usual size, so a deep stack starts near the identity (VDVAE)."""
+    """x + W2 act(W1 act(x)): a residual cell of constant width (layer: nn.Linear for the MLP,
+    a 3x3 convolution for images). The second layer starts at a 1 / sqrt(depth) share of its
+    usual size, so a deep stack starts near the identity (VDVAE)."""
 
-    def __init__(self, width: int, act: str, depth: int):
+    def __init__(self, width: int, act: str, depth: int, layer=nn.Linear):
         super().__init__()
-        self.first = nn.Linear(width, width)
-        self.second = nn.Linear(width, width)
+        self.first = layer(width, width)
+        self.second = layer(width, width)
         self.act = activation(act)
         with torch.no_grad():
             self.second.weight.mul_(1 / math.sqrt(depth))
@@ -184,6 +185,10 @@ class HierarchicalVAE(LatentModel):
             state = state + self.condition_in(condition)  # (B, W) broadcast over samples
         return state
 
+    def code_of(self, state: Tensor) -> Tensor:
+        """The decoder's code from the last top-down state: the state itself. (..., B, W)"""
+        return state
+
     def infer(self, x: Tensor, y: Tensor | None = None) -> "TopDownInference":
         features = [group.features(h) for group, h in
                     zip(self.top_down, self.bottom_up_features(x, y))]
@@ -207,11 +212,13 @@ class HierarchicalVAE(LatentModel):
 
     def prior_variance(self) -> Tensor:
         """Var_p(z_d) of every coordinate (D,): the top group's 1, the lower groups' marginal
-        variance estimated from 4,096 top-down draws of fixed noise (no closed form)."""
+        variance estimated from 4,096 top-down draws of fixed noise (no closed form), in
+        blocks of 256 draws."""
         generator = torch.Generator().manual_seed(0)
         eps = torch.randn(4096, self.latent_dim, generator=generator).to(self.top_state)
         with torch.no_grad():
-            draws = self.prior_draws().latents(eps)  # (4096, D)
+            draws = torch.cat([self.prior_draws().latents(block)
+                               for block in eps.split(256)])  # (4096, D)
         return draws.var(0)
 
     def point_code(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -253,7 +260,7 @@ class TopDownInference(Inference):
             z = normal.loc + normal.scale * group_eps  # (..., B, D_l)
             groups.append(LatentGroup(name, z, group_eps, q, prior))
             state = group.merge(state, z)
-        return LatentDraw(groups, code=state)
+        return LatentDraw(groups, code=model.code_of(state))
 
 
 @dataclass
@@ -277,8 +284,8 @@ class TopDownPrior:
 
     def code(self, eps: Tensor, choice: Tensor | None = None,
              condition: Tensor | None = None) -> Tensor:
-        """The decoder's code s_L of the draws made of eps (..., B, D). (..., B, W)"""
-        return self._run(eps, condition)[0]
+        """The decoder's code of the draws made of eps (..., B, D). (..., B, code_dim)"""
+        return self.model.code_of(self._run(eps, condition)[0])
 
     def latents(self, eps: Tensor, condition: Tensor | None = None) -> Tensor:
         """Every group's draw, side by side (..., B, D)."""
@@ -380,7 +387,7 @@ class GroupView(nn.Module):
         groups above, or, with detail noise (..., detail_dim), drawn from those priors: z =
         mu_p + sigma_p eps (a temperature is the noise's scale). u (..., D_l)"""
         model = self.hierarchy
-        state = self.context_state.expand(*u.shape[:-1], model.width)  # (..., W)
+        state = self.context_state.expand(*u.shape[:-1], *self.context_state.shape)  # (..., W)
         group = model.top_down[self.index]
         prior = group.prior(state).base_dist
         z = u if self.index == 0 else prior.loc + prior.scale * u  # (..., D_l)
@@ -391,7 +398,7 @@ class GroupView(nn.Module):
             normal = lower.prior(state).base_dist
             draw = normal.loc if noise is None else normal.loc + normal.scale * noise[offset]
             state = lower.merge(state, draw)
-        return model.decode(state)
+        return model.decode(model.code_of(state))
 
 
 class TopGroupView(GroupView):
@@ -428,13 +435,14 @@ def build_hierarchical_vae(config) -> HierarchicalVAE:
     """The hierarchical VAE of a ModelConfig with latent_groups set (MLP nets)."""
     from .distributions import build_likelihood
 
-    if config.net != "mlp":
-        raise ValueError("--latent-groups builds MLP hierarchies: use --net mlp (a convolutional "
-                         "hierarchy is not part of this vaekit)")
     if config.prior != "normal" or config.posterior not in ("auto", "gaussian"):
         raise ValueError("--latent-groups has its own priors and posteriors (a standard normal "
                          "top group, learned Gaussians below it, posteriors relative to them): "
                          "use --prior normal and --posterior auto")
+    if config.net == "conv":
+        from .conv_hierarchy import build_conv_hierarchical_vae
+
+        return build_conv_hierarchical_vae(config)
     if not config.hidden:
         raise ValueError("--latent-groups needs --hidden: its first size is the width of the "
                          "hierarchy's state, for example --hidden 400")
