@@ -617,9 +617,15 @@ def test_vaekit_explore_serves_and_stops_on_ctrl_c(tiny_run):
 
 
 def test_vaekit_explore_warns_when_bound_beyond_loopback(tiny_run):
+    import httpx
+
     process, address, lines = start_explore(tiny_run, "--host", "0.0.0.0")
     try:
         assert any("warning: listening on 0.0.0.0" in line for line in lines)
+        # Ctrl-C once it serves: a signal during start-up on a loaded machine can land before
+        # the server's own handler is installed
+        port = address.rsplit(":", 1)[1]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=60).status_code == 200
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
