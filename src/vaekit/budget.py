@@ -69,12 +69,17 @@ def memory_limit() -> int:
     return value
 
 
+AUTO_DATA_MEMORY = 2**30  # --data-memory auto holds at most 1 GiB of training data in memory
+
+
 def data_memory_budget(text: str, error=ConfigError) -> int:
     """Bytes of training data held in process memory (--data-memory); larger data are read from
-    their memory-mapped cache file instead. auto: a quarter of RAM, which leaves the rest for
-    the model, the page cache that serves the map and the machine's other work."""
+    their memory-mapped cache file instead. auto: a quarter of RAM and at most AUTO_DATA_MEMORY:
+    training from the map runs at the in-memory rate (benchmarks/data_scale.py: 0.95 to 1.17 x),
+    while reading data into memory costs seconds per GiB at every start and a copy per process,
+    so larger data are mapped; the rest of RAM stays for the model and the page cache."""
     if text.strip().lower() == "auto":
-        return physical_memory() // 4
+        return min(physical_memory() // 4, AUTO_DATA_MEMORY)
     return parse_size(text, "--data-memory ", error)
 
 

@@ -124,8 +124,8 @@ class TrainConfig:
                             "torchrun starts on one machine) are held in memory; larger image "
                             "data (folders, celeba, cifar10, mnist, uint8 arrays) are read from "
                             "their memory-mapped cache file, one copy in the page cache for all "
-                            "processes (0: always "
-                            "mapped; auto: a quarter of this machine's RAM; sizes such as 8G)",
+                            "processes (0: always mapped; auto: a quarter of this machine's "
+                            "RAM, at most 1G; sizes such as 8G)",
                             metavar="SIZE", group="data")
     skip_bad_images: bool = _opt(False, "leave unreadable images of an image folder out (their "
                                  "list is written beside the cache) instead of stopping at the "
