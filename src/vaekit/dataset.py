@@ -40,6 +40,8 @@ class Dataset:
     # which is what fingerprint() would compute (hashing gigabytes again would take seconds).
     known_fingerprint: str | None = field(default=None, repr=False)
     memory: str = "in memory"  # or "memory-mapped from FILE"
+    # The names of the features of tabular data (a CSV's header), for pictures; None elsewhere.
+    feature_names: list[str] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -63,7 +65,8 @@ class Dataset:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
                 "n_train": len(self.train_x), "n_test": len(self.test_x),
                 "label_names": self.label_names, "source": self.source,
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint(),
+                **({"feature_names": self.feature_names} if self.feature_names else {})}
 
 
 def split_indices(name: str, n: int, test_fraction: float, split_seed: int

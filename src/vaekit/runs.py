@@ -511,15 +511,24 @@ def run_document(config: TrainConfig, data_info: dict, pipeline: Pipeline) -> di
 
 DATA_KEYS = {"name": str, "kind": str, "shape": list, "n_train": int, "n_test": int,
              "label_names": (list, type(None)), "source": str, "fingerprint": str}
+# Keys of the data section that runs written before them lack (read as None).
+OPTIONAL_DATA_KEYS = {"feature_names": (list, type(None))}
 PIPELINE_KEYS = {"mode": str, "kind": str, "split_seed": int, "description": str,
                  "log_jacobian": (int, float)}
 PIPELINE_MODES = ("binarize", "scale", "levels", "dequantize", "standardize", "identity")
 
 
-def _check_section(section, keys: dict, where: str) -> dict:
+def _check_section(section, keys: dict, where: str, optional: dict | None = None) -> dict:
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a JSON object")
-    unknown = sorted(set(section) - set(keys))
+    optional = optional or {}
+    for key, kind in optional.items():
+        section.setdefault(key, None)
+        if not isinstance(section[key], kind):
+            raise ConfigError(f"{where}: {key!r} has the wrong type "
+                              f"({type(section[key]).__name__}); restore the run's original "
+                              "config.json")
+    unknown = sorted(set(section) - set(keys) - set(optional))
     if unknown:
         raise ConfigError(f"{where} has unknown key {unknown[0]!r}; restore the run's original "
                           "config.json")
@@ -597,7 +606,7 @@ def read_run_document(run_dir: Path) -> dict:
         if "restore" not in message and "upgrade vaekit" not in message:
             message += "; correct it or restore the run's original config.json"
         raise ConfigError(message) from None
-    data = _check_section(document["data"], DATA_KEYS, f"{where} data")
+    data = _check_section(document["data"], DATA_KEYS, f"{where} data", OPTIONAL_DATA_KEYS)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data["shape"]) \
             or not data["shape"]:
         raise ConfigError(f"{where} data: 'shape' must be a list of positive integers; restore "
@@ -605,6 +614,11 @@ def read_run_document(run_dir: Path) -> dict:
     if data["kind"] not in ("image8", "real"):
         raise ConfigError(f"{where} data: 'kind' must be image8 or real; restore the run's "
                           "original config.json")
+    if data["feature_names"] is not None and (
+            len(data["feature_names"]) != math.prod(data["shape"])
+            or not all(isinstance(name, str) for name in data["feature_names"])):
+        raise ConfigError(f"{where} data: 'feature_names' must be one name per feature; restore "
+                          "the run's original config.json")
     pipeline = _check_section(document["pipeline"], PIPELINE_KEYS, f"{where} pipeline")
     if pipeline["mode"] not in PIPELINE_MODES or pipeline["kind"] != data["kind"]:
         raise ConfigError(f"{where} pipeline: unknown mode or kind; restore the run's original "
