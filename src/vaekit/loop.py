@@ -446,6 +446,7 @@ class Trainer(TrainingState):
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
+        from .table_pictures import feature_scale
         from .viz import (class_rows_image, curves_image, examples_image, reconstruction_image,
                           save_png)
 
@@ -467,9 +468,11 @@ class Trainer(TrainingState):
             originals = self.pipeline.display(x)  # what the model encodes
             reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
         self.model.train()
-        image = class_rows_image(samples, names) if names else examples_image(samples)
+        features = feature_scale(self.dataset.shape, self.dataset.feature_names, self.pipeline)
+        image = class_rows_image(samples, names, features=features) if names else \
+            examples_image(samples, features=features)
         save_png(image, self.run_dir / "samples.png")
-        save_png(reconstruction_image(originals, reconstructions),
+        save_png(reconstruction_image(originals, reconstructions, features=features),
                  self.run_dir / "reconstructions.png")
         save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
 

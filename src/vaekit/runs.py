@@ -654,6 +654,15 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def features(self):
+        """How pictures show this run's non-image data (table_pictures.FeatureScale: the CSV
+        header's names, standardised values); None for images."""
+        from .table_pictures import feature_scale
+
+        return feature_scale(tuple(self.data["shape"]), self.data.get("feature_names"),
+                             self.pipeline)
+
 
 def check_weight_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: Path) -> None:
     """Name the first tensor the file lacks, has in excess, or holds in another shape."""
