@@ -398,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .threads import choose_threads, prepare_openmp
+
+    prepare_openmp()  # before torch is imported: OpenMP reads its wait policy once
     try:
+        threads = choose_threads()
+        if threads and os.environ.get("RANK", "0") == "0":
+            print(f"vaekit: {threads}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except VaekitError as exc:
         message = f"vaekit {args.command}: error: {exc}"

@@ -81,6 +81,19 @@ def split_indices(name: str, n: int, test_fraction: float, split_seed: int
     return order[n_test:].sort().values, order[:n_test].sort().values
 
 
+def validation_indices(n_train: int, fraction: float, split_seed: int) -> tuple[Tensor, Tensor]:
+    """The seeded split of a training split's n_train rows into rows trained on and rows held
+    out for validation (early stopping): (train positions, validation positions), each sorted.
+    Independent of the train/test split's permutation, and of --seed, like the test split."""
+    n_validation = max(1, round(n_train * fraction))
+    if n_train - n_validation < 1:
+        raise DataError(f"{n_train} training example(s) are too few to hold out a validation "
+                        "set; add data or pass --validation-fraction 0 --patience 0")
+    order = torch.randperm(n_train, generator=seeded_generator(
+        derive_seed(split_seed, "validation")))
+    return order[n_validation:].sort().values, order[:n_validation].sort().values
+
+
 def split_dataset(name: str, kind: str, x: Tensor, y: Tensor | None,
                   label_names: list[str] | None, test_fraction: float, split_seed: int,
                   source: str) -> Dataset:

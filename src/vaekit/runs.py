@@ -456,6 +456,12 @@ def check_train_state(state, where: Path) -> dict:
         raise bad("state.json: 'metrics' are not one record per epoch")
     if not isinstance(state.get("inexact_resume", False), bool):
         raise bad("state.json: 'inexact_resume' is not true or false")
+    early = state.get("early_stopping", {})
+    if not isinstance(early, dict) or ("best_epoch" in early and not (
+            isinstance(early["best_epoch"], int) and not isinstance(early["best_epoch"], bool)
+            and isinstance(early.get("best_validation_elbo"), (int, float)))):
+        raise bad("state.json: 'early_stopping' does not hold a best epoch and its validation "
+                  "ELBO")
     optimizer = state["optimizer"]
     if not isinstance(optimizer.get("param_groups"), list) \
             or not isinstance(optimizer.get("scalars", {}), dict):
