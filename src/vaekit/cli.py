@@ -468,9 +468,21 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _load(run_dir: str, device: str):
     from .device import resolve_device
-    from .runs import load_run
+    from .runs import RunLock, load_run
 
-    return load_run(run_dir, resolve_device(device))
+    run = load_run(run_dir, resolve_device(device))
+    holder = RunLock.holder(run.path)
+    if holder is not None:
+        epochs = sum(1 for m in _metrics(run.path) if m.get("complete", True))
+        print(f"vaekit: note: {run.path} is still being trained by {holder}; using the weights "
+              f"saved after epoch {epochs}", file=sys.stderr)
+    return run
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from .report import read_metrics
+
+    return [m for m in read_metrics(run_dir) if "early_stopping" not in m]
 
 
 def cmd_sample(args) -> int:

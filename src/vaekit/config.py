@@ -27,6 +27,7 @@ from .names import (
     OBJECTIVES,
     POSTERIORS,
     PRIORS,
+    builtin_name,
     posterior_problem,
     resolve_posterior,
 )
@@ -298,6 +299,7 @@ class TrainConfig:
     # ----------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check ranges and choices of every field; raise ConfigError naming the first bad one."""
+        self.data = builtin_name(self.data)  # --data MNIST is mnist, with mnist's preset
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
         check_seed("--seed", self.seed)

@@ -47,11 +47,11 @@ from .errors import DataError
 from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
 from .image_datasets import load_celeba, load_cifar10
 from .image_folder import load_image_folder, read_image_folder
-from .names import LEVEL_LIKELIHOODS
+from .names import BUILTIN_DATASETS, LEVEL_LIKELIHOODS, builtin_name
 from .randomness import fixed_uniform
 from .safefiles import check_regular, open_regular, real_folder
 
-BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
+BUILTIN = BUILTIN_DATASETS
 ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
 # Classes a label column may name: a conditional model has one input per class, and a column
 # of a billion distinct values is a measurement, not a class.
@@ -72,6 +72,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     Image folders go through the decode-once cache: skip_bad_images leaves unreadable images
     out, fast_resize shrinks them in the decoder (image_decode.py), and data over data_memory
     (--data-memory) are memory-mapped from the cache instead of held in memory."""
+    name = builtin_name(name)  # MNIST, Digits, ...
     if name == "digits":
         return load_digits(test_fraction, split_seed)
     if name in ("mnist", "fashion-mnist"):
@@ -86,8 +87,13 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
                            progress=progress)
     path = Path(name).expanduser()
     if not path.exists():
-        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, cifar10, "
-                        "celeba, or the path of an image folder or a .npy/.npz/.csv file")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(f"unknown dataset {name!r}{hint}: use digits, mnist, fashion-mnist, "
+                        "cifar10, celeba, or the path of an image folder or a .npy/.npz/.csv "
+                        "file")
     if path.is_dir():
         return load_image_folder(path, image_size, channels, test_fraction=test_fraction,
                                  split_seed=split_seed, skip_bad=skip_bad_images,

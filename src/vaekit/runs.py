@@ -710,6 +710,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     document = read_run_document(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
+        holder = RunLock.holder(run_dir)
+        if holder is not None:
+            raise RunError(f"{run_dir} is being trained by {holder} and has not finished its "
+                           "first epoch yet; wait for it (its weights appear as "
+                           "model.safetensors after each epoch)")
         raise RunError(f"{run_dir}: model.safetensors is missing; the run has not finished an "
                        "epoch yet, or the file was removed (resume with vaekit train --resume)")
     config = document["config"]

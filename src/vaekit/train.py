@@ -85,6 +85,36 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     return dataset, pipeline, config
 
 
+# Options of decoding images, and the built-in data that read them (image folders too).
+DECODING_OPTIONS = {"image_size": ("cifar10", "celeba"), "channels": ("cifar10", "celeba"),
+                    "skip_bad_images": ("celeba",), "fast_resize": ("celeba",)}
+
+
+def inapplicable_options(config: TrainConfig, pipeline: Pipeline) -> list[str]:
+    """A warning line for each option set away from its default that these data or this
+    model never read (--image-size on a CSV, --conv-channels on an MLP, ...)."""
+    defaults = TrainConfig()
+    given = (lambda name: getattr(config, name) != getattr(defaults, name))
+    flag = (lambda name: "--" + ("no-" if getattr(config, name) is False and
+                                 getattr(defaults, name) is True else "") + name.replace("_", "-"))
+    folder = Path(config.data).is_dir()
+    kind = {".csv": "a CSV table", ".npy": "an array file", ".npz": "an array file"}.get(
+        Path(config.data).suffix.lower(), config.data)
+    lines = []
+    for name, readers in DECODING_OPTIONS.items():
+        if given(name) and not folder and config.data not in readers:
+            where = "image folders" + "".join(f", {r}" for r in readers)
+            lines.append(f"warning: {flag(name)} applies to {where}; {kind} does not read it, "
+                         "so it is ignored")
+    if given("conv_channels") and config.net != "conv":
+        lines.append(f"warning: --conv-channels applies to --net conv; this run's net is "
+                     f"{config.net}, so it is ignored")
+    if given("binarize") and pipeline.mode != "binarize":
+        lines.append(f"warning: --binarize applies to the Bernoulli likelihood's binarisation; "
+                     f"this run's likelihood is {config.likelihood}, so it is ignored")
+    return lines
+
+
 def build_model(config: TrainConfig, data_shape: tuple[int, ...],
                 label_names: list[str] | None = None) -> VAE:
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
@@ -195,6 +225,8 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         dataset, pipeline, config = prepare_data(config)
         if resume is None:
             config = config.with_presets(len(dataset.train_x), dataset.kind).validate()
+            for line in inapplicable_options(config, pipeline) if dist.is_main else ():
+                log(line)
         if resume is not None:
             run_dir = Path(resume)
             document = read_run_document(run_dir)
