@@ -178,7 +178,8 @@ def curves_image(metrics: list[dict]) -> Image.Image:
     Runs trained on another objective add its curve (IWAE bound), and runs whose KL weight
     moves add the beta used, so the effect of a schedule can be read off beside the KL.
     """
-    rows = [m for m in metrics if "test_elbo" in m]
+    # (early stopping's last record restates its best epoch: a point already drawn)
+    rows = [m for m in metrics if "test_elbo" in m and "early_stopping" not in m]
     epochs = [m["epoch"] for m in rows]
     panels = []
     for key, label in (("elbo", "ELBO"), ("reconstruction", "reconstruction E_q[log p(x|z)]"),
