@@ -187,6 +187,9 @@ def curves_image(metrics: list[dict]) -> Image.Image:
         chart = Chart(title=f"{label} per example", xlabel="epoch", ylabel="nats", height=300)
         chart.add(epochs, [m.get(f"train_{key}", math.nan) for m in rows], label="train")
         chart.add(epochs, [m[f"test_{key}"] for m in rows], label="test")
+        if key == "elbo" and any("validation_elbo" in m for m in rows):  # early stopping's
+            chart.add(epochs, [m.get("validation_elbo", math.nan) for m in rows],
+                      label="validation")
         if key == "elbo" and any("test_iwae" in m for m in rows):
             chart.add(epochs, [m.get("test_iwae", math.nan) for m in rows],
                       label="test IWAE bound")
