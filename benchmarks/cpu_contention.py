@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, record, today  # noqa: E402
+from common import commit, machine, record, today  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -104,10 +104,8 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
     if not args.no_record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
         record("CPU contention: thread settings beside busy loops (benchmarks/cpu_contention.py)",
-               f"{today()}, commit {commit}, {machine()}; `vaekit train` on digits, "
+               f"{today()}, commit {commit()}, {machine()}; `vaekit train` on digits, "
                f"{args.epochs} epochs per arm, {args.repeats} repeat(s), the machine shared with "
                "other work (the load average includes it).\n\n" + "\n".join(lines))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, record, today  # noqa: E402
+from common import commit, machine, record, today  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 ARMS = {
@@ -100,10 +100,8 @@ def main() -> None:
         print(said)
         lines.append(f"\nThe preset's line (seed 0): `{said}`")
     if not args.no_record:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
         record("Small tables: breast cancer, 455 training rows (benchmarks/small_data.py)",
-               f"{today()}, commit {commit}, {machine()}; `vaekit train` on scikit-learn's "
+               f"{today()}, commit {commit()}, {machine()}; `vaekit train` on scikit-learn's "
                f"breast-cancer table as CSV (30 features, text labels, 455 train / 114 test "
                f"rows), {args.seeds} seed(s); nats per example, Gaussian likelihood (a density "
                "of the original units, so values above 0 are possible); times on a machine "
