@@ -47,10 +47,12 @@ def test_tabular_runs_keep_class_names_and_feature_names(table_run, tmp_path):
     result = run_vaekit("sample", run, "--label", "BIG", "-n", "4", "--out", tmp_path / "s.png")
     assert result.returncode == 0, result.stderr
     assert "y = big (class 0)" in result.stdout
-    result = run_vaekit("traverse", run, "--out", tmp_path / "t.png")
+    result = run_vaekit("reconstruct", run, "-n", "8", "--out", tmp_path / "r.png")
     assert result.returncode == 0, result.stderr
-    picture = Image.open(tmp_path / "t.png")
-    assert picture.height > 2 * 9 * 14  # two blocks of nine rows of 14-pixel cells, with names
+    picture = Image.open(tmp_path / "r.png")
+    # a block of 8 inputs and one of 8 reconstructions (14-pixel rows), the feature names above
+    # and the colour bar below
+    assert picture.height > 2 * 8 * 14 + 62 + 40
 
 
 def test_dataset_names_match_in_any_case():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vaekit.data import Pipeline
@@ -62,3 +63,34 @@ def test_table_image_draws_names_blocks_and_bar():
         for j in range(2):
             cell = pixels[top + i * CELL + CELL // 2, 4 + j * CELL + CELL // 2]
             assert (cell == expected[i, j]).all()
+
+
+def test_breast_cancer_columns_all_carry_their_variation(tmp_path):
+    """scikit-learn's breast-cancer table as a CSV with text labels: on one colour map over raw
+    values the two area columns (hundreds) leave the other 28 one colour; standardised, every
+    column spans the map."""
+    import csv
+
+    datasets = pytest.importorskip("sklearn.datasets")
+    from vaekit.data import load_dataset
+    from vaekit.viz import vector_rows
+
+    table = datasets.load_breast_cancer()
+    with open(tmp_path / "bc.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*table.feature_names, "label"])
+        for row, target in zip(table.data, table.target):
+            writer.writerow([*map(float, row), table.target_names[target]])
+    dataset = load_dataset(str(tmp_path / "bc.csv"))
+    assert dataset.label_names == ["benign", "malignant"] and dataset.shape == (30,)
+    assert dataset.feature_names == list(table.feature_names)
+    pipeline = Pipeline.build(dataset, "gaussian", "dynamic", 0)
+    scale = feature_scale(dataset.shape, dataset.feature_names, pipeline)
+    x = dataset.test_x  # (114, 30)
+    raw = np.asarray(vector_rows(x, cell=1)).astype(float)  # (114, 30, 3)
+    flat_raw = (raw.std(0).max(-1) < 8).sum()  # columns whose colour barely changes
+    shown = colours(scale.values(x), scale.limits).astype(float)  # (114, 30, 3)
+    flat_shown = (shown.std(0).max(-1) < 8).sum()
+    assert flat_raw >= 25 and flat_shown == 0
+    picture = examples_image(x, features=scale)
+    assert picture.width >= 30 * CELL
