@@ -68,8 +68,13 @@ def test_small_tables_get_the_early_stopping_preset():
     big = TrainConfig(data="table.csv").with_presets(50_000, "real")
     assert big.epochs == GENERIC_PRESET["epochs"] and big.patience == 0
     assert TrainConfig(data="digits").with_presets(1438, "image8").patience == 0
-    # what the user gave wins over the preset
+    # what the user gave wins over the preset; --epochs N trains N epochs of the generic batch
     assert TrainConfig(data="t.csv", patience=0).with_presets(455, "real").patience == 0
+    given = TrainConfig(data="t.csv", epochs=50).with_presets(455, "real")
+    assert (given.epochs, given.batch_size, given.patience, given.validation_fraction) == (
+        50, 128, 0, 0.0)
+    asked = TrainConfig(data="t.csv", epochs=50, patience=5).with_presets(455, "real")
+    assert (asked.patience, asked.validation_fraction) == (5, 0.2)
     with pytest.raises(ConfigError, match="--validation-fraction 0 holds no validation rows"):
         TrainConfig(patience=5, validation_fraction=0.0).validate()
 

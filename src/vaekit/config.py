@@ -267,12 +267,14 @@ class TrainConfig:
                                            exclusive_minimum=True, metavar="NORM")
     validation_fraction: Optional[float] = _opt(
         None, "share of the training split held out (seeded by --split-seed) to choose when to "
-        "stop: its ELBO is logged every epoch as validation_elbo (default: 0.2 for tables of at "
-        "most 20,000 rows, 0 otherwise)", minimum=0.0, maximum=0.5)
+        "stop: its ELBO is logged every epoch as validation_elbo (default: 0.2 with --patience, "
+        "and for tables of at most 20,000 rows without --epochs; 0 otherwise)", minimum=0.0,
+        maximum=0.5)
     patience: Optional[int] = _opt(
         None, "early stopping: stop when the validation ELBO has not improved for N epochs and "
         "restore the weights of its best epoch (0: train all --epochs; default: 100 for tables "
-        "of at most 20,000 rows, with up to 3000 epochs, else 0)", minimum=0, metavar="N")
+        "of at most 20,000 rows without --epochs, with up to 3000 epochs, else 0)", minimum=0,
+        metavar="N")
     seed: int = _opt(0, "seed of initialisation, data order and sampling noise")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", metavar="DEVICE")
     precision: str = _opt("fp32", "arithmetic of the networks while training: fp32, or bf16 "
@@ -381,10 +383,15 @@ class TrainConfig:
     def with_presets(self, n_train: int | None = None, kind: str | None = None) -> "TrainConfig":
         """Fill fields left unset from the dataset's preset; data other than the built-in
         sets: the small-table preset for real-valued data of at most SMALL_TABLE_ROWS training
-        rows (n_train, kind: of the loaded data), else the generic one."""
-        preset = DATASET_PRESETS.get(self.data) or preset_for_size(n_train, kind)
-        return dataclasses.replace(self, **{k: v for k, v in preset.items()
-                                            if getattr(self, k) is None})
+        rows (n_train, kind: of the loaded data) when --epochs is not given (it lets the data
+        choose how long), else the generic one. A --patience given without
+        --validation-fraction holds out the small-table preset's share."""
+        preset = DATASET_PRESETS.get(self.data) or preset_for_size(n_train, kind, self.epochs)
+        filled = dataclasses.replace(self, **{k: v for k, v in preset.items()
+                                              if getattr(self, k) is None})
+        if filled.patience and self.validation_fraction is None:
+            filled.validation_fraction = SMALL_TABLE_PRESET["validation_fraction"]
+        return filled
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -443,9 +450,11 @@ class TrainConfig:
         return cls(**kwargs).validate()
 
 
-def preset_for_size(n_train: int | None, kind: str | None) -> dict:
-    """The preset of data without their own: by their size and kind."""
-    if kind == "real" and n_train is not None and n_train <= SMALL_TABLE_ROWS:
+def preset_for_size(n_train: int | None, kind: str | None, epochs: int | None = None) -> dict:
+    """The preset of data without their own: by their size and kind, and whether the user
+    said how many epochs (then the generic one: N epochs of batch 128, as before the
+    small-table preset)."""
+    if kind == "real" and n_train is not None and n_train <= SMALL_TABLE_ROWS and epochs is None:
         return SMALL_TABLE_PRESET
     return GENERIC_PRESET
 
