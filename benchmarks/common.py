@@ -74,6 +74,12 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
+def commit() -> str:
+    """The short hash of the checkout's HEAD, for RESULTS.md."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def matmul_peak(batch: int = 128, repeats: int = 300) -> float:
     """FLOP/s of exactly the matrix products of one training step of the 784-400-20 VAE."""
     import time

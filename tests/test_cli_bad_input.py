@@ -267,8 +267,21 @@ case("csv-nan", "non-finite value (nan)", "remove or fill missing values")(
     lambda f, r: train("--data", csv(f, "a,b\n0.1,0.2\nnan,0.3\n0.5,0.6\n")))
 case("csv-inf", "non-finite value (-inf)", "remove or fill missing values")(
     lambda f, r: train("--data", csv(f, "0.1,0.2\n-inf,0.3\n0.5,0.6\n")))
-case("csv-string", "line 3, column 2 is 'abc', not a number", "must be numeric")(
+case("csv-string", "line 3, column 2 ('b') is 'abc', not a number", "must be numeric")(
     lambda f, r: train("--data", csv(f, "a,b\n0.1,0.2\n0.3,abc\n")))
+case("csv-class-names-unnamed-column", "column 2 ('diagnosis') is 'benign'",
+     "named one of label, labels, y, class, target")(
+    lambda f, r: train("--data", csv(f, "a,diagnosis\n0.1,benign\n0.3,malignant\n")))
+case("csv-empty-label", "line 3 has an empty 'Label'", "give every row its class")(
+    lambda f, r: train("--data", csv(f, "a,Label\n0.1,cat\n0.2,\n0.3,dog\n")))
+case("patience-without-validation", "--validation-fraction 0 holds no validation rows",
+     "give --validation-fraction 0.2")(
+    lambda f, r: train("--patience", "5", "--validation-fraction", "0"))
+case("validation-fraction-too-large", "--validation-fraction must be at most 0.5", "0.5")(
+    lambda f, r: train("--validation-fraction", "0.9"))
+case("dataset-misspelt", "unknown dataset 'fashion-mnst' (did you mean fashion-mnist?)",
+     "use digits, mnist")(
+    lambda f, r: train("--data", "fashion-mnst"))
 case("csv-ragged", "line 2 has 3 columns, expected 2", "same number of values")(
     lambda f, r: train("--data", csv(f, "0.1,0.2\n0.3,0.4,0.5\n")))
 case("csv-empty", "empty CSV file", "one row of numbers per example")(

@@ -148,6 +148,36 @@ def test_numeric_arrays(tmp_path):
     assert data.shape == (2,) and data.label_names == ["0", "1"] and len(data.test_x) == 1
 
 
+def test_csv_text_labels_become_class_names(tmp_path):
+    rows = ["radius,texture,Diagnosis"] + [f"{i},{i * 2 + 0.5},{'malignant' if i % 3 else 'benign'}"
+                                           for i in range(12)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    # "Diagnosis" is not a label column name: its text is refused, naming the names that are
+    with pytest.raises(DataError, match="'Diagnosis'.*named one of label, labels, y, class"):
+        load_dataset(str(tmp_path / "t.csv"))
+    (tmp_path / "t.csv").write_text("\n".join(rows).replace("Diagnosis", "Label") + "\n")
+    data = load_dataset(str(tmp_path / "t.csv"), test_fraction=0.25)
+    assert data.label_names == ["benign", "malignant"]  # sorted names, classes 0 and 1
+    assert data.feature_names == ["radius", "texture"] and data.shape == (2,)
+    x = torch.cat([data.train_x, data.test_x])[:, 0]  # radius is the row number i
+    y = torch.cat([data.train_y, data.test_y])
+    assert torch.equal(y, torch.tensor([0 if int(i) % 3 == 0 else 1 for i in x]))
+    assert data.info()["feature_names"] == ["radius", "texture"]
+
+
+@pytest.mark.parametrize("column", ["label", "labels", "y", "class", "target", "TARGET"])
+def test_csv_label_column_names(tmp_path, column):
+    (tmp_path / "t.csv").write_text(f"a,{column}\n1,cat\n2,dog\n3,cat\n4,dog\n5,cat\n")
+    data = load_dataset(str(tmp_path / "t.csv"))
+    assert data.label_names == ["cat", "dog"] and data.shape == (1,)
+
+
+def test_csv_empty_label_is_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("a,label\n1,cat\n2,\n3,dog\n")
+    with pytest.raises(DataError, match="line 3 has an empty 'label'"):
+        load_dataset(str(tmp_path / "t.csv"))
+
+
 @pytest.mark.parametrize("content,message", [
     ("1,2\n3,x\n", "line 2, column 2"),
     ("1,2\n3\n", "line 2 has 1 columns"),

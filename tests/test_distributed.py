@@ -225,7 +225,7 @@ def test_one_process_run_resumes_on_two_with_nproc(tmp_path):
     run = train_tiny(tmp_path / "run", epochs=1, batch_size=64, **SMALL_CONFIG)
     result = vaekit("train", "--resume", run, "--epochs", "2", "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming" in result.stdout and "x 2 processes (gloo)" in result.stdout
+    assert "resumed from step" in result.stdout and "x 2 processes (gloo)" in result.stdout
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 44
     straight = train_tiny(tmp_path / "straight", epochs=2, batch_size=64, **SMALL_CONFIG)

@@ -410,7 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .threads import choose_threads, prepare_openmp
+
+    prepare_openmp()  # before torch is imported: OpenMP reads its wait policy once
     try:
+        threads = choose_threads()
+        if threads and os.environ.get("RANK", "0") == "0":
+            print(f"vaekit: {threads}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except VaekitError as exc:
         message = f"vaekit {args.command}: error: {exc}"
@@ -474,9 +480,21 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def _load(run_dir: str, device: str):
     from .device import resolve_device
-    from .runs import load_run
+    from .runs import RunLock, load_run
 
-    return load_run(run_dir, resolve_device(device))
+    run = load_run(run_dir, resolve_device(device))
+    holder = RunLock.holder(run.path)
+    if holder is not None:
+        epochs = sum(1 for m in _metrics(run.path) if m.get("complete", True))
+        print(f"vaekit: note: {run.path} is still being trained by {holder}; using the weights "
+              f"saved after epoch {epochs}", file=sys.stderr)
+    return run
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from .report import read_metrics
+
+    return [m for m in read_metrics(run_dir) if "early_stopping" not in m]
 
 
 def cmd_sample(args) -> int:
@@ -514,7 +532,8 @@ def cmd_sample(args) -> int:
                                    temperature=args.temperature)  # (count, *shape)
     shown = pipeline.display(samples)
     with _writing(out):
-        save_png(class_rows_image(shown, names) if grid else examples_image(shown), out)
+        save_png(class_rows_image(shown, names, features=run.features) if grid else
+                 examples_image(shown, features=run.features), out)
     given = f", y = {names[label]} (class {label})" if label is not None else \
         f", one row per class ({len(names)} classes)" if grid else ""
     tempered = f" at temperature {args.temperature:g}" if args.temperature != 1.0 else ""
@@ -553,8 +572,8 @@ def cmd_reconstruct(args) -> int:
         y = None if labels is None else labels.to(device)
         reconstructions = run.model.reconstruct(x, y)
     with _writing(out):
-        save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions)),
-                 out)
+        save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions),
+                                      features=run.features), out)
     print(f"wrote {out} ({len(raw)} {args.split} examples above their reconstructions)")
     return 0
 
@@ -876,7 +895,7 @@ def cmd_interpolate(args) -> int:
     _check_decoding(f"--steps {args.steps}", args.steps, run)
     interpolation = space.interpolation(start, end, args.steps, args.mode)
     with _writing(out):
-        save_png(interpolation_image(interpolation), out)
+        save_png(interpolation_image(interpolation, run.features), out)
     print(f"wrote {out} (test examples {start} -> {end}, {args.steps} codes on a "
           f"{interpolation.mode} path)")
     return 0
@@ -892,7 +911,7 @@ def cmd_traverse(args) -> int:
     _check_decoding(f"--steps {args.steps} ({rows} rows)", rows * args.steps, run)
     traversal = space.traversal(args.dims, args.steps, args.width, args.base)
     with _writing(out):
-        save_png(traversal_image(traversal), out)
+        save_png(traversal_image(traversal, run.features), out)
     rows = ", ".join(f"z{d} {kl:.2f}" + (" (unused)" if unused else "")
                      for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(),
                                               traversal.unused))
@@ -909,7 +928,7 @@ def cmd_manifold(args) -> int:
     _check_decoding(f"--grid {args.grid} ({args.grid}**2 codes)", args.grid ** 2, run)
     manifold = space.manifold(args.grid, args.base)
     with _writing(out):
-        save_png(manifold_image(manifold), out)
+        save_png(manifold_image(manifold, run.features), out)
     x_dim, y_dim = manifold.dims
     plane = "the whole 2-D latent space" if space.latent_dim == 2 else (
         f"the plane of z{x_dim} and z{y_dim}, the others at {manifold.base_name}")

@@ -47,11 +47,11 @@ from .errors import DataError
 from .image_decode import GREY_MODES, IMAGE_SUFFIXES  # noqa: F401 (re-exported)
 from .image_datasets import load_celeba, load_cifar10
 from .image_folder import load_image_folder, read_image_folder
-from .names import LEVEL_LIKELIHOODS
+from .names import BUILTIN_DATASETS, LEVEL_LIKELIHOODS, builtin_name
 from .randomness import fixed_uniform
 from .safefiles import check_regular, open_regular, real_folder
 
-BUILTIN = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
+BUILTIN = BUILTIN_DATASETS
 ARRAY_SUFFIXES = {".npy", ".npz", ".csv"}
 # Classes a label column may name: a conditional model has one input per class, and a column
 # of a billion distinct values is a measurement, not a class.
@@ -72,6 +72,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     Image folders go through the decode-once cache: skip_bad_images leaves unreadable images
     out, fast_resize shrinks them in the decoder (image_decode.py), and data over data_memory
     (--data-memory) are memory-mapped from the cache instead of held in memory."""
+    name = builtin_name(name)  # MNIST, Digits, ...
     if name == "digits":
         return load_digits(test_fraction, split_seed)
     if name in ("mnist", "fashion-mnist"):
@@ -86,8 +87,13 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
                            progress=progress)
     path = Path(name).expanduser()
     if not path.exists():
-        raise DataError(f"unknown dataset {name!r}: use digits, mnist, fashion-mnist, cifar10, "
-                        "celeba, or the path of an image folder or a .npy/.npz/.csv file")
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(f"unknown dataset {name!r}{hint}: use digits, mnist, fashion-mnist, "
+                        "cifar10, celeba, or the path of an image folder or a .npy/.npz/.csv "
+                        "file")
     if path.is_dir():
         return load_image_folder(path, image_size, channels, test_fraction=test_fraction,
                                  split_seed=split_seed, skip_bad=skip_bad_images,
@@ -340,16 +346,17 @@ def load_idx_dataset(name: str, data_dir: str | None = None, download: bool = Tr
 
 
 def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Dataset:
-    """.npy (one array), .npz (x[, y][, x_test[, y_test]]) or .csv (numbers; a 'label' column)."""
+    """.npy (one array), .npz (x[, y][, x_test[, y_test]]) or .csv (numbers under an optional
+    header naming the features; a label column of class numbers or names)."""
     suffix = path.suffix.lower()
     test_x = test_y = y = None
-    label_names = None
+    label_names = feature_names = None
     if suffix == ".npy":
         x = _load_numpy(path)
     elif suffix == ".npz":
         x, y, test_x, test_y = _load_npz(path)
     else:
-        x, y, label_names = _load_csv(path)
+        x, y, label_names, feature_names = _load_csv(path)
     name = str(path)
     x, kind = _array_to_tensor(x, path)
     y = _labels_to_tensor(y, len(x), path, "y")
@@ -366,8 +373,10 @@ def load_array_file(path: Path, test_fraction: float, split_seed: int) -> Datase
         return Dataset(name, kind, x, test_x, y, test_y, label_names, source=str(path.resolve()))
     if y is not None and label_names is None:
         (y,), label_names = class_labels([y], path)
-    return split_dataset(name, kind, x, y, label_names, test_fraction, split_seed,
-                         source=str(path.resolve()))
+    dataset = split_dataset(name, kind, x, y, label_names, test_fraction, split_seed,
+                            source=str(path.resolve()))
+    dataset.feature_names = feature_names
+    return dataset
 
 
 def class_labels(labels: list[Tensor], path: Path) -> tuple[list[Tensor], list[str]]:
@@ -448,10 +457,15 @@ def _load_npz(path: Path):
     return arrays["x"], arrays.get("y"), arrays.get("x_test"), arrays.get("y_test")
 
 
+# Header names of a CSV's label column, matched without regard to case (the first one found).
 LABEL_COLUMNS = ("label", "labels", "y", "class", "target")
 
 
 def _load_csv(path: Path):
+    """A CSV table -> (features (N, D) float64, labels (N,) or None, class names or None,
+    feature names (D,) or None). A header line names the features; its label column (one of
+    LABEL_COLUMNS) may hold class numbers or class names (text): names are sorted and become
+    classes 0, 1, ...; the run keeps them for its pictures and the explorer."""
     size = check_regular(path, "a CSV file", DataError).st_size
     # Each value takes at least 2 characters ("0,") and is held as 8 bytes, plus Python's lists.
     check_bytes(f"{path} ({size:,} bytes of CSV)", size * 4, "use a smaller file or save the "
@@ -476,29 +490,53 @@ def _load_csv(path: Path):
     if not rows:
         raise DataError(f"{path}: CSV has a header but no rows of data")
     width = len(header) if header else len(rows[0])
+    label_column = None
+    if header:
+        label_column = next((j for j, h in enumerate(header) if h.lower() in LABEL_COLUMNS), None)
     values = np.empty((len(rows), width), dtype=np.float64)
+    label_cells = []
     for i, row in enumerate(rows):
         line = i + (2 if header else 1)
         if len(row) != width:
             raise DataError(f"{path}: line {line} has {len(row)} columns, expected {width}; give "
                             "every row the same number of values")
         for j, cell in enumerate(row):
+            if j == label_column:
+                label_cells.append(cell.strip())
+                continue
             try:
                 values[i, j] = float(cell)
             except ValueError:
-                raise DataError(f"{path}: line {line}, column {j + 1} is {cell.strip()!r}, not a "
-                                "number; CSV data must be numeric (a header line is allowed)") \
-                    from None
-    label_column = None
-    if header:
-        label_column = next((j for j, h in enumerate(header) if h.lower() in LABEL_COLUMNS), None)
+                named = f" ({header[j]!r})" if header else ""
+                labels_hint = (f"; a column of class names must be named one of "
+                               f"{', '.join(LABEL_COLUMNS)}" if header else "")
+                raise DataError(f"{path}: line {line}, column {j + 1}{named} is "
+                                f"{cell.strip()!r}, not a number; CSV features must be numeric "
+                                f"(a header line is allowed){labels_hint}") from None
     if label_column is None:
-        return values, None, None
-    labels = values[:, label_column]
+        return values, None, None, header
     features = np.delete(values, label_column, axis=1)
+    feature_names = header[:label_column] + header[label_column + 1:]
     if features.shape[1] == 0:
         raise DataError(f"{path}: only a label column; add feature columns")
-    return features, labels, None
+    labels, names = _csv_labels(label_cells, path, header[label_column])
+    return features, labels, names, feature_names
+
+
+def _csv_labels(cells: list[str], path: Path, column: str):
+    """The cells of a label column -> (labels, class names): numbers stay class numbers (names
+    None, decided by class_labels); any text makes every distinct cell a class name, sorted."""
+    if "" in cells:
+        line = cells.index("") + 2
+        raise DataError(f"{path}: line {line} has an empty {column!r}; give every row its class")
+    if all(_is_number(cell) for cell in cells):
+        return np.array([float(cell) for cell in cells]), None
+    names = sorted(set(cells))
+    check_at_most(f"{path}: the {column!r} column's distinct class names", len(names),
+                  MAX_CLASSES, "a conditional model has one input per class; give a column of "
+                  "classes, not free text", DataError)
+    index = {name: k for k, name in enumerate(names)}
+    return np.array([index[cell] for cell in cells], dtype=np.int64), names
 
 
 def _is_number(cell: str) -> bool:

@@ -40,6 +40,8 @@ class Dataset:
     # which is what fingerprint() would compute (hashing gigabytes again would take seconds).
     known_fingerprint: str | None = field(default=None, repr=False)
     memory: str = "in memory"  # or "memory-mapped from FILE"
+    # The names of the features of tabular data (a CSV's header), for pictures; None elsewhere.
+    feature_names: list[str] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -63,7 +65,8 @@ class Dataset:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
                 "n_train": len(self.train_x), "n_test": len(self.test_x),
                 "label_names": self.label_names, "source": self.source,
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint(),
+                **({"feature_names": self.feature_names} if self.feature_names else {})}
 
 
 def split_indices(name: str, n: int, test_fraction: float, split_seed: int
@@ -76,6 +79,19 @@ def split_indices(name: str, n: int, test_fraction: float, split_seed: int
                         "(at least 2 examples) or lower --test-fraction")
     order = torch.randperm(n, generator=seeded_generator(derive_seed(split_seed, "split")))
     return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+def validation_indices(n_train: int, fraction: float, split_seed: int) -> tuple[Tensor, Tensor]:
+    """The seeded split of a training split's n_train rows into rows trained on and rows held
+    out for validation (early stopping): (train positions, validation positions), each sorted.
+    Independent of the train/test split's permutation, and of --seed, like the test split."""
+    n_validation = max(1, round(n_train * fraction))
+    if n_train - n_validation < 1:
+        raise DataError(f"{n_train} training example(s) are too few to hold out a validation "
+                        "set; add data or pass --validation-fraction 0 --patience 0")
+    order = torch.randperm(n_train, generator=seeded_generator(
+        derive_seed(split_seed, "validation")))
+    return order[n_validation:].sort().values, order[:n_validation].sort().values
 
 
 def split_dataset(name: str, kind: str, x: Tensor, y: Tensor | None,

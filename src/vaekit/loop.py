@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .budget import check_elements
 from .config import TrainConfig
 from .data import Dataset, Pipeline, perturb_pixels
+from .dataset import validation_indices
 from .distributed import DistContext
 from .errors import ConfigError, TrainingError
 from .estimate import bits_per_dim, elbo_per_example, iwae_per_example
@@ -92,7 +93,15 @@ class Trainer(TrainingState):
                               f"{dist.world_size}")
         self.local_batch = self.batch_size // dist.world_size
         self.rows = dist.rows(self.batch_size)
-        n_train = len(dataset.train_x)
+        # --validation-fraction: rows of the training split held out to choose when to stop
+        kept, held = (validation_indices(len(dataset.train_x), config.validation_fraction,
+                                         config.split_seed)
+                      if config.validation_fraction else (None, None))
+        select = (lambda t: t if kept is None or t is None else t.index_select(0, kept))
+        self.validation_x = None if held is None else dataset.train_x.index_select(0, held)
+        self.validation_y = None if held is None or not config.conditional else \
+            dataset.train_y.index_select(0, held)
+        n_train = len(dataset.train_x) if kept is None else len(kept)
         if n_train < self.batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the {n_train} "
                               f"training examples; lower --batch-size")
@@ -100,17 +109,18 @@ class Trainer(TrainingState):
         # Mapped data (over --data-memory) stay in the host's page cache on an accelerator too:
         # each batch is gathered there and sent; in-memory data move to the device once.
         self.host_rows = dataset.mapped and device.type != "cpu"
-        self.train_x = dataset.train_x if self.host_rows else dataset.train_x.to(device)
+        self.train_x = select(dataset.train_x) if self.host_rows else \
+            select(dataset.train_x).to(device)
         if config.binarize == "fixed" and pipeline.mode == "binarize":
             # one float per pixel, in memory: a mapped dataset may not fit
             check_elements(f"--binarize fixed ({dataset.train_x.numel():,} training pixels "
                            "binarised once, as floats)", dataset.train_x.numel(), 4,
                            "use --binarize dynamic", ConfigError)
-            self.train_x = pipeline.fixed(dataset.train_x, 0, split="train").to(device)
+            self.train_x = select(pipeline.fixed(dataset.train_x, 0, split="train")).to(device)
             self.train_mode = "identity"
         else:
             self.train_mode = pipeline.mode
-        self.train_y = dataset.train_y.to(device) if config.conditional else None
+        self.train_y = select(dataset.train_y).to(device) if config.conditional else None
         self.test_y = dataset.test_y if config.conditional else None
         self.training_objective = build_objective(config)
         self.model.to(device)
@@ -132,6 +142,7 @@ class Trainer(TrainingState):
         # no device synchronisation); elsewhere losses are checked when they are logged.
         self.check_each_step = device.type == "cpu" and not dist.enabled
         self.last_pictures = -float("inf")  # time.monotonic() of the last samples/curves PNGs
+        self.best_weights: dict[str, Tensor] | None = None  # --patience: of the best epoch
 
     # --- the loop ---------------------------------------------------------------------------
     def batch_rows(self, index: Tensor) -> Tensor:
@@ -230,7 +241,7 @@ class Trainer(TrainingState):
         last_checkpoint = time.monotonic()
         shape = self.dataset.shape
         n_train = len(self.train_x)
-        while self.progress.epoch < config.epochs:
+        while self.progress.epoch < config.epochs and not self.stopped_early:
             epoch = self.progress.epoch
             for group in self.optimizer.param_groups:  # a function of the epoch: resumes exactly
                 group["lr"] = self.epoch_lr(epoch)
@@ -300,9 +311,14 @@ class Trainer(TrainingState):
                 self.end_of_epoch(complete=False)
             if stop_reason == "time":
                 return "time"
-            if stop_reason == "signal" and self.progress.epoch < config.epochs:
+            if stop_reason == "signal" and self.progress.epoch < config.epochs \
+                    and not self.stopped_early:
                 raise self._interrupted()  # (on the very last step the run is simply done)
-        return "done"
+        return "early" if self.stopped_early else "done"
+
+    @property
+    def stopped_early(self) -> bool:
+        return "stopped_after_epoch" in self.progress.early_stopping
 
     def _progress_bar(self, epoch: int):
         if not (self.config.progress and self.dist.is_main):
@@ -381,6 +397,14 @@ class Trainer(TrainingState):
         kl = terms[:, 1].mean().item()
         record = {"test_elbo": reconstruction - kl, "test_reconstruction": reconstruction,
                   "test_kl": kl, **record}
+        if self.validation_x is not None:
+            self.model.eval()
+            held = elbo_per_example(self.model, self.validation_x, self.pipeline,
+                                    split="validation", seed=self.config.split_seed,
+                                    device=self.device, dist=self.dist, labels=self.validation_y)
+            self.model.train()
+            record["validation_elbo"] = float(held[:, 0].mean() - held[:, 1].mean()) \
+                + self.pipeline.log_jacobian
         if self.pipeline.mode in ("levels", "dequantize"):  # log-probabilities of 8-bit images
             dims = math.prod(self.dataset.shape)
             best = record.get("test_iwae", record["test_elbo"])
@@ -415,8 +439,9 @@ class Trainer(TrainingState):
         if self.progress.inexact_resume:
             record["inexact_resume"] = True
         self.progress.metrics.append(record)
+        stopping = complete and self.config.patience and self._early_stopping(record)
         self.save_checkpoint()
-        final = not complete or self.progress.epoch >= self.config.epochs
+        final = not complete or self.progress.epoch >= self.config.epochs or self.stopped_early
         with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
             if self.dist.is_main and (final or
                                       time.monotonic() - self.last_pictures >= PICTURE_EVERY):
@@ -433,7 +458,50 @@ class Trainer(TrainingState):
                 if record["images_per_second"] else ""
             label = f"epoch {record['epoch']}/{self.config.epochs}" + ("" if complete else
                                                                       " (partial)")
-            self.log(f"{label}  {train}{test}{speed}")
+            held = f"  validation ELBO {record['validation_elbo']:.2f}" \
+                if "validation_elbo" in record else ""
+            self.log(f"{label}  {train}{test}{held}{speed}")
+            if stopping:
+                self.log(self.early_stopping_line())
+
+    # --- early stopping (--validation-fraction, --patience) -----------------------------------
+    def _early_stopping(self, record: dict) -> bool:
+        """Keep the best epoch's weights; once --patience epochs pass without a better
+        validation ELBO (or the last epoch is done), restore them and add the record of the
+        restored model (its test figures are the best epoch's: same weights, same test noise).
+        Returns whether training ends here."""
+        state = self.progress.early_stopping
+        epoch = record["epoch"]
+        if "best_epoch" not in state or record["validation_elbo"] > state["best_validation_elbo"]:
+            state.update(best_epoch=epoch, best_validation_elbo=record["validation_elbo"])
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        waited = epoch - state["best_epoch"]
+        if waited < self.config.patience and epoch < self.config.epochs:
+            return False
+        state.update(stopped_after_epoch=epoch, patience=self.config.patience,
+                     validation_rows=len(self.validation_x),
+                     reason="patience" if waited >= self.config.patience else "epochs")
+        self.model.load_state_dict(self.best_weights)
+        best = next(m for m in self.progress.metrics if m["epoch"] == state["best_epoch"]
+                    and m.get("complete", True))
+        self.progress.metrics.append({
+            "epoch": state["best_epoch"], "step": self.progress.global_step, "complete": True,
+            "early_stopping": dict(state),
+            **{k: v for k, v in best.items() if k.startswith(("test_", "validation_"))}})
+        return True
+
+    def early_stopping_line(self) -> str:
+        """What early stopping did, in one line."""
+        state = self.progress.early_stopping
+        best = state["best_epoch"]
+        test = next(m["test_elbo"] for m in reversed(self.progress.metrics)
+                    if "early_stopping" in m)
+        why = (f"no better validation ELBO for {state['patience']} epochs after epoch {best}"
+               if state["reason"] == "patience" else f"the last of {self.config.epochs} epochs")
+        return (f"early stopping: {why}; stopped after epoch {state['stopped_after_epoch']} and "
+                f"restored the weights of epoch {best} (validation ELBO "
+                f"{state['best_validation_elbo']:.2f} on {state['validation_rows']} held-out "
+                f"training rows, test ELBO {test:.2f})")
 
     def _epoch_first_step(self) -> int:
         done = self.progress.step_in_epoch or self.steps_per_epoch
@@ -446,6 +514,7 @@ class Trainer(TrainingState):
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
+        from .table_pictures import feature_scale
         from .viz import (class_rows_image, curves_image, examples_image, reconstruction_image,
                           save_png)
 
@@ -467,9 +536,11 @@ class Trainer(TrainingState):
             originals = self.pipeline.display(x)  # what the model encodes
             reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
         self.model.train()
-        image = class_rows_image(samples, names) if names else examples_image(samples)
+        features = feature_scale(self.dataset.shape, self.dataset.feature_names, self.pipeline)
+        image = class_rows_image(samples, names, features=features) if names else \
+            examples_image(samples, features=features)
         save_png(image, self.run_dir / "samples.png")
-        save_png(reconstruction_image(originals, reconstructions),
+        save_png(reconstruction_image(originals, reconstructions, features=features),
                  self.run_dir / "reconstructions.png")
         save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
 

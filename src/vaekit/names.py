@@ -5,6 +5,8 @@ distributions all read them from here. Torch-free, so `vaekit --help` stays fast
 from __future__ import annotations
 
 NETS = ("mlp", "conv")
+# Datasets vaekit knows by name (matched without regard to case, where no such path exists).
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba")
 ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh", "softplus")
 PRIORS = ("normal", "uniform", "mixture", "vamp")
 FACTORISED_PRIORS = ("normal", "uniform")  # p(z) = prod_d p(z_d): the KL splits over dimensions
@@ -38,3 +40,14 @@ def posterior_problem(posterior: str, prior: str) -> str | None:
     pairs = "; ".join(f"--prior {p} with --posterior {' or '.join(q)}"
                       for p, q in POSTERIORS_FOR_PRIOR.items())
     return f"--posterior {posterior} cannot be paired with --prior {prior}: valid pairs are {pairs}"
+
+
+def builtin_name(name: str) -> str:
+    """A built-in dataset's name as vaekit spells it ("MNIST" -> "mnist"); other names (paths)
+    as they are, and a path that exists is never taken for a built-in set."""
+    import os
+
+    lowered = name.lower()
+    if lowered in BUILTIN_DATASETS and name != lowered and not os.path.exists(name):
+        return lowered
+    return name

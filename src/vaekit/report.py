@@ -526,7 +526,9 @@ def section_curves(run) -> Section:
     table = [["epoch", "train reconstruction", "train KL", "test reconstruction", "test KL",
               "test ELBO"]]
     for m in rows:
-        table.append([str(m["epoch"]), _fmt(m.get("train_reconstruction")),
+        epoch = str(m["epoch"]) + (" (restored by early stopping)" if "early_stopping" in m
+                                   else "")
+        table.append([epoch, _fmt(m.get("train_reconstruction")),
                       _fmt(m.get("train_kl")), _fmt(m["test_reconstruction"]),
                       _fmt(m["test_kl"]), _fmt(m["test_elbo"])])
     section.table = table

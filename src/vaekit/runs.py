@@ -456,6 +456,12 @@ def check_train_state(state, where: Path) -> dict:
         raise bad("state.json: 'metrics' are not one record per epoch")
     if not isinstance(state.get("inexact_resume", False), bool):
         raise bad("state.json: 'inexact_resume' is not true or false")
+    early = state.get("early_stopping", {})
+    if not isinstance(early, dict) or ("best_epoch" in early and not (
+            isinstance(early["best_epoch"], int) and not isinstance(early["best_epoch"], bool)
+            and isinstance(early.get("best_validation_elbo"), (int, float)))):
+        raise bad("state.json: 'early_stopping' does not hold a best epoch and its validation "
+                  "ELBO")
     optimizer = state["optimizer"]
     if not isinstance(optimizer.get("param_groups"), list) \
             or not isinstance(optimizer.get("scalars", {}), dict):
@@ -511,15 +517,24 @@ def run_document(config: TrainConfig, data_info: dict, pipeline: Pipeline) -> di
 
 DATA_KEYS = {"name": str, "kind": str, "shape": list, "n_train": int, "n_test": int,
              "label_names": (list, type(None)), "source": str, "fingerprint": str}
+# Keys of the data section that runs written before them lack (read as None).
+OPTIONAL_DATA_KEYS = {"feature_names": (list, type(None))}
 PIPELINE_KEYS = {"mode": str, "kind": str, "split_seed": int, "description": str,
                  "log_jacobian": (int, float)}
 PIPELINE_MODES = ("binarize", "scale", "levels", "dequantize", "standardize", "identity")
 
 
-def _check_section(section, keys: dict, where: str) -> dict:
+def _check_section(section, keys: dict, where: str, optional: dict | None = None) -> dict:
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a JSON object")
-    unknown = sorted(set(section) - set(keys))
+    optional = optional or {}
+    for key, kind in optional.items():
+        section.setdefault(key, None)
+        if not isinstance(section[key], kind):
+            raise ConfigError(f"{where}: {key!r} has the wrong type "
+                              f"({type(section[key]).__name__}); restore the run's original "
+                              "config.json")
+    unknown = sorted(set(section) - set(keys) - set(optional))
     if unknown:
         raise ConfigError(f"{where} has unknown key {unknown[0]!r}; restore the run's original "
                           "config.json")
@@ -597,7 +612,7 @@ def read_run_document(run_dir: Path) -> dict:
         if "restore" not in message and "upgrade vaekit" not in message:
             message += "; correct it or restore the run's original config.json"
         raise ConfigError(message) from None
-    data = _check_section(document["data"], DATA_KEYS, f"{where} data")
+    data = _check_section(document["data"], DATA_KEYS, f"{where} data", OPTIONAL_DATA_KEYS)
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data["shape"]) \
             or not data["shape"]:
         raise ConfigError(f"{where} data: 'shape' must be a list of positive integers; restore "
@@ -605,6 +620,11 @@ def read_run_document(run_dir: Path) -> dict:
     if data["kind"] not in ("image8", "real"):
         raise ConfigError(f"{where} data: 'kind' must be image8 or real; restore the run's "
                           "original config.json")
+    if data["feature_names"] is not None and (
+            len(data["feature_names"]) != math.prod(data["shape"])
+            or not all(isinstance(name, str) for name in data["feature_names"])):
+        raise ConfigError(f"{where} data: 'feature_names' must be one name per feature; restore "
+                          "the run's original config.json")
     pipeline = _check_section(document["pipeline"], PIPELINE_KEYS, f"{where} pipeline")
     if pipeline["mode"] not in PIPELINE_MODES or pipeline["kind"] != data["kind"]:
         raise ConfigError(f"{where} pipeline: unknown mode or kind; restore the run's original "
@@ -639,6 +659,15 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def features(self):
+        """How pictures show this run's non-image data (table_pictures.FeatureScale: the CSV
+        header's names, standardised values); None for images."""
+        from .table_pictures import feature_scale
+
+        return feature_scale(tuple(self.data["shape"]), self.data.get("feature_names"),
+                             self.pipeline)
 
 
 def check_weight_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: Path) -> None:
@@ -681,6 +710,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     document = read_run_document(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
+        holder = RunLock.holder(run_dir)
+        if holder is not None:
+            raise RunError(f"{run_dir} is being trained by {holder} and has not finished its "
+                           "first epoch yet; wait for it (its weights appear as "
+                           "model.safetensors after each epoch)")
         raise RunError(f"{run_dir}: model.safetensors is missing; the run has not finished an "
                        "epoch yet, or the file was removed (resume with vaekit train --resume)")
     config = document["config"]

@@ -85,6 +85,36 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     return dataset, pipeline, config
 
 
+# Options of decoding images, and the built-in data that read them (image folders too).
+DECODING_OPTIONS = {"image_size": ("cifar10", "celeba"), "channels": ("cifar10", "celeba"),
+                    "skip_bad_images": ("celeba",), "fast_resize": ("celeba",)}
+
+
+def inapplicable_options(config: TrainConfig, pipeline: Pipeline) -> list[str]:
+    """A warning line for each option set away from its default that these data or this
+    model never read (--image-size on a CSV, --conv-channels on an MLP, ...)."""
+    defaults = TrainConfig()
+    given = (lambda name: getattr(config, name) != getattr(defaults, name))
+    flag = (lambda name: "--" + ("no-" if getattr(config, name) is False and
+                                 getattr(defaults, name) is True else "") + name.replace("_", "-"))
+    folder = Path(config.data).is_dir()
+    kind = {".csv": "a CSV table", ".npy": "an array file", ".npz": "an array file"}.get(
+        Path(config.data).suffix.lower(), config.data)
+    lines = []
+    for name, readers in DECODING_OPTIONS.items():
+        if given(name) and not folder and config.data not in readers:
+            where = "image folders" + "".join(f", {r}" for r in readers)
+            lines.append(f"warning: {flag(name)} applies to {where}; {kind} does not read it, "
+                         "so it is ignored")
+    if given("conv_channels") and config.net != "conv":
+        lines.append(f"warning: --conv-channels applies to --net conv; this run's net is "
+                     f"{config.net}, so it is ignored")
+    if given("binarize") and pipeline.mode != "binarize":
+        lines.append(f"warning: --binarize applies to the Bernoulli likelihood's binarisation; "
+                     f"this run's likelihood is {config.likelihood}, so it is ignored")
+    return lines
+
+
 def build_model(config: TrainConfig, data_shape: tuple[int, ...],
                 label_names: list[str] | None = None) -> VAE:
     """The run's model with its seeded initialisation (the global RNG is left as it was)."""
@@ -174,7 +204,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             raise ConfigError(f"--latent-groups {','.join(map(str, groups))} has {sum(groups)} "
                               f"latent dimensions, not --latent-dim {dims}: drop --latent-dim "
                               "(it follows the groups) or make them agree")
-        config = replace(config or TrainConfig(), **overrides).validate().with_presets()
+        # the presets are filled once the data are loaded: small tables have their own
+        config = replace(config or TrainConfig(), **overrides).validate()
     device = resolve_device(config.device)
     dist = DistContext.from_env(device.type)
     try:
@@ -192,6 +223,10 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
     # file, a folder rank 0 cannot write) stops every process with its message (same_outcome).
     with dist.same_outcome("setup"):
         dataset, pipeline, config = prepare_data(config)
+        if resume is None:
+            config = config.with_presets(len(dataset.train_x), dataset.kind).validate()
+            for line in inapplicable_options(config, pipeline) if dist.is_main else ():
+                log(line)
         if resume is not None:
             run_dir = Path(resume)
             document = read_run_document(run_dir)
@@ -235,7 +270,13 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                     trainer.log(f"{run_dir} stopped before its first checkpoint; starting it "
                                 "from the beginning")
         if resume is not None:
-            if trainer.progress.epoch >= config.epochs:
+            if trainer.stopped_early and config.epochs != document["config"].epochs:
+                raise ConfigError(f"{run_dir} finished by early stopping (it restored the "
+                                  f"weights of epoch "
+                                  f"{trainer.progress.early_stopping['best_epoch']}), so "
+                                  "--epochs cannot train it longer; start a new run with "
+                                  "--patience 0 or a larger --patience")
+            if trainer.progress.epoch >= config.epochs or trainer.stopped_early:
                 if folder is not None and dist.is_main:
                     # A kill after the last checkpoint but before the run folder's own files
                     # leaves those a save behind: bring them up to date from the checkpoint.
@@ -243,12 +284,16 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                                  f"vaekit train --resume {run_dir} again"):
                         trainer.write_run_files()
                         trainer.write_outputs()
-                trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; pass "
-                            "--epochs N with a larger N to train longer")
+                if trainer.stopped_early:
+                    trainer.log(f"{run_dir} has finished: {trainer.early_stopping_line()}")
+                else:
+                    trainer.log(f"{run_dir} has already trained {trainer.progress.epoch} epochs; "
+                                "pass --epochs N with a larger N to train longer")
                 return run_dir
             if folder is not None:
-                trainer.log(f"resuming {run_dir} at epoch {trainer.progress.epoch + 1}, step "
-                            f"{trainer.progress.global_step}")
+                # the epoch as the epoch lines count it: the one the next step belongs to
+                trainer.log(f"resumed from step {trainer.progress.global_step} (epoch "
+                            f"{trainer.progress.epoch + 1}) of {run_dir}")
         with dist.same_outcome("config"):
             if dist.is_main:
                 check_free_space(run_dir, model, config.keep_checkpoints)
@@ -312,6 +357,15 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
         "log p(x | y)" if config.conditional else ""
     if dataset.mapped:
         condition += f"\n  data: {dataset.memory}"
+    if config.patience:
+        held = max(1, round(len(dataset.train_x) * config.validation_fraction))
+        condition += (f"\n  early stopping: {held} of the {len(dataset.train_x)} training rows "
+                      f"held out (seeded by --split-seed {config.split_seed}); up to "
+                      f"{config.epochs} epochs, stopping {config.patience} epochs after the best "
+                      "validation ELBO and restoring that epoch's weights")
+    elif config.validation_fraction:
+        condition += f"\n  validation: {config.validation_fraction:g} of the training rows " \
+            "held out, their ELBO logged every epoch"
     if config.perturb > 0:
         condition += f"\n  background model: {config.perturb:g} of the training pixels " \
             "replaced by random levels every step (for vaekit score --background)"

@@ -23,6 +23,7 @@ from .runs import (
     atomic_write_bytes,
     atomic_write_text,
     check_step_log_length,
+    check_weight_shapes,
     check_train_state,
     load_state,
     model_weights_bytes,
@@ -47,6 +48,9 @@ class Progress:
     train_seconds: float = 0.0  # over all invocations
     metrics: list = field(default_factory=list)  # one dict per completed epoch
     inexact_resume: bool = False
+    # --patience: best_epoch, best_validation_elbo; once stopped also stopped_after_epoch,
+    # patience, validation_rows, reason (the best epoch's weights are best.safetensors)
+    early_stopping: dict = field(default_factory=dict)
 
 
 class TrainingState:
@@ -66,10 +70,14 @@ class TrainingState:
                  "noise": {"seed": self.config.seed, "next_step": self.progress.global_step},
                  "train_seconds": self.progress.train_seconds,
                  "metrics": self.progress.metrics, "optimizer": optimizer_meta,
-                 "inexact_resume": self.progress.inexact_resume}
-        return {"model.safetensors": model_weights_bytes(self.model),
-                "optimizer.safetensors": tensors_to_bytes(optimizer_tensors),
-                "state.json": (jsonio.dumps(state, indent=1) + "\n").encode()}
+                 "inexact_resume": self.progress.inexact_resume,
+                 "early_stopping": self.progress.early_stopping}
+        files = {"model.safetensors": model_weights_bytes(self.model),
+                 "optimizer.safetensors": tensors_to_bytes(optimizer_tensors),
+                 "state.json": (jsonio.dumps(state, indent=1) + "\n").encode()}
+        if self.best_weights is not None:
+            files["best.safetensors"] = tensors_to_bytes(self.best_weights)
+        return files
 
     def restore(self, folder: Path, inexact: bool) -> None:
         load_state(self.model, tensors_from_file(folder / "model.safetensors"),
@@ -91,7 +99,8 @@ class TrainingState:
             optimizer_from_files(self.optimizer, optimizer_tensors, state["optimizer"])
             progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"],
                                 state["train_seconds"], state["metrics"],
-                                state.get("inexact_resume", False))
+                                state.get("inexact_resume", False),
+                                state.get("early_stopping", {}))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise RunError(f"{folder}: training state is unreadable ({exc!r}); resume from an "
                            "earlier checkpoint or retrain") from None
@@ -107,9 +116,23 @@ class TrainingState:
             raise RunError(f"{folder}: saved with batch size {state.get('batch_size')}, now "
                            f"{self.batch_size}; resume with the run's own config")
         progress.metrics = [m for m in progress.metrics if m.get("complete", True)]
+        self.best_weights = self._restore_best(folder, progress.early_stopping)
         self.progress = progress
         self.step_log = [step_log]
         self.saved_step = progress.global_step
+
+    def _restore_best(self, folder: Path, early_stopping: dict) -> dict[str, Tensor] | None:
+        """The best epoch's weights of an early-stopping run (None before its first epoch)."""
+        if "best_epoch" not in early_stopping:
+            return None
+        path = folder / "best.safetensors"
+        if not path.is_file():
+            raise RunError(f"{folder}: state.json names a best epoch but best.safetensors is "
+                           "missing; resume from an earlier checkpoint or retrain")
+        best = tensors_from_file(path)
+        check_weight_shapes({k: tuple(v.shape) for k, v in self.model.state_dict().items()},
+                            {k: tuple(v.shape) for k, v in best.items()}, path)
+        return best
 
     def _check_randomness_state(self, state: dict, progress: Progress) -> str | None:
         order, noise = state.get("data_order"), state.get("noise")

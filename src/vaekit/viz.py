@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .plot import Chart, font
+from .table_pictures import FeatureScale, table_image
 
 if TYPE_CHECKING:  # what the latent-space pictures draw
     from .latent_space import Embedding, Interpolation, Manifold, Traversal
@@ -93,16 +94,22 @@ def single_image(x: Tensor, limits: tuple[float, float] | None = None) -> Image.
     return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
 
 
-def examples_image(x: Tensor, columns: int | None = None) -> Image.Image:
-    """Images as a grid, anything else as heat-map rows."""
+def examples_image(x: Tensor, columns: int | None = None,
+                   features: FeatureScale | None = None) -> Image.Image:
+    """Images as a grid, anything else as heat-map rows (per feature on `features`' scale)."""
     if is_image_shape(tuple(x.shape[1:])):
         return image_grid(x, columns)
+    if features is not None:
+        return table_image([x], features)
     return vector_rows(x)
 
 
-def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Image:
+def class_rows_image(images: Tensor, names: list[str], pad: int = 2,
+                     features: FeatureScale | None = None) -> Image.Image:
     """One row per class, its name at the left: images (len(names) * m, ...) class by class."""
     per_class = len(images) // len(names)
+    if features is not None and not is_image_shape(tuple(images.shape[1:])):
+        return table_image(list(images.split(per_class)), features, labels=names)
     if not is_image_shape(tuple(images.shape[1:])):
         grid = vector_rows(images)
     else:
@@ -119,12 +126,19 @@ def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Im
     return canvas
 
 
-def reconstruction_image(originals: Tensor, reconstructions: Tensor,
-                         columns: int = 8) -> Image.Image:
-    """Pairs of rows: inputs above their reconstructions."""
+def reconstruction_image(originals: Tensor, reconstructions: Tensor, columns: int = 8,
+                         features: FeatureScale | None = None) -> Image.Image:
+    """Pairs of rows: inputs above their reconstructions. Tabular data (features given): blocks
+    of `columns` examples, inputs above reconstructions, each block labelled."""
     rows = []
     for start in range(0, len(originals), columns):
         rows += [originals[start:start + columns], reconstructions[start:start + columns]]
+    if features is not None and not is_image_shape(tuple(originals.shape[1:])):
+        labels = []
+        for start in range(0, len(originals), columns):
+            stop = min(start + columns, len(originals))
+            labels += [f"inputs {start}-{stop - 1}", "reconstructed"]
+        return table_image(rows, features, labels=labels)
     if is_image_shape(tuple(originals.shape[1:])):
         blank = torch.ones_like(originals[:1])
         padded = [torch.cat([r, blank.expand(columns - len(r), *r.shape[1:])]) for r in rows]
@@ -164,7 +178,8 @@ def curves_image(metrics: list[dict]) -> Image.Image:
     Runs trained on another objective add its curve (IWAE bound), and runs whose KL weight
     moves add the beta used, so the effect of a schedule can be read off beside the KL.
     """
-    rows = [m for m in metrics if "test_elbo" in m]
+    # (early stopping's last record restates its best epoch: a point already drawn)
+    rows = [m for m in metrics if "test_elbo" in m and "early_stopping" not in m]
     epochs = [m["epoch"] for m in rows]
     panels = []
     for key, label in (("elbo", "ELBO"), ("reconstruction", "reconstruction E_q[log p(x|z)]"),
@@ -172,6 +187,9 @@ def curves_image(metrics: list[dict]) -> Image.Image:
         chart = Chart(title=f"{label} per example", xlabel="epoch", ylabel="nats", height=300)
         chart.add(epochs, [m.get(f"train_{key}", math.nan) for m in rows], label="train")
         chart.add(epochs, [m[f"test_{key}"] for m in rows], label="test")
+        if key == "elbo" and any("validation_elbo" in m for m in rows):  # early stopping's
+            chart.add(epochs, [m.get("validation_elbo", math.nan) for m in rows],
+                      label="validation")
         if key == "elbo" and any("test_iwae" in m for m in rows):
             chart.add(epochs, [m.get("test_iwae", math.nan) for m in rows],
                       label="test IWAE bound")
@@ -239,7 +257,8 @@ def labelled_rows(rows: list[Image.Image], labels: list[str], colors: list[str] 
     return canvas
 
 
-def interpolation_image(interpolation: Interpolation) -> Image.Image:
+def interpolation_image(interpolation: Interpolation,
+                        features: FeatureScale | None = None) -> Image.Image:
     """The two inputs at the ends of a row, the decoded path between them."""
     start, end = interpolation.indices
     steps = len(interpolation.codes)
@@ -247,6 +266,10 @@ def interpolation_image(interpolation: Interpolation) -> Image.Image:
                        interpolation.inputs[1:]])  # (S + 2, *shape)
     if is_image_shape(tuple(shown.shape[1:])):
         picture = image_grid(shown, columns=steps + 2)
+    elif features is not None:
+        picture = table_image([interpolation.inputs[:1], interpolation.decoded,
+                               interpolation.inputs[1:]], features,
+                              labels=[f"input {start}", f"{steps} codes", f"input {end}"])
     else:
         picture = vector_rows(shown)
     layout = "left to right" if is_image_shape(tuple(shown.shape[1:])) else "top to bottom"
@@ -255,15 +278,24 @@ def interpolation_image(interpolation: Interpolation) -> Image.Image:
                   f"({layout}: input {start}, E[x|z] along the path, input {end})")
 
 
-def traversal_image(traversal: Traversal) -> Image.Image:
-    """One row per dimension, most used first; unused dimensions greyed and marked."""
-    rows = joint_rows(traversal.decoded)
+def traversal_image(traversal: Traversal, features: FeatureScale | None = None) -> Image.Image:
+    """One row per dimension, most used first; unused dimensions greyed and marked. Tabular
+    data (features given): a block of rows per dimension, one row per value, top to bottom."""
     labels, colors = [], []
     for d, kl, unused in zip(traversal.dims, traversal.kl.tolist(), traversal.unused):
         labels.append(f"z{d}  KL {kl:.2f}" + ("  unused" if unused else ""))
         colors.append("#999999" if unused else "black")
     header = None
     shape = tuple(traversal.decoded.shape[2:])
+    if features is not None and not is_image_shape(shape):
+        values = ", ".join(f"{v:.2g}" for v in traversal.values.tolist())
+        picture = table_image(list(traversal.decoded), features, labels, colors)
+        return titled(picture, f"Latent traversals: each block varies one of "
+                      f"{traversal.latent_dim} dimensions over {values} (top to bottom), the "
+                      f"others at {traversal.base_name}\nblocks ordered by mean KL(q(z_d|x) || "
+                      f"p(z_d)) over the test set, in nats; {traversal.unused_in_all or 'none'} "
+                      f"of {traversal.latent_dim} unused (KL < {traversal.unused_threshold:g})")
+    rows = joint_rows(traversal.decoded)
     if is_image_shape(shape):
         _, cell_w = cell_size(shape)
         header = [(2 + c * (cell_w + 2) + cell_w / 2, f"{v:.2g}")
@@ -276,7 +308,7 @@ def traversal_image(traversal: Traversal) -> Image.Image:
                   f"(KL < {traversal.unused_threshold:g})")
 
 
-def manifold_image(manifold: Manifold) -> Image.Image:
+def manifold_image(manifold: Manifold, features: FeatureScale | None = None) -> Image.Image:
     """The decoded grid with its axes' code values (Kingma & Welling 2014, figure 4)."""
     grid = len(manifold.values)
     shape = tuple(manifold.decoded.shape[2:])
@@ -290,7 +322,8 @@ def manifold_image(manifold: Manifold) -> Image.Image:
                  f"a {grid} x {grid} grid of prior quantiles, decoded E[x|z]")
     flat = manifold.decoded.reshape(grid * grid, *shape)
     if not is_image_shape(shape):
-        return titled(vector_rows(flat), title + " (one row per grid point, row by row)")
+        picture = table_image([flat], features) if features is not None else vector_rows(flat)
+        return titled(picture, title + " (one row per grid point, row by row)")
     picture = image_grid(flat, columns=grid)
     cell_h, cell_w = cell_size(shape)
     tick_font = font(11)
