@@ -26,7 +26,7 @@ from torch import nn
 
 from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .data import Dataset, Pipeline, dataset_for, resolve_likelihood
+from .data import Dataset, Pipeline, choose_likelihood, dataset_for
 from .device import flush_denormals, resolve_device
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError
@@ -74,7 +74,10 @@ def default_run_dir(config: TrainConfig) -> Path:
 def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     """Load the dataset, settle the likelihood and build the pipeline for this config."""
     dataset = dataset_for(config)
-    config = replace(config, likelihood=resolve_likelihood(config.likelihood, dataset))
+    likelihood, why = choose_likelihood(config.likelihood, dataset)
+    # said at the start of training: the default is decided from the data
+    chosen = f"likelihood auto -> {likelihood}: {why}" if config.likelihood == "auto" else ""
+    config = replace(config, likelihood=likelihood)
     if config.net == "conv" and len(dataset.shape) != 3:
         raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
                           f"shape {dataset.shape}; use --net mlp")
@@ -82,6 +85,7 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
         raise ConfigError(f"--perturb replaces pixels of 8-bit images by random levels, but "
                           f"{config.data} holds real-valued arrays; drop --perturb")
     pipeline = Pipeline.build(dataset, config.likelihood, config.binarize, config.split_seed)
+    pipeline.chosen = chosen
     return dataset, pipeline, config
 
 
@@ -310,6 +314,8 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
     objective = build_objective(config).describe()
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
+    if pipeline.chosen:
+        condition += f"\n  {pipeline.chosen}"
     if dataset.mapped:
         condition += f"\n  data: {dataset.memory}"
     if config.perturb > 0:
