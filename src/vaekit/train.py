@@ -27,7 +27,7 @@ from torch import nn
 from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import Dataset, Pipeline, choose_likelihood, dataset_for
-from .device import flush_denormals, resolve_device
+from .device import flush_denormals, resolve_device, reuse_freed_memory
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError
 from .loop import (
@@ -127,6 +127,27 @@ def check_training_sizes(config: TrainConfig, dataset: Dataset) -> None:
                    4 * 2 * len(STEP_LOG_COLUMNS), f"{fix}; train in stages with --resume")
 
 
+def check_run_memory(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: VAE,
+                     device: torch.device, dist: DistContext) -> None:
+    """Refuse, before anything is written, a run whose weights, optimizer, activations of one
+    batch and data will not fit in vaekit's memory limit (run_memory.py)."""
+    from .run_memory import PROBE, check_training_memory, estimate_training_memory
+
+    probe = dataset.train_x[:PROBE]
+    x = pipeline.fixed(probe, 0, split="train")  # (PROBE, *shape)
+    y = dataset.train_y[:PROBE] if config.conditional else None
+    data_bytes = 0 if dataset.mapped else sum(t.numel() * t.element_size() for t in
+                                              (dataset.train_x, dataset.test_x))
+    objective = build_objective(config)
+    estimate = estimate_training_memory(
+        TrainingObjective(model, objective), model, x, y,
+        objective.noise_shape(config.latent_dim), config.batch_size // dist.world_size,
+        data_bytes, device)
+    shape = "x".join(map(str, dataset.shape))
+    check_training_memory(estimate, f"--net {config.net} --likelihood {config.likelihood} "
+                          f"--batch-size {config.batch_size} on {shape} examples")
+
+
 def check_free_space(run_dir: Path, model: nn.Module, keep: int) -> None:
     """Refuse to start when the disk cannot hold the checkpoints the run will write."""
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -184,7 +205,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     try:
         with dist.stop_together(Interrupted):  # one process failing stops all, with its message
             device = resolve_device(config.device, dist)
-            with flush_denormals(device):
+            with flush_denormals(device), reuse_freed_memory(device):
                 return _train(config, resume, dist, device, inexact_resume, log)
     finally:
         dist.shutdown()
@@ -208,6 +229,7 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         config = replace(config, out=str(run_dir))
     model = build_model(config, dataset.shape, dataset.label_names)  # its size checked first
     check_training_sizes(config, dataset)
+    check_run_memory(config, dataset, pipeline, model, device, dist)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     with dist.same_outcome("run folder"):
