@@ -719,6 +719,16 @@ class Pipeline:
             return (raw - self.mean) / self.std
         return raw.float()
 
+    def original(self, raw: Tensor) -> Tensor:
+        """Raw examples as pictures before the pipeline's noise: images in [0, 1]."""
+        return raw.float() / 255.0 if self.kind == "image8" else raw.float()
+
+    @property
+    def input_name(self) -> str:
+        """What the model sees of an example, where it is not the example itself."""
+        return {"binarize": "binarised input", "dequantize": "dequantised input"}.get(
+            self.mode, "model input")
+
     def display(self, x: Tensor) -> Tensor:
         """Model-space values (e.g. a likelihood mean) -> the data's units; images in [0, 1]."""
         if self.kind == "image8":

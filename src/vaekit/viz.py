@@ -107,6 +107,11 @@ def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Im
         grid = vector_rows(images)
     else:
         grid = image_grid(images, columns=per_class, pad=pad)
+    return named_grid_rows(grid, names)
+
+
+def named_grid_rows(grid: Image.Image, names: list[str]) -> Image.Image:
+    """The grid with one name at the left of each of its len(names) rows of equal height."""
     label_font = font(13)
     measure = ImageDraw.Draw(grid)
     margin = int(max(measure.textlength(name, font=label_font) for name in names)) + 12
@@ -119,17 +124,24 @@ def class_rows_image(images: Tensor, names: list[str], pad: int = 2) -> Image.Im
     return canvas
 
 
-def reconstruction_image(originals: Tensor, reconstructions: Tensor,
-                         columns: int = 8) -> Image.Image:
-    """Pairs of rows: inputs above their reconstructions."""
-    rows = []
+def reconstruction_image(originals: Tensor, reconstructions: Tensor, columns: int = 8,
+                         inputs: Tensor | None = None, input_name: str = "model input"
+                         ) -> Image.Image:
+    """Groups of labelled rows: the original examples, what the model sees of them (inputs,
+    when that differs: a binarisation, a dequantisation) and their reconstructions."""
+    rows, names = [], []
     for start in range(0, len(originals), columns):
-        rows += [originals[start:start + columns], reconstructions[start:start + columns]]
+        group = [("original", originals)] + ([(input_name, inputs)] if inputs is not None
+                                             else []) + [("reconstruction", reconstructions)]
+        for name, images in group:
+            rows.append(images[start:start + columns])
+            names.append(name)
     if is_image_shape(tuple(originals.shape[1:])):
         blank = torch.ones_like(originals[:1])
         padded = [torch.cat([r, blank.expand(columns - len(r), *r.shape[1:])]) for r in rows]
-        return image_grid(torch.cat(padded), columns)
-    return vector_rows(torch.cat(rows))
+        return named_grid_rows(image_grid(torch.cat(padded), columns), names)
+    return named_grid_rows(vector_rows(torch.cat(rows)),
+                         [name for r, name in zip(rows, names) for _ in range(len(r))])
 
 
 def titled(image: Image.Image, title: str, width: int | None = None) -> Image.Image:
