@@ -459,6 +459,12 @@ for flag, value, problem, fix in [
     case(f"option{flag}={value}", problem, fix)(
         lambda f, r, flag=flag, value=value: train(flag, value))
 
+case("option--background=grey", "--background 'grey' is not a colour",
+     "use white, black, R,G,B")(lambda f, r: train("--background", "grey"))
+case("option--background=300,0,0", "--background '300,0,0' is not a colour",
+     "each of R, G, B from 0 to 255")(lambda f, r: train("--background", "300,0,0"))
+case("evaluate-time-budget-zero", "--time-budget", "see vaekit evaluate --help")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--time-budget", "0"])
 case("unknown-option", "unrecognized arguments: --colour", "see vaekit --help")(
     lambda f, r: train("--colour", "blue"))
 case("unknown-command", "invalid choice: 'trian'", "see vaekit --help")(lambda f, r: ["trian"])

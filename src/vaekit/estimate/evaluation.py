@@ -126,21 +126,26 @@ def subset_rows(total: int, limit: int | None, seed: int) -> Tensor | None:
 # The k `vaekit evaluate` chooses when not told: the largest of these whose measured cost fits
 # the time budget (and at least the smallest: fewer samples say little about the gap).
 K_LADDER = (5000, 2000, 1000, 500, 200, 100)
-PROBE_EXAMPLES, PROBE_K = 8, 64
+PROBE_EXAMPLES, PROBE_KS = 16, (16, 256)
 
 
 def choose_k(run, dataset, *, split: str, n: int, budget_seconds: float, naive: bool,
              seed: int = 0) -> dict:
-    """k for n examples within budget_seconds, from the cost of PROBE_K samples of
-    PROBE_EXAMPLES examples measured now: {"k", "mode", "seconds_per_sample",
-    "expected_seconds", "budget_seconds"}."""
+    """k for n examples within budget_seconds, from the cost measured now: PROBE_EXAMPLES
+    examples at the two k of PROBE_KS, whose difference is the cost of the extra samples alone
+    (the fixed cost of a call cancels). {"k", "mode", "seconds_per_sample" (per example and
+    sample), "expected_seconds", "budget_seconds"}."""
     import time
 
     probe = min(PROBE_EXAMPLES, n)
-    started = time.monotonic()
-    evaluate_run(run, dataset, split=split, k=PROBE_K, limit=probe, seed=seed, naive=naive)
-    per_sample = (time.monotonic() - started) / (probe * PROBE_K)  # s per example and sample
+    seconds = []
+    for k in PROBE_KS:
+        started = time.monotonic()
+        evaluate_run(run, dataset, split=split, k=k, limit=probe, seed=seed, naive=naive)
+        seconds.append(time.monotonic() - started)
+    extra = PROBE_KS[1] - PROBE_KS[0]
+    per_sample = max(seconds[1] - seconds[0], seconds[1] / PROBE_KS[1] * extra / 4) \
+        / (probe * extra)  # a floor: timer noise must not make samples look free
     k = next((k for k in K_LADDER if k * n * per_sample <= budget_seconds), K_LADDER[-1])
     return {"k": k, "mode": "chosen for the time budget", "budget_seconds": budget_seconds,
             "seconds_per_sample": per_sample, "expected_seconds": k * n * per_sample}
-
