@@ -472,6 +472,12 @@ for flag, value, problem, fix in [
     case(f"option{flag}={value}", problem, fix)(
         lambda f, r, flag=flag, value=value: train(flag, value))
 
+case("option--background=grey", "--background 'grey' is not a colour",
+     "use white, black, R,G,B")(lambda f, r: train("--background", "grey"))
+case("option--background=300,0,0", "--background '300,0,0' is not a colour",
+     "each of R, G, B from 0 to 255")(lambda f, r: train("--background", "300,0,0"))
+case("evaluate-time-budget-zero", "--time-budget", "see vaekit evaluate --help")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--time-budget", "0"])
 case("unknown-option", "unrecognized arguments: --colour", "see vaekit --help")(
     lambda f, r: train("--colour", "blue"))
 case("unknown-command", "invalid choice: 'trian'", "see vaekit --help")(lambda f, r: ["trian"])
@@ -552,3 +558,32 @@ def test_bad_input_gives_one_line_error_and_changes_nothing(outcomes, name):
     args, result, before, after = outcomes[name]
     assert_refused(args, result, problem, fix)
     assert after == before, "a file was created or changed"
+
+
+# --- refusals that depend on the memory limit (set for the command alone) ------------------------
+
+
+def test_a_run_over_the_memory_limit_is_refused_before_it_starts(tmp_path):
+    """--likelihood categorical on colour images: 256 numbers a value. The estimate (weights,
+    Adam, activations of one batch, data) is over a 64 MiB limit: one line naming the parts
+    and the largest --batch-size that fits, exit 2, no run folder."""
+    folder = tmp_path / "icons"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    result = run_vaekit(*train("--data", folder, "--net", "mlp", "--hidden", "8",
+                               "--likelihood", "categorical", "--batch-size", "32"),
+                        cwd=tmp_path, env={"VAEKIT_MEMORY_LIMIT": "64M"})
+    assert_refused(["train"], result, "this run (--net mlp --likelihood categorical --batch-size "
+                   "32 on 3x16x16 examples: weights and Adam", "use --batch-size")
+    assert "activations of a batch of 32" in result.stderr
+    assert not (tmp_path / "run").exists()
+    # the batch it suggests fits: the same run at that batch starts (and trains one epoch)
+    suggested = int(result.stderr.split("use --batch-size ")[1].split()[0])
+    assert 1 <= suggested < 32
+    again = run_vaekit(*train("--data", folder, "--net", "mlp", "--hidden", "8", "--likelihood",
+                              "categorical", "--batch-size", str(suggested)),
+                       cwd=tmp_path, env={"VAEKIT_MEMORY_LIMIT": "64M"})
+    assert again.returncode == 0, again.stderr

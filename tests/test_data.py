@@ -17,6 +17,7 @@ from vaekit.data import (
     load_dataset,
     load_digits,
     read_idx,
+    choose_likelihood,
     resolve_likelihood,
 )
 from vaekit.errors import DataError
@@ -210,6 +211,34 @@ def test_likelihood_auto_resolution(tmp_path):
     assert resolve_likelihood("auto", load_dataset(str(tmp_path / "r.npy"))) == "gaussian"
     np.save(tmp_path / "u.npy", np.random.default_rng(0).random((20, 2)))
     assert resolve_likelihood("auto", load_dataset(str(tmp_path / "u.npy"))) == "bernoulli"
+
+
+def _image_folder(folder: Path, pixels: np.ndarray) -> str:
+    """pixels (N, H, W) grey or (N, H, W, 3) colour, uint8, written as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+def test_likelihood_auto_is_decided_from_the_images(tmp_path):
+    rng = np.random.default_rng(0)
+    # near-binary strokes: 0 or 255 with a few grey edge pixels -> binarised
+    strokes = np.where(rng.random((20, 12, 12)) < 0.2, 255, 0).astype(np.uint8)
+    strokes[:, 0, :3] = 128  # 2% of the pixels mid-grey
+    chosen, why = choose_likelihood("auto", load_dataset(_image_folder(tmp_path / "s", strokes)))
+    assert chosen == "bernoulli" and "near black or white" in why
+    # a grey photo: levels spread over the range -> a likelihood for the 256 levels
+    photo = rng.integers(0, 256, (20, 12, 12), dtype=np.uint8)
+    chosen, why = choose_likelihood("auto", load_dataset(_image_folder(tmp_path / "p", photo)))
+    assert chosen == "discretized-logistic" and "mid-tones" in why
+    # colour images, even of only black and white pixels, are never binarised
+    colour = np.repeat(strokes[..., None], 3, axis=-1)
+    chosen, why = choose_likelihood("auto", load_dataset(_image_folder(tmp_path / "c", colour)))
+    assert chosen == "discretized-logistic" and why.startswith("colour images")
+    # the binarised benchmarks keep their binarisation; an explicit choice is kept as given
+    assert choose_likelihood("auto", load_digits())[0] == "bernoulli"
+    assert choose_likelihood("gaussian", load_digits()) == ("gaussian", "chosen with --likelihood")
 
 
 def test_binarisation_is_bernoulli_in_the_grey_level():

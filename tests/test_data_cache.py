@@ -238,7 +238,8 @@ def test_cache_metadata_records_the_files_and_the_transform(tmp_path):
     meta = json.loads((cache.folder / "meta.json").read_text())
     assert meta["format"] == data_cache.CACHE_FORMAT
     assert meta["transform"] == {"channels": 1, "height": 8, "width": 8, "size": 8,
-                                 "crop": None, "fast": True}
+                                 "crop": None, "fast": True, "background": None}
+    assert meta["transparent"] == 0  # images with alpha, composited on the background
     assert meta["files"] == 3 and len(meta["files_sha256"]) == 64
     rows = json.loads((cache.folder / "files.json").read_text())
     assert [row[0] for row in rows] == ["0000.png", "0001.png", "0002.png"]

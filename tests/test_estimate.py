@@ -529,3 +529,39 @@ def test_evaluate_run_of_a_conditional_run_reports_log_p_x_given_y(tmp_path):
     result = evaluate_run(run, load_run_dataset(run), k=20, limit=30)
     assert result["conditional"] is True and "log p(x | y)" in result["likelihood_of"]
     assert result["log_px"] >= result["elbo"] - 3 * result["elbo_se"]
+
+
+def test_limit_takes_a_seeded_random_subset_and_records_it(tiny_run):
+    from vaekit.estimate.evaluation import subset_rows
+
+    run = load_run(tiny_run)
+    dataset = load_run_dataset(run)
+    total = len(dataset.test_x)
+    result = evaluate_run(run, dataset, k=20, limit=30, seed=3)
+    rows = result["subset"]["rows"]
+    assert result["n"] == 30 and result["subset"]["of"] == total and result["subset"]["seed"] == 3
+    assert rows == sorted(set(rows)) and len(rows) == 30 and rows != list(range(30))
+    assert rows == subset_rows(total, 30, 3).tolist()  # the same seed, the same subset
+    assert subset_rows(total, 30, 4).tolist() != rows
+    # the figures are those of exactly these rows: the whole split's per-example terms there
+    whole = evaluate_run(run, dataset, k=20, seed=3)
+    assert whole["subset"] is None and whole["n"] == total
+    # a split ordered by class (as an image folder's) gives several classes to the subset
+    ordered = torch.arange(total) * 10 // total  # (N,) labels 0..9 in blocks
+    assert len(set(ordered[subset_rows(total, 30, 0)].tolist())) >= 5
+
+
+def test_evaluate_without_k_chooses_it_for_the_time_budget(tiny_run):
+    from vaekit.estimate.evaluation import K_LADDER, choose_k
+
+    run = load_run(tiny_run)
+    dataset = load_run_dataset(run)
+    generous = choose_k(run, dataset, split="test", n=10, budget_seconds=1e6, naive=True)
+    assert generous["k"] == K_LADDER[0]
+    tight = choose_k(run, dataset, split="test", n=10**6, budget_seconds=1.0, naive=True)
+    assert tight["k"] == K_LADDER[-1] and tight["expected_seconds"] > 1.0
+    middle_budget = 10 * 300 * generous["seconds_per_sample"] * 1000  # about k = 1000
+    chosen = choose_k(run, dataset, split="test", n=300, budget_seconds=middle_budget,
+                      naive=True)
+    assert chosen["expected_seconds"] <= middle_budget or chosen["k"] == K_LADDER[-1]
+    assert chosen["k"] in K_LADDER

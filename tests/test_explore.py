@@ -119,7 +119,13 @@ def test_info_shows_the_evaluation_when_the_run_has_one(tiny_run, tmp_path):
     (run_dir / "evaluation.json").write_text(json.dumps(
         {"elbo": -30.5, "log_px": -28.25, "log_px_se": 0.03, "k": 1000, "other": "kept out"}))
     info = Explorer(run_dir).client.get("/api/info").json()
-    assert info["evaluation"] == {"elbo": -30.5, "log_px": -28.25, "log_px_se": 0.03, "k": 1000}
+    assert info["evaluation"] == {"elbo": -30.5, "log_px": -28.25, "log_px_se": 0.03, "k": 1000,
+                                  "n": None, "subset_of": None}
+    # a --limit evaluation: the header can say n = 200 of 359 (random subset)
+    (run_dir / "evaluation.json").write_text(json.dumps(
+        {"log_px": -28.25, "k": 100, "n": 200, "subset": {"n": 200, "of": 359, "seed": 0}}))
+    evaluation = Explorer(run_dir).client.get("/api/info").json()["evaluation"]
+    assert evaluation["n"] == 200 and evaluation["subset_of"] == 359
     (run_dir / "evaluation.json").write_text("{not json")
     assert Explorer(run_dir).client.get("/api/info").json()["evaluation"] is None
 
@@ -289,15 +295,23 @@ def test_a_conv_run_round_trips(tiny_conv_run):
 
 def test_gallery_pages_through_the_test_set(explorer):
     gallery = explorer.client.get("/api/gallery", params={"offset": 3, "limit": 4}).json()
-    assert gallery["total"] == len(explorer.space.test_x)
-    assert [item["index"] for item in gallery["items"]] == [3, 4, 5, 6]
-    labels = explorer.space.test_y[3:7].tolist()
+    total = len(explorer.space.test_x)
+    assert gallery["total"] == total
+    indices = [item["index"] for item in gallery["items"]]
+    labels = explorer.space.test_y[indices].tolist()
     assert [item["label"] for item in gallery["items"]] == [str(label) for label in labels]
-    raw = explorer.space.test_x[3, 0].numpy()
+    raw = explorer.space.test_x[indices[0], 0].numpy()
     assert np.array_equal(pixels(gallery["items"][0]["image"]), raw)
-    last = explorer.client.get("/api/gallery", params={"offset": gallery["total"] - 1,
+    last = explorer.client.get("/api/gallery", params={"offset": total - 1,
                                                        "limit": 10}).json()
     assert len(last["items"]) == 1
+    # all pages together: every test example once, in a shuffled order (a split ordered by
+    # class shows several classes on its first page)
+    pages = [explorer.client.get("/api/gallery", params={"offset": start, "limit": 100}).json()
+             for start in range(0, total, 100)]
+    order = [item["index"] for page in pages for item in page["items"]]
+    assert sorted(order) == list(range(total)) and order != sorted(order)
+    assert indices == order[3:7]
 
 
 # --- bad input: 4xx with a clear message, never a 5xx -----------------------------------------

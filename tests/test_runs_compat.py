@@ -33,9 +33,11 @@ WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # What each fixture's config.json lacks: the oldest predates the model family, --lr-decay,
 # --precision, --compile, --posterior and --perturb; 76a75dd the last four; 0f6a429 the last two.
 # options added after the newest fixture was written: every fixture lacks them (the latent
-# family's, and the data cache's --data-memory, --skip-bad-images and --fast-resize)
+# family's, the data cache's --data-memory, --skip-bad-images and --fast-resize, and
+# --background)
 ADDED_AFTER_FIXTURES = {"flow_steps", "latent_groups", "skip_threshold", "data_memory",
-                        "skip_bad_images", "fast_resize", "validation_fraction", "patience"}
+                        "skip_bad_images", "fast_resize", "validation_fraction", "patience",
+                        "background"}
 LACKS = {"bb52941": set(ADDED_OPTIONS),
          "76a75dd": {"precision", "compile", "posterior", "perturb"} | ADDED_AFTER_FIXTURES,
          "0f6a429": {"posterior", "perturb"} | ADDED_AFTER_FIXTURES}

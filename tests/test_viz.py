@@ -26,3 +26,19 @@ def test_curves_add_beta_and_iwae_panels_when_they_vary():
     assert with_beta.height > constant.height
     iwae = curves_image([{**r, "test_iwae": r["test_elbo"] + 1} for r in rows])
     assert iwae.size == with_beta.size
+
+
+def test_reconstruction_image_labels_originals_inputs_and_reconstructions():
+    from vaekit.viz import reconstruction_image
+
+    originals = torch.full((3, 1, 4, 4), 0.5)
+    inputs = (originals > 0.4).float()
+    two = reconstruction_image(originals, originals * 0.9, columns=3)
+    three = reconstruction_image(originals, originals * 0.9, columns=3, inputs=inputs,
+                                 input_name="binarised input")
+    import numpy as np
+
+    # one more row of the same height (rows of 58 pixels with a 2-pixel border)
+    assert two.height == 2 * 58 + 2 and three.height == 3 * 58 + 2
+    left = np.asarray(three.convert("L"))[:, :20]
+    assert (left < 128).any()  # the row names are drawn at the left

@@ -218,10 +218,16 @@ def build_parser() -> Parser:
         "Carlo standard error. Writes RUN_DIR/evaluation.json. Runs under torchrun too.")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--split", choices=("test", "train"), default="test")
-    evaluate.add_argument("--k", type=positive_int, default=5000, help="samples per example "
-                          "for each estimator (default: 5000)")
-    evaluate.add_argument("--limit", type=positive_int, metavar="N", help="only the first N "
-                          "examples of the split")
+    evaluate.add_argument("--k", type=positive_int, help="samples per example for each "
+                          "estimator (default: the largest of 5000, 2000, 1000, 500, 200, 100 "
+                          "that the model's measured cost fits in --time-budget; --k 5000 for "
+                          "published figures)")
+    evaluate.add_argument("--time-budget", type=positive_float, default=120.0,
+                          metavar="SECONDS", help="without --k: the time k is chosen for "
+                          "(default: 120)")
+    evaluate.add_argument("--limit", type=positive_int, metavar="N", help="a seeded random "
+                          "subset of N examples of the split (--seed; recorded in "
+                          "evaluation.json)")
     evaluate.add_argument("--seed", type=seed_number, default=0, help="seed of the estimators' noise "
                           "(default: 0); the data's binarisation is the run's own")
     evaluate.add_argument("--json", action="store_true", help="print the evaluation.json "
@@ -561,8 +567,12 @@ def cmd_reconstruct(args) -> int:
 
     run = _load(args.run_dir, args.device)
     dataset, pipeline = load_run_dataset(run), run.pipeline
-    raw = (dataset.test_x if args.split == "test" else dataset.train_x)[:args.n]
-    labels = (dataset.test_y if args.split == "test" else dataset.train_y)[:args.n] \
+    from .loop import picture_rows
+
+    split_x = dataset.test_x if args.split == "test" else dataset.train_x
+    rows = picture_rows(len(split_x), args.n)  # seeded: every class, not the first one only
+    raw = split_x[rows]
+    labels = (dataset.test_y if args.split == "test" else dataset.train_y)[rows] \
         if run.config.conditional else None
     out = Path(args.out) if args.out else run.path / f"reconstructions-{args.split}.png"
     _check_output(out, ".png")
@@ -571,10 +581,14 @@ def cmd_reconstruct(args) -> int:
         x = pipeline.fixed(raw.to(device), 0, args.split)
         y = None if labels is None else labels.to(device)
         reconstructions = run.model.reconstruct(x, y)
+    inputs = pipeline.display(x) if pipeline.noisy else None  # what the model sees
     with _writing(out):
-        save_png(reconstruction_image(pipeline.display(x), pipeline.display(reconstructions),
-                                      features=run.features), out)
-    print(f"wrote {out} ({len(raw)} {args.split} examples above their reconstructions)")
+        save_png(reconstruction_image(pipeline.original(raw.to(device)),
+                                      pipeline.display(reconstructions), inputs=inputs,
+                                      input_name=pipeline.input_name, features=run.features), out)
+    shown = f"originals, {pipeline.input_name}s" if inputs is not None else "originals"
+    print(f"wrote {out} ({len(raw)} {args.split} examples, seeded random: {shown} above "
+          "their reconstructions)")
     return 0
 
 
@@ -590,6 +604,10 @@ def resolve_label(text: str, names: list[str]) -> int:
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     raise VaekitError(f"--label {text!r} is not a class of this run: give a name ({shown}) or an "
                       f"index 0..{len(names) - 1}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} minutes"
 
 
 MAX_QUALITY_SAMPLES = 200_000  # sample_quality.MAX_SAMPLES (cli.py stays torch-free)
@@ -630,9 +648,22 @@ def cmd_evaluate(args) -> int:
         if args.batch_size:
             _check_decoding(f"--batch-size {args.batch_size} (16 samples of each example per "
                             "decoder pass)", min(args.batch_size, total) * 16, run)
+        choice = {"k": args.k, "mode": "given with --k"}
+        if args.k is None:
+            from .estimate.evaluation import choose_k
+
+            choice = choose_k(run, dataset, split=args.split, n=total,
+                              budget_seconds=args.time_budget, naive=args.naive, seed=args.seed)
+            if dist.is_main:
+                print(f"k = {choice['k']}, chosen for --time-budget {args.time_budget:g} s "
+                      f"(measured {1e3 * choice['seconds_per_sample']:.3g} ms per example and "
+                      f"sample): {total} examples in about "
+                      f"{_duration(choice['expected_seconds'])}; --k 5000 for published "
+                      "figures", file=sys.stderr, flush=True)
         bar = _progress_bar(total, "log p(x)", args.progress and dist.is_main)
         try:
-            result = evaluate_run(run, dataset, split=args.split, k=args.k, limit=args.limit,
+            result = evaluate_run(run, dataset, split=args.split, k=choice["k"],
+                                  limit=args.limit,
                                   seed=args.seed, batch_size=args.batch_size, naive=args.naive,
                                   dist=dist, progress=bar.update if bar else None)
         finally:
@@ -640,6 +671,7 @@ def cmd_evaluate(args) -> int:
                 bar.close()
         if not dist.is_main:
             return 0
+        result["k_choice"] = choice
         if args.sample_quality:
             from .sample_quality import evaluate_sample_quality
 

@@ -67,6 +67,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     # early stopping on a validation split (older runs trained on the whole training split for
     # all their epochs)
     "validation_fraction": 0.0, "patience": 0,
+    # --background (older runs dropped the alpha of transparent images)
+    "background": "none",
 }
 
 # Options whose default (None) means "the dataset's preset": config.json stores the value the
@@ -150,6 +152,11 @@ class TrainConfig:
                              "decoded at 1/2 to 1/8 scale; others: box-reduced) before the "
                              "bicubic resize: several times faster, pixels differ slightly from "
                              "a full-size decode", group="data")
+    background: str = _opt("white", "images of an image folder with transparency (RGBA, LA, "
+                           "palette) are composited on this colour: white, black, R,G,B (0..255 "
+                           "each) or none (alpha dropped: transparent areas show whatever RGB "
+                           "the files store); one line at loading says how many images had it",
+                           metavar="white|black|R,G,B|none", group="data")
     binarize: str = _opt("dynamic", "with the Bernoulli likelihood on grey levels: draw a new "
                          "binarisation of each training batch (dynamic, the standard setting) or "
                          "use one fixed seeded binarisation (fixed)", choices=("dynamic", "fixed"),
@@ -207,7 +214,10 @@ class TrainConfig:
                            "8-bit images are dequantised), discretized-logistic, logistic-mixture "
                            "(Salimans et al. 2017) or categorical (256-way softmax; small grey "
                            "images): probabilities of the 8-bit levels of images; auto: bernoulli "
-                           "for images and data in [0, 1], gaussian otherwise",
+                           "for digits, mnist, fashion-mnist and grey near-binary strokes, "
+                           "discretized-logistic for colour images and other grey images, "
+                           "bernoulli for arrays in [0, 1], gaussian otherwise (training says "
+                           "which and why)",
                            choices=("auto", *LIKELIHOODS), group="model")
     likelihood_components: Optional[int] = _opt(None, "logistics per pixel of the "
                                                 "logistic-mixture likelihood (default: 10, as "
@@ -312,6 +322,7 @@ class TrainConfig:
         check_seed("--seed", self.seed)
         check_seed("--split-seed", self.split_seed)
         data_memory_budget(self.data_memory)  # a size or auto
+        parse_background(self.background)
         if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
             raise ConfigError(f"--device {self.device!r} is not a device: use auto, cpu, cuda or "
                               "cuda:N")
@@ -486,6 +497,23 @@ def options_from_file(values: Any, where: str) -> dict:
                 " (see vaekit train --help: every option's key is its name with underscores)"
             raise ConfigError(f"{where} has {key!r}, which is not a training option{hint}")
     return {key: _coerce_json(fields[key], value, where) for key, value in values.items()}
+
+
+NAMED_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def parse_background(text: str) -> tuple[int, int, int] | None:
+    """--background: white, black, R,G,B or none (None: alpha dropped)."""
+    cleaned = text.strip().lower()
+    if cleaned == "none":
+        return None
+    if cleaned in NAMED_BACKGROUNDS:
+        return NAMED_BACKGROUNDS[cleaned]
+    parts = cleaned.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        return tuple(int(p) for p in parts)  # type: ignore[return-value]
+    raise ConfigError(f"--background {text!r} is not a colour: use white, black, R,G,B with "
+                      "each of R, G, B from 0 to 255 (e.g. 128,128,128), or none")
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -49,3 +49,49 @@ def flush_denormals(device: torch.device) -> Iterator[None]:
         if flushing:
             torch.set_flush_denormal(False)
 
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults, restored after
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(device: torch.device) -> Iterator[None]:
+    """On CPU with glibc, freed tensor memory stays in the process for the next step while the
+    block runs, instead of going back to the system.
+
+    glibc serves an allocation over 32 MiB with a fresh mmap and unmaps it on free, and
+    returns the top of the heap at each free over 128 KiB: a training step whose tensors are
+    that large (a 10-component logistic mixture of 3 x 48 x 48 images at batch 128: 35 MiB a
+    tensor) then page-faults its memory in again at every step, and the system time exceeded
+    the user time (73 s against 107 s for 2 epochs). With mmap off and trimming off, memory
+    is allocated once and reused; the process's peak is unchanged, its memory is not given back
+    until the block ends (the heap is trimmed then). Elsewhere (GPUs, other C libraries) it does
+    nothing.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

@@ -4,6 +4,10 @@ A `Transform` is what every image goes through, in order:
 
     crop      a centred square: `crop` pixels a side (CelebA's 148), or the largest that fits
     resize    bicubic to size x size (no crop and no resize when size is None)
+    alpha     an image with transparency (RGBA, LA, a palette or RGB with a transparent
+              colour) is composited on `background` (an RGB triple) before anything else;
+              background None drops alpha (the RGB the file stores shows: vaekit before
+              --background)
     channels  1 (grey, "L") or 3 (RGB); 16-bit grey keeps its top 8 bits
 
 With `fast` (the default of new runs), the decoder does most of the shrinking: a JPEG is decoded
@@ -51,6 +55,7 @@ class Transform:
     size: int | None = None  # square output side; None keeps the images' own (equal) size
     crop: int | None = None  # centred crop side before resizing; None: the largest square
     fast: bool = True  # shrink in the decoder (JPEG draft, box reduce) before resizing
+    background: tuple[int, int, int] | None = None  # RGB under transparent pixels; None drops
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -129,9 +134,21 @@ def read_header(path: Path, workers: int = 1) -> Header:
 
 def decode(path: Path, transform: Transform, workers: int = 1) -> np.ndarray:
     """One image through the transform: uint8 (C, H, W); BadImage if it cannot be read."""
+    return decode_noting_alpha(path, transform, workers)[0]
+
+
+def has_alpha(image) -> bool:
+    """Whether a (PIL) image has transparency: an alpha band or a transparent colour."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def decode_noting_alpha(path: Path, transform: Transform, workers: int = 1
+                        ) -> tuple[np.ndarray, bool]:
+    """decode, and whether the image had transparency."""
     try:
         with open_regular(path, "an image", DataError) as handle, _open(path, handle) as image:
             _check_pixels(path, image, workers)
+            transparent = has_alpha(image)
             with warnings.catch_warnings():  # as in _open
                 warnings.simplefilter("ignore")
                 array = _transformed(image, transform)
@@ -145,7 +162,7 @@ def decode(path: Path, transform: Transform, workers: int = 1) -> np.ndarray:
         raise BadImage(f"{path}: {array.shape[2]}x{array.shape[1]} pixels, not the "
                        f"{transform.width}x{transform.height} of the other images; pass "
                        "--image-size N to resize them all to N x N")
-    return array
+    return array, transparent
 
 
 def _crop_box(width: int, height: int, transform: Transform,
@@ -166,7 +183,8 @@ def _transformed(image, transform: Transform) -> np.ndarray:
     width, height = image.size
     if size is None or (image.size == (size, size) and transform.crop is None):
         image.load()
-        return _to_array(image, transform.channels)
+        return _to_array(_converted(image, transform.channels, transform.background),
+                         transform.channels)
     side = min(width, height) if transform.crop is None else transform.crop
     if transform.fast and image.format == "JPEG":
         # draft picks the largest DCT scale (1/2, 1/4, 1/8) keeping the image at least the
@@ -176,15 +194,21 @@ def _transformed(image, transform: Transform) -> np.ndarray:
     scale = image.size[0] / width  # 1, or 1/2, 1/4, 1/8 after a draft
     # Crop, then resize (torchvision's CenterCrop, Resize): no pixel outside the crop is used.
     # Without fast this is vaekit's decode before the cache, kept for the runs it trained.
-    image = _converted(image, transform.channels).crop(_crop_box(width, height, transform, scale))
+    image = _converted(image, transform.channels, transform.background).crop(_crop_box(width, height, transform, scale))
     return _to_array(image.resize((size, size), Image.Resampling.BICUBIC,
                                   reducing_gap=2.0 if transform.fast else None),
                      transform.channels)
 
 
-def _converted(image, channels: int):
+def _converted(image, channels: int, background: tuple[int, int, int] | None = None):
     from PIL import Image
 
+    if background is not None and has_alpha(image):
+        # composited before any resize, so edges blend with the background, not stored RGB
+        layer = image.convert("RGBA")
+        canvas = Image.new("RGBA", layer.size, (*background, 255))
+        canvas.alpha_composite(layer)
+        image = canvas.convert("RGB")
     if image.mode in SIXTEEN_BIT:  # 16-bit grey: keep the top 8 bits
         image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
     return image.convert("L" if channels == 1 else "RGB")
@@ -225,19 +249,20 @@ def _target(spec: tuple[str, int, tuple]) -> np.memmap:
 
 
 def _decode_chunk(task: tuple[int, Sequence[str], Transform, int, tuple | None]
-                  ) -> tuple[int, np.ndarray | None, list[tuple[int, str]]]:
+                  ) -> tuple[int, np.ndarray | None, list[tuple[int, str]], int]:
     start, paths, transform, workers, target = task
     block = np.zeros((len(paths), *transform.shape), dtype=np.uint8)  # (k, C, H, W)
-    bad = []
+    bad, transparent = [], 0
     for i, path in enumerate(paths):
         try:
-            block[i] = decode(Path(path), transform, workers)
+            block[i], alpha = decode_noting_alpha(Path(path), transform, workers)
+            transparent += alpha
         except BadImage as exc:
             bad.append((start + i, str(exc)))
     if target is None:
-        return start, block, bad
+        return start, block, bad, transparent
     _target(target)[start:start + len(paths)] = block
-    return start, None, bad
+    return start, None, bad, transparent
 
 
 def _chunks(paths: Sequence[str | Path], *extra) -> Iterator[tuple]:
@@ -276,19 +301,24 @@ def read_headers(paths: Sequence[str | Path], workers: int, progress: bool = Tru
 
 
 def decode_into(out: np.ndarray, paths: Sequence[str | Path], transform: Transform, workers: int,
-                progress: bool = True) -> dict[int, str]:
+                progress: bool = True, counts: dict | None = None) -> dict[int, str]:
     """Decode paths[i] into out[i] (uint8 (N, C, H, W)); returns {index: message} of the files
     that could not be read (their rows stay zero). Into a memory map of a file (np.memmap),
-    each worker writes its rows itself."""
+    each worker writes its rows itself. counts, if given, gets "transparent": the number of
+    images that had transparency."""
     pooled = workers > 1 and len(paths) >= POOL_FROM
     target = (out.filename, out.offset, out.shape) if pooled and \
         isinstance(out, np.memmap) and out.filename else None
     bad: dict[int, str] = {}
     with _bar(len(paths), "decoding images", progress) as bar:
-        for start, block, failed in _mapped(_decode_chunk, _chunks(paths, transform, workers,
-                                                                   target), workers, len(paths)):
+        transparent = 0
+        for start, block, failed, alpha in _mapped(
+                _decode_chunk, _chunks(paths, transform, workers, target), workers, len(paths)):
+            transparent += alpha
             if block is not None:
                 out[start:start + len(block)] = block
             bad.update(failed)
             bar.update(min(CHUNK, len(paths) - start))
+    if counts is not None:
+        counts["transparent"] = transparent
     return bad

@@ -7,7 +7,8 @@ The images are decoded on all cores into the cache (data_cache.py) by image_deco
 run opens the cache in well under a second. Without --image-size the images must share one
 size, and without --channels one kind (grey or colour): both are read from the headers first.
 An unreadable image is an error naming it, unless skip_bad (--skip-bad-images): then it is
-left out, and one line says how many were and where their list is.
+left out, and one line says how many were and where their list is. Images with transparency
+are composited on --background (white unless told), and one line says how many there were.
 """
 
 from __future__ import annotations
@@ -80,13 +81,17 @@ def list_image_folder(folder: Path) -> tuple[list[str], np.ndarray | None, list[
 
 def cache_images(folder: Path, files: list[str], image_size: int | None,
                  channels: int | None, *, crop: int | None = None, fast: bool = True,
+                 background: tuple[int, int, int] | None = None,
                  skip_bad: bool = False, source: str | None = None,
                  log: Callable[[str], None] = stderr_line, workers: int | None = None,
                  progress: bool = True) -> CachedArray:
     """The cache entry of these image files (decoding them now if there is none that matches);
-    unreadable ones are an error naming the first, unless skip_bad."""
+    unreadable ones are an error naming the first, unless skip_bad. background: the RGB that
+    transparent pixels are composited on (None: alpha dropped, as before --background)."""
     folder = Path(folder)
     request = {"size": image_size, "channels": channels, "crop": crop, "fast": fast}
+    if background is not None:  # part of the key; absent, the key of caches made before it
+        request["background"] = list(background)
     workers = workers or workers_available()
 
     def build(allocate: Allocation) -> tuple[dict[int, str], dict]:
@@ -102,7 +107,8 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                     width, height = _size_of(folder, good)
         if transform_channels is None:  # every header was unreadable
             transform_channels, height, width = 1, height or 1, width or 1
-        transform = Transform(transform_channels, height, width, image_size, crop, fast)
+        transform = Transform(transform_channels, height, width, image_size, crop, fast,
+                              background)
         if image_size is not None:  # each worker holds one resized image at a time
             check_elements(f"--image-size {image_size} ({transform_channels} x {image_size} x "
                            f"{image_size} pixels an image, {workers} decoding at once)",
@@ -110,8 +116,9 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                            DataError)
         out = allocate((len(files), *transform.shape))
         # Files with unreadable headers fail again here, cheaply; their header's message stays.
-        bad = {**decode_into(out, files, transform, workers, progress), **bad}
-        return bad, {"transform": transform.info()}
+        counts: dict = {}
+        bad = {**decode_into(out, files, transform, workers, progress, counts), **bad}
+        return bad, {"transform": transform.info(), "transparent": counts["transparent"]}
 
     cache = cached_array(source or str(folder.resolve()), request,
                          file_listing(files, folder), build, log=log,
@@ -127,7 +134,22 @@ def cache_images(folder: Path, files: list[str], image_size: int | None,
                             f"{first}")
         log(f"{folder}: skipped {len(bad):,} of {cache.shape[0]:,} images that could not be "
             f"used; {listed}")
+    transparent = cache.meta.get("transparent", 0)  # caches made before --background: unknown
+    if transparent:
+        log(transparency_line(folder, transparent, cache.shape[0], background))
     return cache
+
+
+def transparency_line(folder: Path, transparent: int, total: int,
+                      background: tuple[int, int, int] | None) -> str:
+    """The one line saying what was done with the transparency of `transparent` images."""
+    what = f"{folder}: {transparent:,} of {total:,} images have transparency"
+    if background is None:
+        return (f"{what}; alpha dropped (--background none): transparent areas show the RGB "
+                "the files store")
+    named = {(255, 255, 255): "white", (0, 0, 0): "black"}.get(tuple(background),
+                                                             ",".join(map(str, background)))
+    return f"{what}: composited on {named} (--background)"
 
 
 def _channels_of(folder: Path, good: list[tuple[str, Header]]) -> int:
@@ -154,22 +176,24 @@ def _size_of(folder: Path, good: list[tuple[str, Header]]) -> tuple[int, int]:
 def load_image_folder(folder: Path, image_size: int | None, channels: int | None, *,
                       test_fraction: float, split_seed: int, skip_bad: bool = False,
                       fast: bool = True, data_memory: str = "auto",
+                      background: tuple[int, int, int] | None = None,
                       progress: bool = True) -> Dataset:
     """A folder as a Dataset: seeded split, in memory or mapped (see dataset.from_cache)."""
     files, labels, label_names = list_image_folder(folder)
-    cache = cache_images(folder, files, image_size, channels, fast=fast, skip_bad=skip_bad,
-                         progress=progress)
+    cache = cache_images(folder, files, image_size, channels, fast=fast, background=background,
+                         skip_bad=skip_bad, progress=progress)
     return from_cache(cache, str(folder), labels, label_names, None,
                       test_fraction=test_fraction, split_seed=split_seed,
                       data_memory=data_memory, source=str(folder.resolve()))
 
 
 def read_image_folder(folder: Path, image_size: int | None, channels: int | None,
-                      fast: bool = True) -> tuple[Tensor, Tensor | None, list[str] | None]:
+                      fast: bool = True, background: tuple[int, int, int] | None = None
+                      ) -> tuple[Tensor, Tensor | None, list[str] | None]:
     """Every image of a folder: uint8 (N, C, H, W) mapped from the cache (nothing is copied
     into memory until used), labels (N,) or None, class names or None."""
     files, labels, label_names = list_image_folder(folder)
-    cache = cache_images(folder, files, image_size, channels, fast=fast)
+    cache = cache_images(folder, files, image_size, channels, fast=fast, background=background)
     with warnings.catch_warnings():  # a copy-on-write map is writable; torch need not warn
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(cache.images(mapped=True))  # (N, C, H, W) uint8, mapped

@@ -530,19 +530,29 @@ class Trainer(TrainingState):
                 y = None
             z = self.model.sample_codes(n if y is None else len(y), y=y)  # (n, code_dim)
             samples = self.pipeline.display(self.model.decode(z, y).mean)
-            raw = self.dataset.test_x[:n].to(self.device)
-            y_test = None if self.test_y is None else self.test_y[:n].to(self.device)
+            rows = picture_rows(len(self.dataset.test_x), n)  # every class, not the first
+            raw = self.dataset.test_x[rows].to(self.device)
+            y_test = None if self.test_y is None else self.test_y[rows].to(self.device)
             x = self.pipeline.fixed(raw, 0)
-            originals = self.pipeline.display(x)  # what the model encodes
+            inputs = self.pipeline.display(x) if self.pipeline.noisy else None  # model's view
+            originals = self.pipeline.original(raw)
             reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
         self.model.train()
         features = feature_scale(self.dataset.shape, self.dataset.feature_names, self.pipeline)
         image = class_rows_image(samples, names, features=features) if names else \
             examples_image(samples, features=features)
         save_png(image, self.run_dir / "samples.png")
-        save_png(reconstruction_image(originals, reconstructions, features=features),
+        save_png(reconstruction_image(originals, reconstructions, inputs=inputs,
+                                      input_name=self.pipeline.input_name, features=features),
                  self.run_dir / "reconstructions.png")
         save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
+
+
+def picture_rows(total: int, n: int) -> Tensor:
+    """The rows of a split that pictures show: n of them in a fixed seeded random order (an
+    image folder's split is ordered by class; its first rows are one class)."""
+    order = torch.randperm(total, generator=seeded_generator(derive_seed(0, "picture rows")))
+    return order[:n]  # (min(n, total),)
 
 
 def make_adam(parameters, lr: float) -> torch.optim.Optimizer:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import parse_background
 from .data import Pipeline, batches, read_examples
 from .device import flush_denormals
 from .errors import DataError
@@ -236,7 +237,8 @@ def load_new_data(run, source: str) -> tuple[Tensor, str]:
     raw, new_kind, what = read_examples(source, data_dir=run.config.data_dir,
                                         image_size=run.config.image_size if is_folder else None,
                                         channels=channels if is_folder else None,
-                                        fast_resize=run.config.fast_resize)
+                                        fast_resize=run.config.fast_resize,
+                                        background=parse_background(run.config.background))
     if new_kind != kind:
         want = "8-bit images (uint8)" if kind == "image8" else "real-valued arrays"
         got = "8-bit images" if new_kind == "image8" else "real-valued arrays"

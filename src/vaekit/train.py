@@ -26,8 +26,8 @@ from torch import nn
 
 from .budget import check_elements
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .data import Dataset, Pipeline, dataset_for, resolve_likelihood
-from .device import flush_denormals, resolve_device
+from .data import Dataset, Pipeline, choose_likelihood, dataset_for
+from .device import flush_denormals, resolve_device, reuse_freed_memory
 from .distributed import DistContext
 from .errors import ConfigError, DataError, RunError
 from .loop import (
@@ -74,7 +74,10 @@ def default_run_dir(config: TrainConfig) -> Path:
 def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
     """Load the dataset, settle the likelihood and build the pipeline for this config."""
     dataset = dataset_for(config)
-    config = replace(config, likelihood=resolve_likelihood(config.likelihood, dataset))
+    likelihood, why = choose_likelihood(config.likelihood, dataset)
+    # said at the start of training: the default is decided from the data
+    chosen = f"likelihood auto -> {likelihood}: {why}" if config.likelihood == "auto" else ""
+    config = replace(config, likelihood=likelihood)
     if config.net == "conv" and len(dataset.shape) != 3:
         raise ConfigError(f"--net conv needs images (C, H, W) but {config.data} holds examples of "
                           f"shape {dataset.shape}; use --net mlp")
@@ -82,6 +85,7 @@ def prepare_data(config: TrainConfig) -> tuple[Dataset, Pipeline, TrainConfig]:
         raise ConfigError(f"--perturb replaces pixels of 8-bit images by random levels, but "
                           f"{config.data} holds real-valued arrays; drop --perturb")
     pipeline = Pipeline.build(dataset, config.likelihood, config.binarize, config.split_seed)
+    pipeline.chosen = chosen
     return dataset, pipeline, config
 
 
@@ -153,6 +157,27 @@ def check_training_sizes(config: TrainConfig, dataset: Dataset) -> None:
                    4 * 2 * len(STEP_LOG_COLUMNS), f"{fix}; train in stages with --resume")
 
 
+def check_run_memory(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: VAE,
+                     device: torch.device, dist: DistContext) -> None:
+    """Refuse, before anything is written, a run whose weights, optimizer, activations of one
+    batch and data will not fit in vaekit's memory limit (run_memory.py)."""
+    from .run_memory import PROBE, check_training_memory, estimate_training_memory
+
+    probe = dataset.train_x[:PROBE]
+    x = pipeline.fixed(probe, 0, split="train")  # (PROBE, *shape)
+    y = dataset.train_y[:PROBE] if config.conditional else None
+    data_bytes = 0 if dataset.mapped else sum(t.numel() * t.element_size() for t in
+                                              (dataset.train_x, dataset.test_x))
+    objective = build_objective(config)
+    estimate = estimate_training_memory(
+        TrainingObjective(model, objective), model, x, y,
+        objective.noise_shape(config.latent_dim), config.batch_size // dist.world_size,
+        data_bytes, device)
+    shape = "x".join(map(str, dataset.shape))
+    check_training_memory(estimate, f"--net {config.net} --likelihood {config.likelihood} "
+                          f"--batch-size {config.batch_size} on {shape} examples")
+
+
 def check_free_space(run_dir: Path, model: nn.Module, keep: int) -> None:
     """Refuse to start when the disk cannot hold the checkpoints the run will write."""
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -211,7 +236,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     try:
         with dist.stop_together(Interrupted):  # one process failing stops all, with its message
             device = resolve_device(config.device, dist)
-            with flush_denormals(device):
+            with flush_denormals(device), reuse_freed_memory(device):
                 return _train(config, resume, dist, device, inexact_resume, log)
     finally:
         dist.shutdown()
@@ -239,6 +264,7 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
         config = replace(config, out=str(run_dir))
     model = build_model(config, dataset.shape, dataset.label_names)  # its size checked first
     check_training_sizes(config, dataset)
+    check_run_memory(config, dataset, pipeline, model, device, dist)
     trainer = Trainer(config, run_dir, dataset, pipeline, model, device, dist, log)
     lock = RunLock(run_dir) if dist.is_main else None
     with dist.same_outcome("run folder"):
@@ -355,6 +381,8 @@ def _summary(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, model: V
     objective = build_objective(config).describe()
     condition = f"\n  conditional on {len(dataset.label_names)} classes: the ELBO bounds " \
         "log p(x | y)" if config.conditional else ""
+    if pipeline.chosen:
+        condition += f"\n  {pipeline.chosen}"
     if dataset.mapped:
         condition += f"\n  data: {dataset.memory}"
     if config.patience:

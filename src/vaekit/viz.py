@@ -114,6 +114,11 @@ def class_rows_image(images: Tensor, names: list[str], pad: int = 2,
         grid = vector_rows(images)
     else:
         grid = image_grid(images, columns=per_class, pad=pad)
+    return named_grid_rows(grid, names)
+
+
+def named_grid_rows(grid: Image.Image, names: list[str]) -> Image.Image:
+    """The grid with one name at the left of each of its len(names) rows of equal height."""
     label_font = font(13)
     measure = ImageDraw.Draw(grid)
     margin = int(max(measure.textlength(name, font=label_font) for name in names)) + 12
@@ -127,23 +132,31 @@ def class_rows_image(images: Tensor, names: list[str], pad: int = 2,
 
 
 def reconstruction_image(originals: Tensor, reconstructions: Tensor, columns: int = 8,
+                         inputs: Tensor | None = None, input_name: str = "model input",
                          features: FeatureScale | None = None) -> Image.Image:
-    """Pairs of rows: inputs above their reconstructions. Tabular data (features given): blocks
-    of `columns` examples, inputs above reconstructions, each block labelled."""
-    rows = []
+    """Groups of labelled rows: the original examples, what the model sees of them (inputs,
+    when that differs: a binarisation, a dequantisation) and their reconstructions. Tabular data
+    (features given): the same groups as blocks of values per feature (table_pictures.py)."""
+    rows, names = [], []
     for start in range(0, len(originals), columns):
-        rows += [originals[start:start + columns], reconstructions[start:start + columns]]
+        group = [("original", originals)] + ([(input_name, inputs)] if inputs is not None
+                                             else []) + [("reconstruction", reconstructions)]
+        for name, images in group:
+            rows.append(images[start:start + columns])
+            names.append(name)
     if features is not None and not is_image_shape(tuple(originals.shape[1:])):
         labels = []
         for start in range(0, len(originals), columns):
             stop = min(start + columns, len(originals))
-            labels += [f"inputs {start}-{stop - 1}", "reconstructed"]
+            labels += [f"inputs {start}-{stop - 1}"] + (
+                [input_name] if inputs is not None else []) + ["reconstructed"]
         return table_image(rows, features, labels=labels)
     if is_image_shape(tuple(originals.shape[1:])):
         blank = torch.ones_like(originals[:1])
         padded = [torch.cat([r, blank.expand(columns - len(r), *r.shape[1:])]) for r in rows]
-        return image_grid(torch.cat(padded), columns)
-    return vector_rows(torch.cat(rows))
+        return named_grid_rows(image_grid(torch.cat(padded), columns), names)
+    return named_grid_rows(vector_rows(torch.cat(rows)),
+                         [name for r, name in zip(rows, names) for _ in range(len(r))])
 
 
 def titled(image: Image.Image, title: str, width: int | None = None) -> Image.Image:

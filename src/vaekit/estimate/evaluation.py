@@ -84,9 +84,11 @@ def evaluate_run(run, dataset, *, split: str = "test", k: int = 5000, limit: int
     raw = dataset.test_x if split == "test" else dataset.train_x
     labels = (dataset.test_y if split == "test" else dataset.train_y) \
         if run.config.conditional else None
-    if limit is not None:
-        raw = raw[:limit]
-        labels = None if labels is None else labels[:limit]
+    total = len(raw)
+    rows = subset_rows(total, limit, seed)
+    if rows is not None:  # a seeded random subset: a split ordered by class gives every class
+        raw = raw[rows]
+        labels = None if labels is None else labels[rows]
     device = next(run.model.parameters()).device
     started = time.monotonic()
     with flush_denormals(device):
@@ -103,5 +105,47 @@ def evaluate_run(run, dataset, *, split: str = "test", k: int = 5000, limit: int
                   likelihood=run.config.likelihood, prior=run.config.prior, net=run.config.net,
                   seconds=seconds, device=str(device), processes=dist.world_size,
                   vaekit_version=__version__)
+    result["subset"] = None if rows is None else {
+        "n": len(rows), "of": total, "seed": seed, "rows": rows.tolist(),
+        "how": "seeded random subset of the split (--limit, --seed); each example's noise is "
+               "that of its position in the subset"}
     return result
 
+
+def subset_rows(total: int, limit: int | None, seed: int) -> Tensor | None:
+    """The rows (sorted) of a seeded random subset of `limit` of `total` examples; None for
+    all of them. The same seed gives the same subset."""
+    if limit is None or limit >= total:
+        return None
+    from ..randomness import derive_seed, seeded_generator
+
+    order = torch.randperm(total, generator=seeded_generator(derive_seed(seed, "subset")))
+    return order[:limit].sort().values  # (limit,)
+
+
+# The k `vaekit evaluate` chooses when not told: the largest of these whose measured cost fits
+# the time budget (and at least the smallest: fewer samples say little about the gap).
+K_LADDER = (5000, 2000, 1000, 500, 200, 100)
+PROBE_EXAMPLES, PROBE_KS = 16, (16, 256)
+
+
+def choose_k(run, dataset, *, split: str, n: int, budget_seconds: float, naive: bool,
+             seed: int = 0) -> dict:
+    """k for n examples within budget_seconds, from the cost measured now: PROBE_EXAMPLES
+    examples at the two k of PROBE_KS, whose difference is the cost of the extra samples alone
+    (the fixed cost of a call cancels). {"k", "mode", "seconds_per_sample" (per example and
+    sample), "expected_seconds", "budget_seconds"}."""
+    import time
+
+    probe = min(PROBE_EXAMPLES, n)
+    seconds = []
+    for k in PROBE_KS:
+        started = time.monotonic()
+        evaluate_run(run, dataset, split=split, k=k, limit=probe, seed=seed, naive=naive)
+        seconds.append(time.monotonic() - started)
+    extra = PROBE_KS[1] - PROBE_KS[0]
+    per_sample = max(seconds[1] - seconds[0], seconds[1] / PROBE_KS[1] * extra / 4) \
+        / (probe * extra)  # a floor: timer noise must not make samples look free
+    k = next((k for k in K_LADDER if k * n * per_sample <= budget_seconds), K_LADDER[-1])
+    return {"k": k, "mode": "chosen for the time budget", "budget_seconds": budget_seconds,
+            "seconds_per_sample": per_sample, "expected_seconds": k * n * per_sample}

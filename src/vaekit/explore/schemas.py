@@ -81,6 +81,8 @@ class Evaluation(BaseModel):
     log_px: Optional[float] = None
     log_px_se: Optional[float] = None
     k: Optional[int] = None
+    n: Optional[int] = None  # examples the figures average
+    subset_of: Optional[int] = None  # examples of the split, when n is a random subset of them
 
 
 class LowerGroup(BaseModel):

@@ -81,7 +81,8 @@ def data_url(png: bytes) -> str:
 
 
 def read_evaluation(run_dir: Path) -> dict | None:
-    """evaluation.json's finite numbers (elbo, log_px, log_px_se, k), or None if absent/unusable."""
+    """evaluation.json's finite numbers (elbo, log_px, log_px_se, k, n, and subset_of: the
+    split's size when n is a random subset), or None if absent/unusable."""
     path = Path(run_dir) / "evaluation.json"
     if not path.exists():
         return None
@@ -92,7 +93,11 @@ def read_evaluation(run_dir: Path) -> dict | None:
     if not isinstance(document, dict):
         return None
     found = {}
-    for key, kind in (("elbo", float), ("log_px", float), ("log_px_se", float), ("k", int)):
+    subset = document.get("subset")
+    if isinstance(subset, dict):
+        document["subset_of"] = subset.get("of")
+    for key, kind in (("elbo", float), ("log_px", float), ("log_px_se", float), ("k", int),
+                      ("n", int), ("subset_of", int)):
         value = document.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
                 and math.isfinite(value) and (kind is float or float(value).is_integer()):
@@ -169,6 +174,9 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
         limits = (float(space.test_x.min()), float(space.test_x.max()))
     sample_lock = threading.Lock()  # the seeded draw borrows the global RNG
     gallery_cache: dict[int, str] = {}
+    # The gallery pages through the test set in a seeded random order: an image folder's test
+    # split is ordered by class, and the first page showed one class only.
+    gallery_order = torch.randperm(len(space.test_x), generator=torch.Generator().manual_seed(0))
     static = {name: (resources.files("vaekit.explore").joinpath("static", name).read_bytes(),
                      media) for name, media in STATIC_FILES.items()}
 
@@ -210,7 +218,8 @@ def create_app(space: LatentSpace, info: dict, allowed_hosts=(), score_upload=No
                 limit: Annotated[int, Query(ge=1, le=GALLERY_LIMIT)] = 24):
         stop = min(offset + limit, len(space.test_x))
         items = []
-        for index in range(offset, stop):
+        for position in range(offset, stop):
+            index = int(gallery_order[position])  # shuffled: a split ordered by class
             if index not in gallery_cache:
                 gallery_cache[index] = picture(space.test_x[index].float() / 255.0
                                                if pipeline.kind == "image8"

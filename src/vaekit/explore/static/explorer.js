@@ -93,6 +93,14 @@ function centre() {
 
 // --- page parts ------------------------------------------------------------------------------
 
+
+// ", n = 200 of 10000 (random subset)": every figure says how many examples it averages
+function evaluatedOn(evaluation) {
+  if (evaluation.n === null || evaluation.n === undefined) return "";
+  const of = evaluation.subset_of ? ` of ${evaluation.subset_of} (random subset)` : "";
+  return `, n = ${evaluation.n}${of}`;
+}
+
 function showFacts(info) {
   const facts = [
     ["run", info.run],
@@ -102,7 +110,7 @@ function showFacts(info) {
     ["likelihood", info.likelihood],
   ];
   if (info.test_elbo !== null) {
-    facts.push([`test ELBO${info.epochs ? ` (epoch ${info.epochs})` : ""}`,
+    facts.push([`test ELBO${info.epochs ? ` (epoch ${info.epochs})` : ""}, n = ${info.n_test}`,
                 `${fmt(info.test_elbo)} nats`]);
   }
   const evaluation = info.evaluation;
@@ -110,10 +118,11 @@ function showFacts(info) {
     const se = evaluation.log_px_se !== null && evaluation.log_px_se !== undefined
       ? ` ± ${fmt(evaluation.log_px_se)}` : "";
     const k = evaluation.k ? ` (IS, k = ${evaluation.k})` : "";
-    facts.push([`test log p(x)${k}`, `${fmt(evaluation.log_px)}${se} nats`]);
+    facts.push([`test log p(x)${k}${evaluatedOn(evaluation)}`,
+                `${fmt(evaluation.log_px)}${se} nats`]);
   }
   if (evaluation && evaluation.elbo !== null && evaluation.elbo !== undefined) {
-    facts.push(["evaluated ELBO", `${fmt(evaluation.elbo)} nats`]);
+    facts.push([`evaluated ELBO${evaluatedOn(evaluation)}`, `${fmt(evaluation.elbo)} nats`]);
   }
   const list = $("facts");
   list.replaceChildren();
