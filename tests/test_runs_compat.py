@@ -35,7 +35,7 @@ WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # options added after the newest fixture was written: every fixture lacks them (the latent
 # family's, and the data cache's --data-memory, --skip-bad-images and --fast-resize)
 ADDED_AFTER_FIXTURES = {"flow_steps", "latent_groups", "skip_threshold", "data_memory",
-                        "skip_bad_images", "fast_resize"}
+                        "skip_bad_images", "fast_resize", "tensorboard"}
 LACKS = {"bb52941": set(ADDED_OPTIONS),
          "76a75dd": {"precision", "compile", "posterior", "perturb"} | ADDED_AFTER_FIXTURES,
          "0f6a429": {"posterior", "perturb"} | ADDED_AFTER_FIXTURES}
