@@ -132,12 +132,7 @@ def run_card(document: dict, metrics: list[dict], evaluation: dict | None, model
         _training_section(config, metrics),
         _evaluation_section(evaluation),
     ]
-    if has_samples:
-        parts.append(f"## Samples\n\nE[x | z] for z drawn from the prior:\n\n"
-                     f"![samples]({SAMPLES_NAME})\n")
-    parts.append(_usage(name))
-    parts.append(f"Written by vaekit {document.get('vaekit_version')}.\n")
-    return "\n".join(parts)
+    return "\n".join(parts + _closing(name, document.get("vaekit_version"), has_samples))
 
 
 def model_card(model: dict, label_names: list[str] | None, name: str, version: str,
@@ -148,12 +143,14 @@ def model_card(model: dict, label_names: list[str] | None, name: str, version: s
              f"# {name}\n\nA vaekit model: {describe_model(model, label_names)}\n",
              "Saved from Python with `save_pretrained`: no training run, data or evaluation is "
              "recorded with it.\n"]
-    if has_samples:
-        parts.append(f"## Samples\n\nE[x | z] for z drawn from the prior:\n\n"
-                     f"![samples]({SAMPLES_NAME})\n")
-    parts.append(_usage(name))
-    parts.append(f"Written by vaekit {version}.\n")
-    return "\n".join(parts)
+    return "\n".join(parts + _closing(name, version, has_samples))
+
+
+def _closing(name: str, version, has_samples: bool) -> list[str]:
+    """The sample grid (where there is one), how to load the model, and what wrote the card."""
+    samples = [f"## Samples\n\nE[x | z] for z drawn from the prior:\n\n"
+               f"![samples]({SAMPLES_NAME})\n"] if has_samples else []
+    return samples + [_usage(name), f"Written by vaekit {version}.\n"]
 
 
 def write_run_card(run_dir: Path) -> Path:
