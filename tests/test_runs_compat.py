@@ -37,7 +37,7 @@ WRITERS = ("bb52941", "76a75dd", "0f6a429")  # oldest first
 # --background)
 ADDED_AFTER_FIXTURES = {"flow_steps", "latent_groups", "skip_threshold", "data_memory",
                         "skip_bad_images", "fast_resize", "validation_fraction", "patience",
-                        "background"}
+                        "background", "tensorboard"}
 LACKS = {"bb52941": set(ADDED_OPTIONS),
          "76a75dd": {"precision", "compile", "posterior", "perturb"} | ADDED_AFTER_FIXTURES,
          "0f6a429": {"posterior", "perturb"} | ADDED_AFTER_FIXTURES}

@@ -13,7 +13,8 @@ import importlib
 __version__ = "0.2.0.dev0"
 
 _EXPORTS = {
-    "VAE": "model", "ModelConfig": "model", "build_vae": "model",
+    "VAE": "model", "ModelConfig": "model", "build_vae": "model", "LatentModel": "model",
+    "HierarchicalVAE": "hierarchy", "from_pretrained": "hub", "save_pretrained": "hub",
     "ELBOTerms": "objectives", "elbo_terms": "objectives",
     "TrainConfig": "config", "train": "train", "load_run": "runs", "load_dataset": "data",
 }

@@ -406,6 +406,18 @@ def build_parser() -> Parser:
                          help="also accept requests addressed to this host name (the Host header; "
                          "localhost and IP addresses are always accepted)")
     explore.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+    push = commands.add_parser("push", help="upload a run (or a saved model) to the Hugging "
+                               "Face Hub", description="Upload RUN_DIR's config.json, "
+                               "model.safetensors, model card README.md (refreshed first), "
+                               "pictures, metrics and evaluation to the Hub repository REPO_ID "
+                               "(created if missing); anyone can then load it with "
+                               "LatentModel.from_pretrained(REPO_ID). Checkpoints stay local. "
+                               "Needs pip install 'vaekit[hub]' and a login (hf auth login, or "
+                               "HF_TOKEN).")
+    push.add_argument("run_dir", metavar="RUN_DIR")
+    push.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
     return parser
 
 
@@ -632,6 +644,7 @@ def cmd_evaluate(args) -> int:
     from .device import resolve_device
     from .distributed import DistContext
     from .estimate import evaluate_run
+    from .model_card import write_run_card
     from .report import evaluation_table
     from .runs import atomic_write_json, load_run, load_run_dataset, writing
 
@@ -682,6 +695,7 @@ def cmd_evaluate(args) -> int:
         target = run.path / "evaluation.json"
         with writing("cannot write the evaluation", target, "make the run folder writable"):
             atomic_write_json(target, result)
+            write_run_card(run.path)  # README.md shows the new figures
         if args.json:
             print(jsonio.dumps(result, indent=2))  # standard JSON: no NaN tokens
         else:
@@ -1045,10 +1059,18 @@ def _check_output(path: Path, suffix: str) -> None:
         raise VaekitError(f"{path} is a folder; give a file name ending in {suffix}")
 
 
+def cmd_push(args) -> int:
+    from .hub import push_folder
+
+    url = push_folder(args.run_dir, args.repo_id, private=args.private)
+    print(url)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct,
             "evaluate": cmd_evaluate, "score": cmd_score, "explain": cmd_explain,
             "interpolate": cmd_interpolate, "traverse": cmd_traverse, "manifold": cmd_manifold,
-            "embed": cmd_embed, "explore": cmd_explore}
+            "embed": cmd_embed, "explore": cmd_explore, "push": cmd_push}
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ ADDED_OPTIONS: dict[str, Any] = {
     "validation_fraction": 0.0, "patience": 0,
     # --background (older runs dropped the alpha of transparent images)
     "background": "none",
+    # --tensorboard (logging only: older runs logged nothing)
+    "tensorboard": None,
 }
 
 # Options whose default (None) means "the dataset's preset": config.json stores the value the
@@ -78,7 +80,7 @@ PRESET_OPTIONS = ("epochs", "batch_size", "lr", "lr_decay", "validation_fraction
 # Fields a resumed run may change: they alter how long or where it runs, never what it computes.
 RESUMABLE_OVERRIDES = (
     "epochs", "time_limit", "device", "checkpoint_every_steps", "checkpoint_every_minutes",
-    "keep_checkpoints", "progress", "compile", "data_memory",
+    "keep_checkpoints", "progress", "compile", "data_memory", "tensorboard",
 )
 
 # Per-dataset defaults for fields left unset; the chosen values are written to config.json.
@@ -109,9 +111,11 @@ SMALL_TABLE_PRESET = {"epochs": 3000, "batch_size": 32, "lr": 1e-3, "lr_decay": 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
          exclusive_minimum: bool = False, maximum: float | None = None, metavar: str | None = None,
-         group: str = "training") -> Any:
+         group: str = "training", const: Any = None) -> Any:
+    # const: the value of the option given without one (`--tensorboard` alone)
     meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum":
-            exclusive_minimum, "maximum": maximum, "metavar": metavar, "group": group}
+            exclusive_minimum, "maximum": maximum, "metavar": metavar, "group": group,
+            "const": const}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -308,6 +312,14 @@ class TrainConfig:
                                                      group="checkpoints")
     keep_checkpoints: int = _opt(2, "complete checkpoints kept in RUN_DIR/checkpoints", minimum=1,
                                  group="checkpoints")
+    tensorboard: Optional[str] = _opt(None, "also log to TensorBoard in DIR (given without "
+                                      "DIR, or empty in config.json: RUN_DIR/tensorboard, "
+                                      "wherever the run folder is): the ELBO and its terms "
+                                      "every 10 steps, the epochs' train and test figures, KL "
+                                      "per latent group and dimension, beta, lr, images/s, "
+                                      "samples and reconstructions, and the options with the "
+                                      "final figures (HParams); needs pip install "
+                                      "'vaekit[tensorboard]'", metavar="DIR", const="")
     num_samples: int = _opt(64, "images in samples.png and reconstructions.png", minimum=1)
     progress: bool = _opt(True, "show a progress bar")
     out: Optional[str] = _opt(None, "run folder to create (default: runs/DATA-NET-TIME)",
@@ -617,9 +629,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
             continue
+        optional_value = {} if meta.get("const") is None else \
+            {"nargs": "?", "const": meta["const"]}
         group.add_argument(_flag(f.name), dest=f.name, type=_cli_parser(f.name, base),
                            default=argparse.SUPPRESS, help=help_text,
-                           metavar=meta.get("metavar") or _metavar(base, meta.get("choices")))
+                           metavar=meta.get("metavar") or _metavar(base, meta.get("choices")),
+                           **optional_value)
 
 
 def _metavar(base: type, choices: tuple | None) -> str:

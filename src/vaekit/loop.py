@@ -143,6 +143,7 @@ class Trainer(TrainingState):
         self.check_each_step = device.type == "cpu" and not dist.enabled
         self.last_pictures = -float("inf")  # time.monotonic() of the last samples/curves PNGs
         self.best_weights: dict[str, Tensor] | None = None  # --patience: of the best epoch
+        self.tensorboard = None  # a tensorboard_log.TensorBoardLog on rank 0 with --tensorboard
 
     # --- the loop ---------------------------------------------------------------------------
     def batch_rows(self, index: Tensor) -> Tensor:
@@ -292,6 +293,7 @@ class Trainer(TrainingState):
                     self._record_steps(epoch_log[:logged], epoch_started)
                     epoch_log, logged = epoch_log[logged:], 0
                     epoch_started = time.monotonic()
+                    self._log_steps()
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
                 if stop_reason is not None:
@@ -440,6 +442,8 @@ class Trainer(TrainingState):
             record["inexact_resume"] = True
         self.progress.metrics.append(record)
         stopping = complete and self.config.patience and self._early_stopping(record)
+        if self.tensorboard is not None:  # logged before the checkpoint (see tensorboard_log)
+            self._log_epoch(record)
         self.save_checkpoint()
         final = not complete or self.progress.epoch >= self.config.epochs or self.stopped_early
         with self.dist.same_outcome("outputs"):  # rank 0 draws; a failure there stops all
@@ -514,9 +518,17 @@ class Trainer(TrainingState):
 
     def write_outputs(self) -> None:
         """samples.png, reconstructions.png and curves.png for the current weights."""
+        from .viz import curves_image, save_png
+
+        for name, image in self.output_images().items():
+            save_png(image, self.run_dir / f"{name}.png")
+        save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
+
+    def output_images(self) -> dict:
+        """{"samples": new examples E[x|z] (a row per class for conditional models),
+        "reconstructions": test inputs above their reconstructions} as images."""
         from .table_pictures import feature_scale
-        from .viz import (class_rows_image, curves_image, examples_image, reconstruction_image,
-                          save_png)
+        from .viz import class_rows_image, examples_image, reconstruction_image
 
         n = self.config.num_samples
         names = self.dataset.label_names if self.config.conditional else None
@@ -539,13 +551,58 @@ class Trainer(TrainingState):
             reconstructions = self.pipeline.display(self.model.reconstruct(x, y_test))
         self.model.train()
         features = feature_scale(self.dataset.shape, self.dataset.feature_names, self.pipeline)
-        image = class_rows_image(samples, names, features=features) if names else \
+        samples_image = class_rows_image(samples, names, features=features) if names else \
             examples_image(samples, features=features)
-        save_png(image, self.run_dir / "samples.png")
-        save_png(reconstruction_image(originals, reconstructions, inputs=inputs,
-                                      input_name=self.pipeline.input_name, features=features),
-                 self.run_dir / "reconstructions.png")
-        save_png(curves_image(self.progress.metrics), self.run_dir / "curves.png")
+        return {"samples": samples_image,
+                "reconstructions": reconstruction_image(
+                    originals, reconstructions, inputs=inputs,
+                    input_name=self.pipeline.input_name, features=features)}
+
+    # --- TensorBoard (--tensorboard; tensorboard_log.py) ---------------------------------------
+    def open_tensorboard(self, resumed: bool) -> None:
+        """Start (or, resumed, continue) the event stream on rank 0. A resumed stream purges
+        what a stopped run logged after the checkpoint it resumes from."""
+        if self.config.tensorboard is None or not self.dist.is_main:
+            return
+        from .tensorboard_log import TensorBoardLog
+
+        folder = Path(self.config.tensorboard) if self.config.tensorboard \
+            else self.run_dir / "tensorboard"
+        purge = self.progress.global_step + 1 if resumed else None
+        with writing("cannot write the TensorBoard log", folder, "choose a writable "
+                     "--tensorboard DIR"):
+            self.tensorboard = TensorBoardLog(folder, purge_step=purge)
+
+    def close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _log_steps(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.steps(self.step_history(), STEP_COLUMNS, self.pipeline.log_jacobian,
+                                   self.progress.global_step)
+
+    def _log_epoch(self, record: dict) -> None:
+        """The epoch's steps, figures, latent KLs on a fixed test batch and pictures; the
+        options and final figures once training is done."""
+        from .tensorboard_log import KL_EXAMPLES, latent_kl
+
+        self._log_steps()
+        n = min(KL_EXAMPLES, len(self.dataset.test_x))
+        self.model.eval()
+        with torch.inference_mode():
+            x = self.pipeline.fixed(self.dataset.test_x[:n].to(self.device), 0)
+            y = None if self.test_y is None else self.test_y[:n].to(self.device)
+            generator = seeded_generator(derive_seed(self.config.split_seed, "tensorboard-kl"),
+                                         self.device)
+            eps = torch.randn(n, self.model.latent_dim, generator=generator,
+                              device=self.device)  # (n, D)
+            kl = latent_kl(self.model.infer(x, y).draw(eps))
+        self.model.train()
+        self.tensorboard.epoch(record, kl, self.output_images())
+        if self.progress.epoch >= self.config.epochs:
+            self.tensorboard.hparams(self.config.to_dict(), record)
 
 
 def picture_rows(total: int, n: int) -> Tensor:

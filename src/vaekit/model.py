@@ -168,6 +168,39 @@ class LatentModel(nn.Module, metaclass=abc.ABCMeta):
         px = self.decode(code, y)
         return px.mean if mean else px.sample()
 
+    # --- sharing, as the Hugging Face Hub's ModelHubMixin does (hub.py) ----------------------
+    # model_config: the ModelConfig build_vae built this model from (None for a model put
+    # together by hand, which cannot be saved: nothing would say how to rebuild it).
+    model_config: "ModelConfig | None" = None
+
+    def save_pretrained(self, save_directory, *, label_names: list[str] | None = None):
+        """Write config.json, model.safetensors, a model card README.md and samples.png into
+        save_directory (created if missing); `from_pretrained` reads it back. Returns the
+        folder."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, label_names=label_names)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None,
+                        cache_dir=None, token: str | bool | None = None,
+                        local_files_only: bool = False, device="cpu"):
+        """The model of a folder `save_pretrained` or `vaekit train` wrote, or of a Hugging
+        Face Hub repository id (downloaded with huggingface_hub.snapshot_download: pip install
+        'vaekit[hub]'). Weights are safetensors; nothing is unpickled. In eval mode."""
+        from .hub import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, expected=cls, revision=revision,
+                               cache_dir=cache_dir, token=token,
+                               local_files_only=local_files_only, device=device)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    label_names: list[str] | None = None) -> str:
+        """save_pretrained into a temporary folder and upload it to the Hub; returns the URL."""
+        from .hub import push_model
+
+        return push_model(self, repo_id, private=private, token=token, label_names=label_names)
+
 
 class VAE(LatentModel):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
@@ -272,6 +305,12 @@ class SingleLatentPrior:
 def build_vae(config: ModelConfig) -> LatentModel:
     """The model a ModelConfig describes: the VAE, or with latent_groups the hierarchical VAE of
     hierarchy.py."""
+    model = _build(config)
+    model.model_config = config  # what save_pretrained writes to rebuild it
+    return model
+
+
+def _build(config: ModelConfig) -> LatentModel:
     if config.latent_groups:
         from .hierarchy import build_hierarchical_vae
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from .estimate import log_mean_exp, log_weights
 from .gradients import gradient_variance
 from .plot import Chart
+from .runs import read_metrics  # noqa: F401 (also importable from here, as before)
 from .viz import (
     curves_image,
     image_grid,
@@ -475,29 +476,6 @@ def section_gap(run, sweep: Sweep) -> Section:
 
 
 # --- point 15: the two terms during training -----------------------------------------------------
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl of a run, one dict per epoch (unreadable lines are skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    from . import jsonio
-    from .errors import VaekitError
-
-    try:
-        lines = jsonio.read_text(path, "metrics.jsonl").splitlines()
-    except VaekitError:  # a FIFO, an oversized or non-UTF-8 file: no curves, not a hang
-        return []
-    rows = []
-    for line in lines:
-        try:
-            row = jsonio.loads(line, str(path))  # depth-limited: no RecursionError
-        except VaekitError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def section_curves(run) -> Section:

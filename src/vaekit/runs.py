@@ -811,3 +811,39 @@ def load_run_dataset(run: Run) -> Dataset:
 def model_weights_bytes(model: nn.Module) -> bytes:
     return tensors_to_bytes(dict(model.state_dict()))
 
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run, one dict per epoch (unreadable lines are skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    from .errors import VaekitError
+
+    try:
+        lines = jsonio.read_text(path, "metrics.jsonl").splitlines()
+    except VaekitError:  # a FIFO, an oversized or non-UTF-8 file: no curves, not a hang
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = jsonio.loads(line, str(path))  # depth-limited: no RecursionError
+        except VaekitError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_evaluation(run_dir: Path) -> dict | None:
+    """evaluation.json of a run (what `vaekit evaluate` wrote), or None where there is none or
+    it cannot be read (damaged, nested too deep, not a file): optional, never fatal."""
+    path = Path(run_dir) / "evaluation.json"
+    if not path.is_file():
+        return None
+    from .errors import VaekitError
+
+    try:
+        value = jsonio.read_json(path, "evaluation.json")
+    except VaekitError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -40,6 +40,7 @@ from .loop import (
     step_columns,
 )
 from .model import VAE, build_vae
+from .model_card import write_run_card
 from .objectives import build_objective
 from .randomness import derive_seed
 from .runs import (
@@ -231,6 +232,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
                               "(it follows the groups) or make them agree")
         # the presets are filled once the data are loaded: small tables have their own
         config = replace(config or TrainConfig(), **overrides).validate()
+    if config.tensorboard is not None:  # before anything is created: one line if missing
+        from .tensorboard_log import summary_writer_class
+
+        summary_writer_class()
     device = resolve_device(config.device)
     dist = DistContext.from_env(device.type)
     try:
@@ -310,6 +315,7 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                                  f"vaekit train --resume {run_dir} again"):
                         trainer.write_run_files()
                         trainer.write_outputs()
+                        write_run_card(run_dir)
                 if trainer.stopped_early:
                     trainer.log(f"{run_dir} has finished: {trainer.early_stopping_line()}")
                 else:
@@ -334,11 +340,17 @@ def _train(config: TrainConfig, resume, dist: DistContext, device: torch.device,
                                            tensors_to_bytes(pipeline.statistics()))
         trainer.log(_summary(config, dataset, pipeline, model, device, dist, run_dir))
         previous = _handle_signals(trainer)
+        trainer.open_tensorboard(resumed=resume is not None)
         try:
             outcome = trainer.fit(config.time_limit)
         finally:
+            trainer.close_tensorboard()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if dist.is_main:
+            with writing("cannot write the model card", run_dir, "free space; the run is "
+                         f"saved, and vaekit train --resume {run_dir} writes the card"):
+                write_run_card(run_dir)  # README.md: the run as the Hub shows it
         if outcome == "time":
             trainer.log(f"time limit of {config.time_limit:g} s reached; saved. Continue with: "
                         f"vaekit train --resume {run_dir}")
