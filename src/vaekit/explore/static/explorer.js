@@ -138,33 +138,43 @@ function showFacts(info) {
   document.title = `vaekit explorer: ${info.run}`;
 }
 
+// One slider row: a label with the dimension's mean KL (or "unused"), the range input over the
+// prior's range, and its value; onInput(value) gets each move.
+function sliderRow(id, name, kl, unused, aria, onInput) {
+  const [low, high] = state.info.slider_range;
+  const row = document.createElement("div");
+  row.className = "slider" + (unused ? " unused" : "");
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = name;
+  const klText = document.createElement("span");
+  klText.className = "kl";
+  klText.textContent = unused ? "unused" : `KL ${fmt(kl)}`;
+  label.append(klText);
+  const input = document.createElement("input");
+  Object.assign(input, {type: "range", id, min: low, max: high, step: (high - low) / 200});
+  input.setAttribute("aria-label", aria);
+  const output = document.createElement("output");
+  output.htmlFor = id;
+  input.addEventListener("input", () => {
+    const value = Number(input.value);
+    output.textContent = fmt(value);
+    onInput(value);
+  });
+  row.append(label, input, output);
+  return [row, input];
+}
+
 function buildSliders(info) {
-  const [low, high] = info.slider_range;
   const box = $("sliders");
   box.replaceChildren();
   for (const d of info.dims_by_use) {
-    const row = document.createElement("div");
-    row.className = "slider" + (info.unused[d] ? " unused" : "");
-    const label = document.createElement("label");
-    const id = `z${d}`;
-    label.htmlFor = id;
-    label.textContent = id;
-    const kl = document.createElement("span");
-    kl.className = "kl";
-    kl.textContent = info.unused[d] ? "unused" : `KL ${fmt(info.kl_per_dimension[d])}`;
-    label.append(kl);
-    const input = document.createElement("input");
-    Object.assign(input, {type: "range", id, min: low, max: high, step: (high - low) / 200});
+    const [row, input] = sliderRow(`z${d}`, `z${d}`, info.kl_per_dimension[d], info.unused[d],
+                                   `latent dimension ${d}`, (value) => {
+                                     state.z[d] = value;
+                                     redraw();
+                                   });
     input.dataset.dim = d;
-    input.setAttribute("aria-label", `latent dimension ${d}`);
-    const output = document.createElement("output");
-    output.htmlFor = id;
-    input.addEventListener("input", () => {
-      state.z[d] = Number(input.value);
-      output.textContent = fmt(state.z[d]);
-      redraw();
-    });
-    row.append(label, input, output);
     box.append(row);
   }
 }
@@ -281,7 +291,6 @@ function showDetail(values) {
 }
 
 function buildLowerGroups(info) {
-  const [low, high] = info.slider_range;
   const box = $("lower-groups");
   box.replaceChildren();
   for (const group of info.lower_groups) {
@@ -290,30 +299,15 @@ function buildLowerGroups(info) {
     box.append(heading);
     for (const d of group.dims_by_use) {
       const i = group.offset + d;
-      const row = document.createElement("div");
-      row.className = "slider" + (group.unused[d] ? " unused" : "");
-      const label = document.createElement("label");
-      const id = `${group.name}-${d}`;
-      label.htmlFor = id;
-      label.textContent = `${group.name}[${d}]`;
-      const kl = document.createElement("span");
-      kl.className = "kl";
-      kl.textContent = group.unused[d] ? "unused" : `KL ${fmt(group.kl_per_dimension[d])}`;
-      label.append(kl);
-      const input = document.createElement("input");
-      Object.assign(input, {type: "range", id, min: low, max: high, step: (high - low) / 200});
+      const [row, input] = sliderRow(
+        `${group.name}-${d}`, `${group.name}[${d}]`, group.kl_per_dimension[d], group.unused[d],
+        `group ${group.name} dimension ${d}`, (value) => {
+          if (state.detail === null) state.detail = state.shownDetail.slice();
+          state.detailSeed = null;
+          state.detail[i] = value;
+          redraw();
+        });
       input.dataset.detail = i;
-      input.setAttribute("aria-label", `group ${group.name} dimension ${d}`);
-      const output = document.createElement("output");
-      output.htmlFor = id;
-      input.addEventListener("input", () => {
-        if (state.detail === null) state.detail = state.shownDetail.slice();
-        state.detailSeed = null;
-        state.detail[i] = Number(input.value);
-        output.textContent = fmt(state.detail[i]);
-        redraw();
-      });
-      row.append(label, input, output);
       box.append(row);
     }
   }
