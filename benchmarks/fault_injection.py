@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 RUN_FILES = {"config.json", "pipeline.safetensors", "model.safetensors", "metrics.jsonl",
-             "samples.png", "reconstructions.png", "curves.png", "checkpoints", ".lock"}
+             "samples.png", "reconstructions.png", "curves.png", "checkpoints", ".lock",
+             "README.md"}  # README.md: the model card
 TIMING_KEYS = {"train_seconds", "eval_seconds", "images_per_second"}
 STRATEGIES = {  # how the moment of a kill is chosen, and how often
     "random-moment": 0.40,  # uniform over the time an uninterrupted run takes, start-up included

@@ -428,7 +428,7 @@ def _(folder, trained):
     return train("--data", folder / "data.csv")
 
 
-@case("csv-nul-byte", "not a number", "CSV data must be numeric")
+@case("csv-nul-byte", "not a number", "CSV features must be numeric")
 def _(folder, trained):
     (folder / "data.csv").write_bytes(b"a,b\n1,2\n3,\x004\n5,6\n")
     return train("--data", folder / "data.csv")

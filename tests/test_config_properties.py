@@ -38,6 +38,8 @@ def valid_value(name: str) -> st.SearchStrategy:
     meta = f.metadata
     if name == "device":
         strategy = st.sampled_from(["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+    elif name == "background":  # a colour: white, black, R,G,B or none
+        strategy = st.sampled_from(["white", "black", "none", "0,0,0", "128,64,255"])
     elif name == "data_memory":  # a size: auto, bytes, or a number with K, M, G, T
         strategy = st.sampled_from(["auto", "0", "512M", "8G", "1.5g", "4096"])
     elif meta.get("choices"):
@@ -68,7 +70,7 @@ def within_cross_field_rules(values: dict) -> dict:
     and free bits per group need a factorised prior (else one group over all dimensions), and
     the posterior must suit the prior (names.POSTERIORS_FOR_PRIOR); --flow-steps belongs to the
     iaf posterior; a hierarchy (--latent-groups) is an MLP with its own priors and posteriors,
-    its latent dimension their sum."""
+    its latent dimension their sum; --patience needs validation rows."""
     if values["latent_groups"] is not None:
         values.update(net="mlp", prior="normal", posterior="auto", prior_components=None,
                       flow_steps=None, latent_dim=sum(values["latent_groups"]),
@@ -81,6 +83,8 @@ def within_cross_field_rules(values: dict) -> dict:
         values.update(beta=1.0, kl_schedule="constant", free_bits=None)
     if values["prior"] == "vamp":
         values["conditional"] = False
+    if values["validation_fraction"] == 0:  # early stopping needs validation rows
+        values["patience"] = 0 if values["patience"] is not None else None
     if values["free_bits"] is not None and (
             values["prior"] not in ("normal", "uniform")
             or resolve_posterior(values["posterior"], values["prior"]) not in

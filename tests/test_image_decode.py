@@ -105,7 +105,8 @@ def test_background_option_values():
             parse_background(bad)
     assert TrainConfig().background == "white"
     # runs written before the option dropped alpha: they are read with none
-    stored = {k: v for k, v in TrainConfig(epochs=1, batch_size=8, lr=1e-3,
-                                           lr_decay=1.0).to_dict().items() if k != "background"}
+    stored = {k: v for k, v in TrainConfig(
+        epochs=1, batch_size=8, lr=1e-3, lr_decay=1.0, validation_fraction=0.0,
+        patience=0).to_dict().items() if k != "background"}
     config, filled = TrainConfig.from_stored(stored, where="config.json", written_by="0")
     assert config.background == "none" and filled["background"] == "none"

@@ -172,7 +172,7 @@ def check_run_memory(config: TrainConfig, dataset: Dataset, pipeline: Pipeline, 
     objective = build_objective(config)
     estimate = estimate_training_memory(
         TrainingObjective(model, objective), model, x, y,
-        objective.noise_shape(config.latent_dim), config.batch_size // dist.world_size,
+        objective.noise_shape(model.latent_dim), config.batch_size // dist.world_size,
         data_bytes, device)
     shape = "x".join(map(str, dataset.shape))
     check_training_memory(estimate, f"--net {config.net} --likelihood {config.likelihood} "
