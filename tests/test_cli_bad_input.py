@@ -494,6 +494,18 @@ case("sample-out-not-png", "x.jpg: output", "must end in .png")(
     lambda f, r: ["sample", copy_run(r, "mlp", f), "--out", f / "x.jpg"])
 case("sample-out-missing-folder", "no such folder", "create it or choose another output")(
     lambda f, r: ["sample", copy_run(r, "mlp", f), "--out", f / "a" / "b" / "x.png"])
+case("features-not-dinov2", "--features inception:/x: expected dinov2:PATH",
+     "a folder holding a DINOv2 checkpoint")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--k", "5", "--sample-quality",
+                  "--features", "inception:/x"])
+case("features-without-sample-quality", "--features belongs to --sample-quality",
+     "add --sample-quality or drop it")(
+    lambda f, r: ["evaluate", copy_run(r, "mlp", f), "--features", f"dinov2:{f}"])
+case("group-of-a-flat-run", "this run has one latent group", "vaekit train --latent-groups")(
+    lambda f, r: ["traverse", copy_run(r, "mlp", f), "--group", "z1"])
+case("conv-hierarchy-conditional", "--net conv --latent-groups is unconditional",
+     "use --net mlp for a conditional hierarchy")(
+    lambda f, r: train("--net", "conv", "--latent-groups", "2,3", "--conditional"))
 
 # ------------------------------------------------------------------------------------------------
 

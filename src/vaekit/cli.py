@@ -640,6 +640,10 @@ def cmd_evaluate(args) -> int:
     if args.bootstrap < 10 or args.bootstrap > 10_000:
         raise VaekitError(f"--bootstrap {args.bootstrap}: give 10 to 10,000 resamples (a 95 % "
                           "interval needs at least 10)")
+    if args.features is not None:  # before minutes of importance sampling, not after
+        from .pretrained_features import parse_features
+
+        parse_features(args.features)
     from . import jsonio
     from .device import resolve_device
     from .distributed import DistContext
