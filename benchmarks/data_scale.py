@@ -337,9 +337,13 @@ def summary(results: dict, size: int) -> list[str]:
                      "CPU-second)")
     lines.append(f"  parallel / single: {rate['parallel'] / rate['single']:.2f} x (goal >= 1.6 "
                  "on 2 otherwise idle cores)")
-    for key, what in (("open_memory", "in memory"),
-                      ("open_mapped_first", "mapped, writing the split file"),
-                      ("open_mapped", "mapped, the split file written")):
+    # --data-memory auto holds data of at most 1 GiB in memory and maps larger data: say which
+    auto = "--data-memory auto: " + ("mapped" if results["open_memory"]["mapped"] else "in memory")
+    auto_mapped = results["open_memory"]["mapped"]  # then it wrote the split file first
+    for key, what in (("open_memory", auto + (", writing the split file" if auto_mapped else "")),
+                      ("open_mapped_first", "--data-memory 0, " + (
+                          "the split file written" if auto_mapped else "writing the split file")),
+                      ("open_mapped", "--data-memory 0, the split file written")):
         r = results[key]
         lines.append(f"  second open ({what}): {r['seconds']:.3f} s (goal < 2 s), RssAnon added "
                      f"{r['anon_added_mib']:.0f} MiB, peak {r['peak_anon_mib']:.0f} MiB")
@@ -347,16 +351,17 @@ def summary(results: dict, size: int) -> list[str]:
         p = results["processes"]
         data_mib = results["parallel"]["cache_mib"]
         lines.append(f"  vaekit train --net conv, peak RssAnon of all processes ({data_mib:.0f} MiB "
-                     f"of images): 1 process {p['1-auto']['total_mib']:.0f} MiB in memory, "
+                     f"of images): 1 process {p['1-auto']['total_mib']:.0f} MiB ({auto}), "
                      f"{p['1-0']['total_mib']:.0f} MiB mapped; 2 under torchrun "
-                     f"{p['2-auto']['total_mib']:.0f} MiB in memory, {p['2-0']['total_mib']:.0f}"
+                     f"{p['2-auto']['total_mib']:.0f} MiB ({auto}), {p['2-0']['total_mib']:.0f}"
                      f" MiB mapped (the launcher included; largest process "
                      f"{p['2-auto']['largest_mib']:.0f} and {p['2-0']['largest_mib']:.0f} MiB)")
     if "train_memory" in results:
         memory, mapped = results["train_memory"], results["train_mapped"]
-        lines.append(f"  conv {size} x {size} training, batch 64, {memory['steps']} steps: in "
-                     f"memory {memory['images_per_second']:.1f} img/s (peak RssAnon "
-                     f"{memory['peak_anon_mib']:.0f} MiB), mapped "
+        arm = "--data-memory auto: " + ("mapped" if memory["mapped"] else "in memory")
+        lines.append(f"  conv {size} x {size} training, batch 64, {memory['steps']} steps: "
+                     f"{arm} {memory['images_per_second']:.1f} img/s (peak RssAnon "
+                     f"{memory['peak_anon_mib']:.0f} MiB), --data-memory 0 "
                      f"{mapped['images_per_second']:.1f} img/s (peak RssAnon "
                      f"{mapped['peak_anon_mib']:.0f} MiB): "
                      f"{mapped['images_per_second'] / memory['images_per_second']:.2f} x")

@@ -154,7 +154,7 @@ def mapped_if_over_budget(dataset: Dataset, data_memory: str) -> Dataset:
     """An image dataset read into memory (IDX files, a uint8 .npy) over --data-memory: written
     once into the cache, train rows then test rows, and returned as two views of its memory map
     (the copy in memory is then dropped: processes on one machine share the page cache's)."""
-    from .data_cache import Listing, cached_array
+    from .data_cache import cached_array, empty_listing
 
     nbytes = dataset.train_x.numel() + dataset.test_x.numel()
     if dataset.kind != "image8" or dataset.mapped or fits_in_memory(nbytes, data_memory):
@@ -169,7 +169,7 @@ def mapped_if_over_budget(dataset: Dataset, data_memory: str) -> Dataset:
         return {}, {}
 
     # Keyed by the data's own hash: the same data map to the same file, wherever they came from.
-    cache = cached_array(f"data:{fingerprint}", {}, Listing([], [], []), build,
+    cache = cached_array(f"data:{fingerprint}", {}, empty_listing(), build,
                          log=lambda line: None, announce=False)
     with warnings.catch_warnings():  # a copy-on-write map is writable; torch need not warn
         warnings.simplefilter("ignore", UserWarning)

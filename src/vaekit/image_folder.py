@@ -54,22 +54,34 @@ def list_image_folder(folder: Path) -> tuple[list[str], np.ndarray | None, list[
 
     Paths are strings: for 200,000 files, Path objects alone would take a second or more."""
     base = os.fspath(folder)
-    # scandir: the entry types come with the names, not one stat per file
+    # scandir: the entry types come with the names, not one stat per file; names only, kept
+    # in two lists (a tuple per entry would be a third of a 200,000-file listing's memory)
+    subfolders, loose = [], []
     with os.scandir(base) as scan:
-        entries = [(entry.name, entry.is_dir()) for entry in scan]
-    subfolders = sorted(name for name, is_dir in entries if is_dir and not name.startswith("."))
-    # Not only regular files: a FIFO named x.png must be refused by the decoder, not skipped.
-    loose = sorted(name for name, is_dir in entries
-                   if not is_dir and name.lower().endswith(_SUFFIXES))
+        for entry in scan:
+            name = entry.name
+            if entry.is_dir():
+                if not name.startswith("."):
+                    subfolders.append(name)
+            # Not only regular files: a FIFO named x.png must be refused by the decoder.
+            elif name.lower().endswith(_SUFFIXES):
+                loose.append(name)
+    subfolders.sort()
+    loose.sort()
     if subfolders and loose:
         raise DataError(f"{folder}: holds both images and class sub-folders; move the loose images "
                         f"(such as {loose[0]}) into a sub-folder")
     if subfolders:
-        pairs = [(str(path), label) for label, sub in enumerate(subfolders)
-                 for path in sorted((folder / sub).rglob("*"))
-                 if path.suffix.lower() in IMAGE_SUFFIXES]
-        files = [path for path, _ in pairs]
-        labels = np.array([label for _, label in pairs], dtype=np.int64)
+        files, counts = [], []
+        for sub in subfolders:
+            # strings, not Path objects (a tenth of the memory), in the order sorted Paths have:
+            # part by part, which is the order of the text with each separator made "\0"
+            found = sorted((str(path) for path in (folder / sub).rglob("*")
+                            if path.suffix.lower() in IMAGE_SUFFIXES),
+                           key=lambda text: text.replace(os.sep, "\0"))
+            files.extend(found)
+            counts.append(len(found))
+        labels = np.repeat(np.arange(len(subfolders), dtype=np.int64), counts)
         label_names = [printable(sub) for sub in subfolders]  # any bytes -> valid text
     else:
         files, labels, label_names = [os.path.join(base, name) for name in loose], None, None
