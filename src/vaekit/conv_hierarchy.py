@@ -74,12 +74,12 @@ class ConvTopDownGroup(nn.Module):
         self.dim = latent * math.prod(resolution)
         self.upsample_to = None if upsample_to is None else tuple(upsample_to)
         self.prior_net = None if top else nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), activation(act),
+            nn.Conv2d(channels, channels, 3, padding=1), activation(act, fresh_input=True),
             nn.Conv2d(channels, 2 * latent, 1))
         self.from_feature = nn.Conv2d(channels, channels, 1)
         self.from_state = nn.Conv2d(channels, channels, 1, bias=False)
         self.posterior_out = nn.Conv2d(channels, 2 * latent, 1)
-        self.act = activation(act)
+        self.act = activation(act, fresh_input=True)  # on a fresh sum only
         self.merge_in = nn.Conv2d(latent, channels, 1)
         self.merge_cell = conv_cell(channels, act, depth)
         with torch.no_grad():

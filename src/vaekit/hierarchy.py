@@ -48,6 +48,15 @@ def diagonal_normal(loc: Tensor, log_scale: Tensor) -> DiagonalGaussian:
     return DiagonalGaussian(loc, log_scale.exp())
 
 
+def expanded(normal: DiagonalGaussian, batch: torch.Size) -> DiagonalGaussian:
+    """The same Gaussian with batch shape `batch` (its parameters broadcast: views)."""
+    if normal.batch_shape == batch:
+        return normal
+    base = normal.base_dist
+    shape = (*batch, *normal.event_shape)
+    return DiagonalGaussian(base.loc.expand(shape), base.scale.expand(shape))
+
+
 class ResidualBlock(nn.Module):
     """x + W2 act(W1 act(x)): a residual cell of constant width (layer: nn.Linear for the MLP,
     a 3x3 convolution for images). The second layer starts at a 1 / sqrt(depth) share of its
@@ -75,13 +84,13 @@ class TopDownGroup(nn.Module):
         self.dim, self.top = dim, top
         # the prior of z_l from the state (the top group's is N(0, I): no network)
         self.prior_net = None if top else nn.Sequential(
-            nn.Linear(width, width), activation(act), nn.Linear(width, 2 * dim))
+            nn.Linear(width, width), activation(act, fresh_input=True), nn.Linear(width, 2 * dim))
         # the posterior's shift from the prior, from the bottom-up feature and the state; the
         # feature's part is computed once per batch (`features`), the state's once per draw
         self.from_feature = nn.Linear(width, width)
         self.from_state = nn.Linear(width, width, bias=False)
         self.posterior_out = nn.Linear(width, 2 * dim)
-        self.act = activation(act)
+        self.act = activation(act, fresh_input=True)  # on fresh sums and layer outputs only
         # the state takes in z_l
         self.merge_in = nn.Linear(width + dim, width)
         self.merge_out = nn.Linear(width, width)
@@ -116,7 +125,8 @@ class TopDownGroup(nn.Module):
 
     def merge(self, state: Tensor, z: Tensor) -> Tensor:
         """s_l = s_{l-1} + merge(s_{l-1}, z_l). (..., B, W)"""
-        return state + self.merge_out(self.act(self.merge_in(torch.cat([state, z], dim=-1))))
+        state_rows = state.expand(*z.shape[:-1], state.shape[-1])  # (..., B, W): a view
+        return state + self.merge_out(self.act(self.merge_in(torch.cat([state_rows, z], dim=-1))))
 
 
 class HierarchicalVAE(LatentModel):
@@ -248,17 +258,22 @@ class TopDownInference(Inference):
         model = self.model
         eps = eps.to(model.top_state.dtype)  # float32 noise for a float64 model, as estimators make
         noise = split_noise(eps, model.groups_sizes)
-        state = model.initial_state(eps.shape[:-1], self.condition, eps)  # (..., B, W)
+        batch = eps.shape[:-1]  # (..., B)
+        # One start for every draw, not expanded: the top group's prior and posterior depend on
+        # x alone, so they are computed once per example (1.., B) instead of once per draw (an
+        # importance sampler's K draws share them), and broadcast where the draws meet them.
+        state = model.initial_state((1,) * len(batch), self.condition, eps)  # (1.., [B], W)
         inferred = len(model.groups_sizes) if inferred_groups is None else inferred_groups
         groups = []
         for index, ((name, _), group, feature, group_eps) in enumerate(zip(
                 model.latent_groups, model.top_down, self.features, noise)):
-            prior = group.prior(state)  # p(z_l | z_<l), batch (..., B)
+            prior = group.prior(state)  # p(z_l | z_<l), batch (..., B) or (1.., [B])
             # q(z_l | x, z_<l), or the prior itself for a skipped group
             q = group.posterior(feature, state, prior) if index < inferred else prior
             normal = q.base_dist
             z = normal.loc + normal.scale * group_eps  # (..., B, D_l)
-            groups.append(LatentGroup(name, z, group_eps, q, prior))
+            groups.append(LatentGroup(name, z, group_eps, expanded(q, batch),
+                                      expanded(prior, batch)))
             state = group.merge(state, z)
         return LatentDraw(groups, code=model.code_of(state))
 

@@ -19,9 +19,18 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
                "softplus": nn.Softplus}
 
 
-def activation(name: str) -> nn.Module:
+# Activations whose gradient reads their output, not their input: they may overwrite a tensor
+# that nothing else holds (a layer's fresh output) and save a buffer of its size per call.
+IN_PLACE = ("relu", "elu")
+
+
+def activation(name: str, fresh_input: bool = False) -> nn.Module:
+    """The activation `name`; fresh_input: it is only ever applied to a tensor nothing else
+    reads (the output of the layer before it), so ReLU and ELU may work in place."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    if fresh_input and name in IN_PLACE:
+        return ACTIVATIONS[name](inplace=True)
     return ACTIVATIONS[name]()
 
 
@@ -30,7 +39,7 @@ def mlp(in_features: int, hidden: list[int], out_features: int, act: str) -> nn.
     layers: list[nn.Module] = []
     width = in_features
     for size in hidden:
-        layers += [nn.Linear(width, size), activation(act)]
+        layers += [nn.Linear(width, size), activation(act, fresh_input=True)]
         width = size
     layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)
