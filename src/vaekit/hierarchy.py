@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .latent import Inference, LatentDraw, LatentGroup, split_noise
 from .model import LatentModel, _full_precision
@@ -125,8 +126,14 @@ class TopDownGroup(nn.Module):
 
     def merge(self, state: Tensor, z: Tensor) -> Tensor:
         """s_l = s_{l-1} + merge(s_{l-1}, z_l). (..., B, W)"""
-        state_rows = state.expand(*z.shape[:-1], state.shape[-1])  # (..., B, W): a view
-        return state + self.merge_out(self.act(self.merge_in(torch.cat([state_rows, z], dim=-1))))
+        if state.shape[:-1] == z.shape[:-1]:
+            joined = self.merge_in(torch.cat([state, z], dim=-1))  # (..., B, W)
+        else:  # one state for many draws (the top group's start): its share is computed once
+            width = state.shape[-1]
+            weight = self.merge_in.weight  # (W, W + D_l): the state's columns, then z's
+            joined = F.linear(state, weight[:, :width], self.merge_in.bias) \
+                + F.linear(z, weight[:, width:])  # (1.., [B], W) + (..., B, W)
+        return state + self.merge_out(self.act(joined))
 
 
 class HierarchicalVAE(LatentModel):
@@ -288,7 +295,8 @@ class TopDownPrior:
     def _run(self, eps: Tensor, condition: Tensor | None) -> tuple[Tensor, list[Tensor]]:
         model = self.model
         eps = eps.to(model.top_state.dtype)
-        state = model.initial_state(eps.shape[:-1], condition, eps)  # (..., B, W)
+        # one start for every draw, broadcast where the draws meet it (as TopDownInference.draw)
+        state = model.initial_state((1,) * (eps.dim() - 1), condition, eps)  # (1.., [B], W)
         draws = []
         for group, group_eps in zip(model.top_down, split_noise(eps, model.groups_sizes)):
             normal = group.prior(state).base_dist
