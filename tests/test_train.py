@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import train_tiny
+from conftest import TINY, train_tiny
 
 from vaekit.errors import ConfigError, RunError
 from vaekit.runs import latest_checkpoint, load_run, tensors_from_file
@@ -353,9 +353,17 @@ def test_skip_threshold_leaves_exploding_updates_out_and_counts_them(tmp_path):
     assert all(torch.equal(weights(plain)[k], weights(loose)[k]) for k in weights(plain))
     assert metrics(loose)[0]["skipped_updates"] == 0
     assert "skipped_updates" not in metrics(plain)[0]
-    # one every gradient exceeds: no update at all, every step counted
-    tight = train_tiny(tmp_path / "tight", epochs=1, skip_threshold=1e-9)
+    # one every gradient exceeds: no update at all, every step counted, and a warning says so
+    from vaekit.train import train
+
+    lines = []
+    tight = train(TrainConfig(**{**TINY, "epochs": 1, "skip_threshold": 1e-9,
+                                 "out": str(tmp_path / "tight")}),
+                  log=lambda line, **k: lines.append(line))
     steps = metrics(tight)[0]["step"]
+    warning = [line for line in lines if "every update of this epoch" in line]
+    assert len(warning) == 1 and f"({steps:,}) was skipped" in warning[0] \
+        and "--skip-threshold 1e-09" in warning[0]
     assert metrics(tight)[0]["skipped_updates"] == steps > 0
     config = TrainConfig.from_dict(json.loads((tight / "config.json").read_text())["config"])
     initial = build_model(config, (1, 8, 8)).state_dict()

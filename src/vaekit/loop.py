@@ -414,6 +414,18 @@ class Trainer(TrainingState):
         record["eval_seconds"] = time.monotonic() - started
         return record
 
+    def skipped_updates_line(self, skipped: int, steps: int) -> str:
+        """What --skip-threshold did this epoch; a warning when it left no update at all."""
+        threshold = self.config.skip_threshold
+        if skipped < steps:
+            return (f"  skipped {skipped:,} of {steps:,} updates: their gradient norm was above "
+                    f"--skip-threshold {threshold:g}")
+        return (f"vaekit: warning: every update of this epoch ({steps:,}) was skipped: each "
+                f"gradient norm was above --skip-threshold {threshold:g}, so the model did not "
+                "change; train again with a larger --skip-threshold or without it (models of "
+                "data with many values per example, such as 8-bit images, have gradient norms "
+                "in the thousands)")
+
     def end_of_epoch(self, complete: bool) -> None:
         steps = self.step_history()
         epoch_steps = steps[len(steps) - (self.progress.global_step - self._epoch_first_step()):]
@@ -465,6 +477,8 @@ class Trainer(TrainingState):
             held = f"  validation ELBO {record['validation_elbo']:.2f}" \
                 if "validation_elbo" in record else ""
             self.log(f"{label}  {train}{test}{held}{speed}")
+            if record.get("skipped_updates"):
+                self.log(self.skipped_updates_line(record["skipped_updates"], len(epoch_steps)))
             if stopping:
                 self.log(self.early_stopping_line())
 
